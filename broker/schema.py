@@ -60,6 +60,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     command: tuple[str, ...]
     priority: int = 0
     constraints: Constraints = Constraints()
+    # Python modules the trainer imports (e.g. torch): hosts without them are ineligible.
+    requires: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
         """The fields the job id hashes: editing name or priority keeps the id."""
@@ -97,7 +99,16 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     metrics: dict[str, Any] = {}
     last_error: str | None = None
     reason: str | None = None
+    # Classes ticketed for this generation, and when it became pending (prefer_cuda grace).
     offered: tuple[str, ...] = ()
+    queued_at: float = 0.0
+    max_attempts: int = 3
+    # Stream sequence of the ticket the current holder claimed with: another
+    # ticket for a held job is a duplicate and is dropped, not redelivered.
+    ticket_seq: int | None = None
+    # host id -> why the manifest's host policy (allow_jobs/deny_jobs) excludes it.
+    excluded_hosts: dict[str, str] = {}
+    progress: dict[str, Any] = {}
     created_at: float = 0.0
     updated_at: float = 0.0
     schema_version: int = SCHEMA_VERSION

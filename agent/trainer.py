@@ -1,0 +1,141 @@
+"""Run one trainer as a subprocess and supervise it.
+
+The trainer gets ``command + --mode M --seed S --out DIR + --<hyper> value``,
+``TRAINFLEET_JOB_ID`` / ``TRAINFLEET_OUTPUT_DIR`` in its env, and a pipe for
+progress reports (``TRAINFLEET_PROGRESS_FD``, see trainfleet.agent.progress).
+It runs in its own process group so stopping it takes its children too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from trainfleet.broker.schema import JobSpec
+
+OutputCallback = Callable[[str, bytes], Awaitable[None]]
+ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
+
+STDERR_TAIL_LINES = 30
+
+
+def hyper_arg(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def build_argv(spec: JobSpec, output_dir: Path, python: str = sys.executable) -> list[str]:
+    argv = [python if part == "{python}" else part for part in spec.command]
+    argv += ["--mode", spec.mode, "--seed", str(spec.seed), "--out", str(output_dir)]
+    for key in sorted(spec.hyper):
+        argv += [f"--{key}", hyper_arg(spec.hyper[key])]
+    return argv
+
+
+class TrainerProcess:
+    """One trainer subprocess: start, relay output and progress, stop."""
+
+    def __init__(self, spec: JobSpec, output_dir: Path, *, env: dict[str, str] | None = None,
+                 on_output: OutputCallback | None = None, on_progress: ProgressCallback | None = None):
+        self.spec = spec
+        self.output_dir = output_dir
+        self.extra_env = env or {}
+        self.on_output = on_output
+        self.on_progress = on_progress
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._readers: list[asyncio.Task[None]] = []
+        self.stopped_by_us = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env.update({
+            "TRAINFLEET_JOB_ID": self.spec.job_id,
+            "TRAINFLEET_OUTPUT_DIR": str(self.output_dir),
+            "TRAINFLEET_PROGRESS_FD": str(write_fd),
+            "PYTHONUNBUFFERED": "1",
+        })
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *build_argv(self.spec, self.output_dir), env=env, pass_fds=(write_fd,),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, cwd=str(self.output_dir))
+        except OSError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        assert self.proc.stdout and self.proc.stderr
+        self._readers = [
+            asyncio.create_task(self._relay(self.proc.stdout, "stdout")),
+            asyncio.create_task(self._relay(self.proc.stderr, "stderr")),
+            asyncio.create_task(self._progress(read_fd)),
+        ]
+
+    async def _relay(self, stream: asyncio.StreamReader, name: str) -> None:
+        while line := await stream.readline():
+            if name == "stderr":
+                self.stderr_tail.append(line.decode(errors="replace").rstrip())
+            if self.on_output:
+                await self.on_output(name, line)
+
+    async def _progress(self, read_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0))
+        try:
+            while line := await reader.readline():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a trainer's garbage must not break supervision
+                if isinstance(event, dict) and self.on_progress:
+                    await self.on_progress(event)
+        finally:
+            transport.close()
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        # Output readers finish once the pipes close; don't hang on a grandchild holding them.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), 5.0)
+        return code
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    async def stop(self, grace_s: float) -> int | None:
+        """SIGTERM the trainer's process group, SIGKILL after ``grace_s``."""
+        if self.proc is None:
+            return None
+        self.stopped_by_us = True
+        self._signal_group(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), grace_s)
+        except asyncio.TimeoutError:
+            self._signal_group(signal.SIGKILL)
+            return await self.proc.wait()
+
+    def error_tail(self) -> str:
+        return "\n".join(self.stderr_tail)[-4000:]

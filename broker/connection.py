@@ -1,0 +1,198 @@
+"""Connect to NATS and provision every trainfleet resource idempotently.
+
+:class:`Broker` bundles the connection, the JetStream context and handles to
+the jobs KV, workers KV and artifacts object store. ``Broker.connect`` binds
+to existing resources; ``provision=True`` creates or updates them first, so
+running it twice (or from several processes at once) is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from trainfleet.broker.errors import BrokerError
+from trainfleet.broker.names import Names
+from trainfleet.broker.settings import Settings
+
+log = logging.getLogger("trainfleet.broker")
+
+JOBS_KV_HISTORY = 10
+DUPLICATE_WINDOW_S = 120.0
+
+
+async def connect_nats(settings: Settings, *, name: str = "trainfleet", connect_timeout_s: float = 5.0,
+                       **options: Any) -> Client:
+    """Open a NATS connection that keeps reconnecting forever (servers restart, links drop)."""
+    async def on_error(exc: Exception) -> None:
+        log.debug("nats error: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.info("disconnected from NATS; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to NATS")
+
+    opts: dict[str, Any] = dict(
+        servers=[u.strip() for u in settings.url.split(",")],
+        name=name,
+        connect_timeout=connect_timeout_s,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        ping_interval=10,
+        max_outstanding_pings=3,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    opts.update(options)
+    try:
+        return await nats.connect(**opts)
+    except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        raise BrokerError(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
+
+
+def jobs_stream_config(names: Names, settings: Settings) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.jobs_stream,
+        description="trainfleet job tickets (hints; the jobs KV is the truth)",
+        subjects=[names.jobs_wildcard],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        num_replicas=settings.replicas,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        allow_direct=True,
+    )
+
+
+def logs_stream_config(names: Names, settings: Settings) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=names.logs_stream,
+        description="trainer output and progress events per job",
+        subjects=names.logs_wildcards,
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=settings.replicas,
+        max_bytes=settings.logs_max_bytes,
+        max_age=settings.logs_max_age_s,
+        discard=api.DiscardPolicy.OLD,
+        allow_direct=True,
+    )
+
+
+def jobs_consumer_config(names: Names, settings: Settings, klass: str) -> api.ConsumerConfig:
+    """One durable pull consumer per class; its ack-wait is the lease."""
+    durable = names.consumer(klass)
+    return api.ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        description=f"tickets of class {klass}",
+        filter_subject=names.jobs_subject(klass),
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=settings.lease_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=-1,
+        max_waiting=4096,
+        num_replicas=settings.replicas if settings.replicas > 1 else None,
+    )
+
+
+@dataclass
+class Broker:
+    """A live connection plus handles to every trainfleet resource."""
+
+    nc: Client
+    js: JetStreamContext
+    settings: Settings
+    jobs: KeyValue
+    workers: KeyValue
+    artifacts: ObjectStore
+
+    @property
+    def names(self) -> Names:
+        return self.settings.names
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, name: str = "trainfleet", provision: bool = False,
+                      **options: Any) -> Broker:
+        nc = await connect_nats(settings, name=name, **options)
+        try:
+            js = nc.jetstream(timeout=10.0)
+            if provision:
+                await provision_resources(js, settings)
+            names = settings.names
+            try:
+                jobs = await js.key_value(names.jobs_bucket)
+                workers = await js.key_value(names.workers_bucket)
+                artifacts = await js.object_store(names.artifacts_bucket)
+            except nats.js.errors.NotFoundError as exc:
+                raise BrokerError(
+                    f"trainfleet resources (prefix {settings.prefix!r}) are not provisioned on {settings.url}: "
+                    "run `trainfleet provision` or start the controller first"
+                ) from exc
+            return cls(nc=nc, js=js, settings=settings, jobs=jobs, workers=workers, artifacts=artifacts)
+        except BaseException:
+            await nc.close()
+            raise
+
+    async def ensure_consumer(self, klass: str) -> str:
+        """Create (or update to the current lease settings) the durable consumer of ``klass``."""
+        config = jobs_consumer_config(self.names, self.settings, klass)
+        await self.js.add_consumer(self.names.jobs_stream, config=config)
+        return config.durable_name or ""
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (nats.errors.Error, asyncio.TimeoutError, OSError):
+                await self.nc.close()
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError as exc:
+        # 10058: the stream exists with another config; bring it to ours.
+        if exc.err_code != 10058:
+            raise
+        await js.update_stream(config)
+
+
+async def provision_resources(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update every stream, bucket and object store of DESIGN.md."""
+    names = settings.names
+    await _ensure_stream(js, jobs_stream_config(names, settings))
+    await _ensure_stream(js, logs_stream_config(names, settings))
+    kv_specs = [
+        api.KeyValueConfig(bucket=names.jobs_bucket, history=JOBS_KV_HISTORY, storage=api.StorageType.FILE,
+                           replicas=settings.replicas, description="trainfleet job records"),
+        api.KeyValueConfig(bucket=names.workers_bucket, history=1, ttl=settings.worker_ttl_s,
+                           storage=api.StorageType.FILE, replicas=settings.replicas,
+                           description="trainfleet worker registry"),
+    ]
+    for kv in kv_specs:
+        try:
+            await js.create_key_value(kv)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:
+                raise
+            log.debug("bucket %s exists with another config; keeping it", kv.bucket)
+    try:
+        await js.create_object_store(names.artifacts_bucket, config=api.ObjectStoreConfig(
+            bucket=names.artifacts_bucket, storage=api.StorageType.FILE, replicas=settings.replicas,
+            description="trainfleet artifact bundles by sha256"))
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise

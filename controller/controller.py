@@ -1,0 +1,336 @@
+"""The controller: sync the manifest into job records, publish tickets, reconcile, serve control.
+
+Every write is a CAS on the record's revision, so several controllers (one
+queue group) and the agents never overwrite each other blindly. The
+controller never runs a trainer; agents never create records.
+
+Reconcile (every ``reconcile_s``) repairs what crashes leave behind: a pending
+record with no ticket in the stream gets one; a held record whose lease
+lapsed long ago and whose ticket is gone gets one (an agent then takes it
+over); a ``prefer_cuda`` job unclaimed after the grace window is also offered
+to ``cpu``. Duplicate tickets are harmless: the record decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from trainfleet.broker import names as namesmod
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.errors import ManifestError, SchemaError, TrainfleetError
+from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus, Ticket, decode, encode
+from trainfleet.broker.settings import Settings
+from trainfleet.controller.manifest import Manifest, load_manifest, parse_manifest, ticket_class
+from trainfleet.controller.store import (
+    Stored,
+    cas,
+    get_record,
+    load_records,
+    load_workers,
+    publish_ticket,
+    resolve_job,
+    scan_tickets,
+)
+
+log = logging.getLogger("trainfleet.controller")
+
+REQUEUEABLE = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.COMPLETED)
+
+
+@dataclass
+class SyncReport:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    not_in_manifest: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in self.__dict__.items()}
+
+
+def excluded_hosts(manifest: Manifest, spec: JobSpec) -> dict[str, str]:
+    out = {}
+    for host_id, policy in manifest.hosts.items():
+        ok, reason = policy.permits(spec)
+        if not ok:
+            out[host_id] = reason
+    return out
+
+
+class Controller:
+    def __init__(self, settings: Settings, *, manifest_path: str | None = None, handle_signals: bool = True):
+        self.settings = settings
+        self.names = settings.names
+        self.manifest_path = manifest_path
+        self.manifest: Manifest | None = None
+        self.handle_signals = handle_signals
+        self.broker: Broker | None = None
+        self._stopping = asyncio.Event()
+        self._service: Any = None
+        self._advisory_sub: Any = None
+
+    # -- lifecycle ----------------------------------------------------------
+    async def start(self) -> None:
+        self.broker = await Broker.connect(self.settings, name="trainfleet-controller", provision=True)
+        if self.manifest_path:
+            await self.sync(load_manifest(self.manifest_path))
+        self._advisory_sub = await self.broker.nc.subscribe(
+            self.names.max_deliveries_advisory(), queue=self.names.ctl_queue_group, cb=self._on_max_deliveries)
+        from trainfleet.controller.service import start_service
+
+        self._service = await start_service(self)
+
+    async def run(self) -> None:
+        """Start, reconcile until asked to stop, then stop serving and close."""
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self.reconcile()
+                except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as exc:
+                    log.warning("reconcile failed (will retry): %r", exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.settings.reconcile_s)
+        finally:
+            await asyncio.shield(self.stop())
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+            self._service = None
+        if self.broker is not None:
+            await self.broker.close()
+            self.broker = None
+
+    @property
+    def b(self) -> Broker:
+        assert self.broker is not None, "controller not started"
+        return self.broker
+
+    # -- sync ---------------------------------------------------------------
+    def _new_record(self, manifest: Manifest, spec: JobSpec) -> JobRecord:
+        now = time.time()
+        klass = ticket_class(spec)
+        return JobRecord(job_id=spec.job_id, spec=spec, klass=klass, offered=(klass,), created_at=now,
+                         updated_at=now, queued_at=now, excluded_hosts=excluded_hosts(manifest, spec),
+                         max_attempts=manifest.settings.max_attempts or self.settings.max_attempts)
+
+    async def sync(self, manifest: Manifest) -> SyncReport:
+        """Idempotent: new jobs become pending with a ticket; existing records keep their state
+        (only non-identity fields such as name, priority and host policy are refreshed)."""
+        self.manifest = manifest
+        report = SyncReport()
+        for spec in manifest.jobs:
+            fresh = self._new_record(manifest, spec)
+            try:
+                await self.b.jobs.create(spec.job_id, encode(fresh))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                changed = await self._refresh(fresh)
+                (report.updated if changed else report.unchanged).append(spec.job_id)
+                continue
+            await publish_ticket(self.b, fresh, fresh.klass)
+            report.created.append(spec.job_id)
+        wanted = {s.job_id for s in manifest.jobs}
+        records = await load_records(self.b)
+        report.not_in_manifest = sorted(k for k in records if k not in wanted)
+        log.info("sync %s: %d new, %d updated, %d unchanged, %d only in KV", manifest.path,
+                 len(report.created), len(report.updated), len(report.unchanged), len(report.not_in_manifest))
+        return report
+
+    async def _refresh(self, fresh: JobRecord) -> bool:
+        for _ in range(10):
+            stored = await get_record(self.b, fresh.job_id)
+            rec = stored.record
+            if rec.spec == fresh.spec and rec.excluded_hosts == fresh.excluded_hosts \
+                    and rec.max_attempts == fresh.max_attempts:
+                return False
+            updated = rec.evolve(spec=fresh.spec, excluded_hosts=fresh.excluded_hosts,
+                                 max_attempts=fresh.max_attempts)
+            if await cas(self.b, updated, stored.revision) is not None:
+                return True
+        raise TrainfleetError(f"job {fresh.job_id}: record kept changing during sync")
+
+    async def reload(self) -> SyncReport:
+        if not self.manifest_path:
+            raise TrainfleetError("this controller was started without --manifest; use `trainfleet sync FILE`")
+        return await self.sync(load_manifest(self.manifest_path))
+
+    async def sync_text(self, text: str, file: str) -> SyncReport:
+        manifest = parse_manifest(text, file=file)
+        report = await self.sync(manifest)
+        if Path(file).is_file():
+            self.manifest_path = file
+        return report
+
+    # -- reconcile ----------------------------------------------------------
+    async def reconcile(self, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        records = await load_records(self.b)
+        tickets = await scan_tickets(self.b)
+        live: dict[str, set[tuple[int, str]]] = {}
+        seqs = set()
+        for ref in tickets:
+            seqs.add(ref.seq)
+            if ref.ticket is not None:
+                live.setdefault(ref.ticket.job_id, set()).add((ref.ticket.generation, ref.ticket.klass))
+        stats: Counter[str] = Counter()
+        for stored in records.values():
+            rec = stored.record
+            have = live.get(rec.job_id, set())
+            if rec.status == JobStatus.PENDING:
+                stats["grace"] += await self._grace(stored, now)
+                stats["republished"] += await self._ensure_tickets(rec.job_id, have)
+            elif rec.status.held and rec.lease_expired(self.settings.lease_s * 2, now) \
+                    and rec.ticket_seq not in seqs and not any(g == rec.generation for g, _ in have):
+                await publish_ticket(self.b, rec, rec.klass, dedupe_suffix=f".r{int(now)}")
+                stats["takeover_tickets"] += 1
+        if any(stats.values()):
+            log.info("reconcile: %s", dict(stats))
+        return dict(stats)
+
+    async def _grace(self, stored: Stored, now: float) -> int:
+        """prefer_cuda jobs nobody with a GPU claimed within the grace window go to cpu as well."""
+        rec = stored.record
+        grace = self.settings.prefer_cuda_grace_s
+        if self.manifest and self.manifest.settings.prefer_cuda_grace_s is not None:
+            grace = self.manifest.settings.prefer_cuda_grace_s
+        cpu = namesmod.cpu_class()
+        if not rec.spec.constraints.prefer_cuda or cpu in rec.offered or now - rec.queued_at < grace:
+            return 0
+        await cas(self.b, rec.evolve(offered=(*rec.offered, cpu)), stored.revision)
+        return 1
+
+    async def _ensure_tickets(self, job_id: str, have: set[tuple[int, str]]) -> int:
+        stored = await get_record(self.b, job_id)
+        rec = stored.record
+        if rec.status != JobStatus.PENDING:
+            return 0
+        missing = [k for k in (rec.offered or (rec.klass,)) if (rec.generation, k) not in have]
+        for klass in missing:
+            await publish_ticket(self.b, rec, klass, dedupe_suffix=f".r{int(time.time())}")
+        return len(missing)
+
+    # -- advisories ---------------------------------------------------------
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", 0))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring malformed max-deliveries advisory: %s", exc)
+            return
+        try:
+            await self.exhausted_ticket(seq, deliveries)
+        except (TrainfleetError, nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("handling max-deliveries of ticket %d failed: %r", seq, exc)
+
+    async def exhausted_ticket(self, seq: int, deliveries: int) -> str:
+        """A ticket hit max_deliver. Remove it (a work queue keeps it forever otherwise); fail
+        the job if its attempts are spent, else re-offer it with a fresh ticket."""
+        stream = self.names.jobs_stream
+        try:
+            raw = await self.b.js.get_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            return "gone"
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.b.js.delete_msg(stream, seq)
+        try:
+            ticket: Ticket = decode(raw.data or b"", Ticket)
+            stored = await get_record(self.b, ticket.job_id)
+        except (SchemaError, TrainfleetError) as exc:
+            log.warning("removed exhausted ticket %d: %s", seq, exc)
+            return "dropped"
+        rec = stored.record
+        if rec.status.terminal or rec.generation != ticket.generation:
+            return "stale"
+        if rec.status.held and not rec.lease_expired(self.settings.lease_s):
+            return "held"
+        if rec.attempt >= rec.max_attempts or rec.status.held:
+            reason = (f"ticket delivered {deliveries} times without completing (max_deliver "
+                      f"{self.settings.max_deliver}) after {rec.attempt} attempt(s); last error: "
+                      f"{rec.last_error or 'none'}")
+            if await cas(self.b, rec.evolve(status=JobStatus.FAILED, finished_at=time.time(), reason=reason),
+                         stored.revision) is not None:
+                log.warning("job %s failed: %s", rec.job_id[:12], reason)
+                return "failed"
+            return "raced"
+        await publish_ticket(self.b, rec, ticket.klass, dedupe_suffix=f".x{seq}")
+        return "reoffered"
+
+    # -- operator actions ---------------------------------------------------
+    async def cancel(self, ref: str) -> JobRecord:
+        for _ in range(10):
+            stored = resolve_job(await load_records(self.b), ref)
+            rec = stored.record
+            if rec.status.terminal:
+                raise TrainfleetError(f"job {rec.spec.name} is already {rec.status.value}; nothing to cancel")
+            done = rec.evolve(status=JobStatus.CANCELLED, finished_at=time.time(), reason="cancelled by operator")
+            if await cas(self.b, done, stored.revision) is not None:
+                return done
+        raise TrainfleetError(f"job {ref}: record kept changing; try again")
+
+    async def requeue(self, ref: str) -> JobRecord:
+        for _ in range(10):
+            stored = resolve_job(await load_records(self.b), ref)
+            rec = stored.record
+            if rec.status not in REQUEUEABLE:
+                raise TrainfleetError(f"job {rec.spec.name} is {rec.status.value}; only failed, cancelled or "
+                                      "completed jobs can be requeued")
+            now = time.time()
+            fresh = rec.evolve(status=JobStatus.PENDING, generation=rec.generation + 1, attempt=0, claimed_by=None,
+                               claimed_at=None, heartbeat_at=None, started_at=None, finished_at=None,
+                               ticket_seq=None, reason="requeued by operator", offered=(rec.klass,),
+                               queued_at=now, progress={})
+            if await cas(self.b, fresh, stored.revision) is not None:
+                await publish_ticket(self.b, fresh, fresh.klass)
+                return fresh
+        raise TrainfleetError(f"job {ref}: record kept changing; try again")
+
+    async def status(self) -> dict[str, Any]:
+        records = await load_records(self.b)
+        counts = Counter(s.record.status.value for s in records.values())
+        workers = await load_workers(self.b)
+        now = time.time()
+        stale_after = self.settings.heartbeat_s * 3
+        return {
+            "jobs": {s.value: counts.get(s.value, 0) for s in JobStatus},
+            "total": len(records),
+            "workers": {"alive": sum(1 for w in workers if now - w.last_seen <= stale_after),
+                        "stale": sum(1 for w in workers if now - w.last_seen > stale_after)},
+        }
+
+
+def record_json(rec: JobRecord) -> dict[str, Any]:
+    return msgspec.to_builtins(rec)
+
+
+async def run_controller(settings: Settings, manifest_path: str | None) -> int:
+    controller = Controller(settings, manifest_path=manifest_path)
+    try:
+        await controller.run()
+    except ManifestError as exc:
+        print(exc)
+        return exc.exit_code
+    return 0

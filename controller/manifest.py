@@ -1,0 +1,863 @@
+"""Load and validate the TOML job manifest.
+
+The manifest declares models (command, modes, a typed hyper-parameter schema),
+host policies and jobs. :func:`load_manifest` resolves every job into a
+:class:`~trainfleet.broker.schema.JobSpec` with a content-derived ``job_id``,
+or raises one :class:`~trainfleet.broker.errors.ManifestError` listing *every*
+problem found, each naming the file, the job and the field: a user fixing a
+manifest should see all mistakes in one run, not one per run.
+
+Validation is strict: unknown keys are errors (a typo such as ``min_ram_gb``
+would otherwise silently drop a constraint), hyper values are type-checked
+against the model's schema, and float parameters are normalised so that
+``lr = 1`` and ``lr = 1.0`` name the same job.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from trainfleet.broker.errors import ManifestError, ManifestProblem
+from trainfleet.broker.names import cpu_class, gpu_class, host_class, is_token, vram_tier
+from trainfleet.broker.schema import Constraints, JobSpec
+
+__all__ = [
+    "HYPER_TYPES",
+    "MANIFEST_SCHEMA_VERSION",
+    "HostPolicy",
+    "HyperParam",
+    "Manifest",
+    "ManifestSettings",
+    "ModelDef",
+    "job_id_for",
+    "load_manifest",
+    "parse_manifest",
+    "ticket_class",
+]
+
+# The manifest format's own version; independent of the record SCHEMA_VERSION.
+MANIFEST_SCHEMA_VERSION = 1
+HYPER_TYPES: tuple[str, ...] = ("int", "float", "str", "bool")
+
+_TOP_KEYS = ("schema_version", "settings", "models", "hosts", "jobs")
+_SETTINGS_KEYS = ("prefer_cuda_grace_s", "max_attempts")
+_MODEL_KEYS = ("command", "modes", "data", "requires", "hyper")
+_PARAM_KEYS = ("type", "default", "choices", "min", "max")
+_HOST_KEYS = (
+    "allow_jobs", "deny_jobs", "max_cores", "max_ram_gib", "max_vram_gib", "cpu_slots", "gpu_slots",
+    "serve_cpu",
+)
+_JOB_KEYS = (
+    "name", "model", "mode", "hyper", "data", "seed", "priority", "require_cuda", "prefer_cuda",
+    "min_vram_gib", "min_ram_gib", "min_cores", "allowed_hosts", "denied_hosts",
+)
+_JOB_FLAGS = ("require_cuda", "prefer_cuda")
+_JOB_MINIMA = ("min_vram_gib", "min_ram_gib", "min_cores")
+_JOB_HOST_LISTS = ("allowed_hosts", "denied_hosts")
+
+
+# ---------------------------------------------------------------------------
+# public data model
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HyperParam:
+    """One typed hyper-parameter of a model (``[models.NAME.hyper.PARAM]``).
+
+    ``has_default`` tells a declared ``default`` apart from none (a default may
+    legitimately be any value); a parameter without one is required of every job.
+    """
+
+    name: str
+    type: str
+    default: Any = None
+    has_default: bool = False
+    choices: tuple[Any, ...] | None = None
+    min: int | float | None = None
+    max: int | float | None = None
+
+    def check(self, value: Any) -> Any:
+        """Type-check ``value``, enforce choices/min/max; return it normalised.
+
+        Raises :class:`ValueError` with a message suitable for a ManifestProblem.
+        """
+        value = _HYPER_COERCERS[self.type](value)
+        if self.choices is not None and value not in self.choices:
+            raise _Invalid(f"{_show(value)} is not one of the choices {_show(list(self.choices))}")
+        if self.min is not None and value < self.min:
+            raise _Invalid(f"{_show(value)} is below min {_show(self.min)}")
+        if self.max is not None and value > self.max:
+            raise _Invalid(f"{_show(value)} is above max {_show(self.max)}")
+        return value
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """A trainable model: how to run it, its modes, hyper schema and data defaults."""
+
+    name: str
+    command: tuple[str, ...]
+    modes: tuple[str, ...]
+    hyper: dict[str, HyperParam]
+    data: dict[str, Any]
+    requires: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """An operator's policy for one host: which jobs it takes and resource caps.
+
+    ``None`` caps mean "not overridden" (the agent uses what it detects).
+    """
+
+    host_id: str
+    allow_jobs: tuple[str, ...] = ()
+    deny_jobs: tuple[str, ...] = ()
+    max_cores: float | None = None
+    max_ram_gib: float | None = None
+    max_vram_gib: float | None = None
+    cpu_slots: int | None = None
+    gpu_slots: int | None = None
+    serve_cpu: bool | None = None
+
+    def permits(self, spec: JobSpec) -> tuple[bool, str]:
+        """Whether this host may run ``spec``: ``(True, "")`` or ``(False, reason)``.
+
+        Patterns (fnmatch, case-sensitive) match the job's model name or its
+        job name. A matching ``deny_jobs`` pattern wins over ``allow_jobs``;
+        an empty ``allow_jobs`` allows everything not denied.
+        """
+        for pattern in self.deny_jobs:
+            matched = _glob_target(pattern, spec)
+            if matched:
+                reason = f"host policy of {self.host_id}: deny_jobs pattern {pattern!r} matches {matched}"
+                return False, reason
+        if self.allow_jobs and not any(_glob_target(p, spec) for p in self.allow_jobs):
+            return False, (
+                f"host policy of {self.host_id}: no allow_jobs pattern {_show(list(self.allow_jobs))} "
+                f"matches job {spec.name!r} or model {spec.model!r}"
+            )
+        return True, ""
+
+
+@dataclass(frozen=True)
+class ManifestSettings:
+    """Fleet-wide settings from ``[settings]``; ``None`` means "use the default"."""
+
+    prefer_cuda_grace_s: float | None = None
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A fully validated manifest: every job resolved to a JobSpec with its id."""
+
+    path: str
+    schema_version: int
+    settings: ManifestSettings
+    models: dict[str, ModelDef]
+    hosts: dict[str, HostPolicy]
+    jobs: tuple[JobSpec, ...]
+
+    def job_by_id(self, job_id: str) -> JobSpec | None:
+        """The job whose id is exactly ``job_id``, or None."""
+        return next((spec for spec in self.jobs if spec.job_id == job_id), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary (for ``--json`` output): file, settings, models, hosts, jobs."""
+        return {
+            "file": self.path,
+            "schema_version": self.schema_version,
+            "settings": msgspec.to_builtins(self.settings),
+            "models": {name: msgspec.to_builtins(model) for name, model in self.models.items()},
+            "hosts": {host: msgspec.to_builtins(policy) for host, policy in self.hosts.items()},
+            "jobs": [_job_json(spec) for spec in self.jobs],
+        }
+
+
+def job_id_for(identity: dict[str, Any]) -> str:
+    """sha256 hex of the canonical JSON of ``JobSpec.identity()``.
+
+    Sorted keys and fixed separators make the id independent of key order in
+    the TOML file and of the Python version that computed it.
+    """
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def ticket_class(spec: JobSpec) -> str:
+    """The capability class a job's ticket is published under.
+
+    A job pinned to exactly one host goes to that host's class; a CUDA job
+    (required or preferred) to the GPU tier its ``min_vram_gib`` rounds up to;
+    anything else to the CPU class.
+    """
+    c = spec.constraints
+    if len(c.allowed_hosts) == 1:
+        return host_class(c.allowed_hosts[0])
+    if c.require_cuda or c.prefer_cuda:
+        return gpu_class(vram_tier(c.min_vram_gib))
+    return cpu_class()
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate the manifest at ``path``; raise ManifestError on any problem."""
+    file = os.fspath(path)
+    try:
+        raw = Path(file).read_bytes()
+    except FileNotFoundError:
+        # ``from None``: the OS traceback adds nothing to "file not found".
+        raise ManifestError([ManifestProblem(file, "manifest file not found")]) from None
+    except OSError as exc:
+        raise ManifestError([ManifestProblem(file, f"cannot read manifest: {exc.strerror or exc}")]) from None
+    try:
+        # utf-8-sig: editors on Windows like to prepend a BOM, which tomllib rejects.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problem = ManifestProblem(file, f"not UTF-8 text (bad byte at offset {exc.start})")
+        raise ManifestError([problem]) from None
+    return parse_manifest(text, file)
+
+
+def parse_manifest(text: str, file: str = "<string>") -> Manifest:
+    """Validate manifest ``text``; ``file`` names it in every problem reported."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise ManifestError([ManifestProblem(file, f"TOML syntax error: {exc}")]) from None
+    sink = _Sink(file)
+    top = _Scope(sink)
+    _unknown_keys(top, doc, _TOP_KEYS)
+    version = _schema_version(top, doc)
+    settings = _parse_settings(sink, doc)
+    models = _parse_models(sink, doc)
+    hosts = _parse_hosts(sink, doc)
+    jobs = _parse_jobs(sink, doc, models)
+    if sink.problems:
+        raise ManifestError(sink.problems)
+    return Manifest(
+        path=file,
+        schema_version=version,
+        settings=settings,
+        models={name: check.model for name, check in models.items()},
+        hosts=hosts,
+        jobs=tuple(jobs),
+    )
+
+
+# ---------------------------------------------------------------------------
+# problem collection and value converters
+# ---------------------------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    """A value failed a check; the message becomes a ManifestProblem's message."""
+
+
+# Returned by _take when a value was bad (and a problem recorded), so callers
+# can tell "bad" from a legitimate None default.
+_BAD: Any = object()
+
+
+class _Sink:
+    """Every problem found in one file, in the order found."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.problems: list[ManifestProblem] = []
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Where problems are attributed: a job label and/or a field prefix."""
+
+    sink: _Sink
+    job: str | None = None
+    prefix: str = ""
+
+    def add(self, message: str, key: str | None = None) -> None:
+        field = self.prefix + key if key is not None else (self.prefix.rstrip(".") or None)
+        self.sink.problems.append(ManifestProblem(self.sink.file, message, job=self.job, field=field))
+
+    def child(self, key: str) -> _Scope:
+        return _Scope(self.sink, self.job, f"{self.prefix}{key}.")
+
+    def mark(self) -> int:
+        return len(self.sink.problems)
+
+    def clean_since(self, mark: int) -> bool:
+        return len(self.sink.problems) == mark
+
+
+def _take(scope: _Scope, table: dict[str, Any], key: str, conv: Callable[[Any], Any],
+          default: Any = None, required: bool = False) -> Any:
+    """``conv(table[key])``; a missing key gives ``default``, a bad one a problem and _BAD."""
+    if key not in table:
+        if required:
+            scope.add(f"required key {key!r} is missing", key)
+            return _BAD
+        return default
+    try:
+        return conv(table[key])
+    except _Invalid as exc:
+        scope.add(str(exc), key)
+        return _BAD
+
+
+def _good(value: Any, fallback: Any) -> Any:
+    return fallback if value is _BAD else value
+
+
+def _unknown_keys(scope: _Scope, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    for key in table:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+        scope.add(f"unknown key {key!r} ({hint})", key)
+
+
+# Order matters: bool before int (bool is an int subclass), datetime before date.
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"), (list, "array"),
+    (dict, "table"), (_dt.datetime, "datetime"), (_dt.date, "date"), (_dt.time, "time"),
+)
+
+
+def _show(value: Any) -> str:
+    """``value`` as TOML-ish text (true, "x", [1, 2]), shortened for messages."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(value: Any) -> str:
+    kind = next((name for typ, name in _TOML_TYPES if isinstance(value, typ)), type(value).__name__)
+    return f"{kind} {_show(value)}"
+
+
+def _is_int(value: Any) -> bool:
+    # TOML booleans arrive as Python bools, which are ints: exclude them.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int_at_least(minimum: int | None) -> Callable[[Any], int]:
+    wanted = "an integer" if minimum is None else f"an integer >= {minimum}"
+
+    def conv(value: Any) -> int:
+        if not _is_int(value) or (minimum is not None and value < minimum):
+            raise _Invalid(f"must be {wanted}, got {_describe(value)}")
+        return value
+
+    return conv
+
+
+def _finite(value: Any) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise _Invalid(f"must be a finite number, got {_describe(value)}")
+    return value
+
+
+def _number_at_least(minimum: float) -> Callable[[Any], float]:
+    def conv(value: Any) -> float:
+        if not _is_number(value) or not math.isfinite(value) or value < minimum:
+            raise _Invalid(f"must be a number >= {minimum:g}, got {_describe(value)}")
+        return float(value)
+
+    return conv
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"must be a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _table(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a table, got {_describe(value)}")
+    return value
+
+
+def _str_list(value: Any, *, nonempty: bool = False, ok: Callable[[str], bool] | None = None,
+              what: str = "a string") -> tuple[str, ...]:
+    """A TOML array of strings; ``ok`` vets each item (``what`` says what an item must be)."""
+    if not isinstance(value, list) or (nonempty and not value):
+        size = "a non-empty" if nonempty else "an"
+        raise _Invalid(f"must be {size} array of strings, got {_describe(value)}")
+    bad = [item for item in value if not isinstance(item, str) or (ok is not None and not ok(item))]
+    if bad:
+        raise _Invalid(f"every item must be {what}; bad: {', '.join(_show(b) for b in bad)}")
+    return tuple(value)
+
+
+def _host_list(value: Any) -> tuple[str, ...]:
+    hosts = _str_list(value, ok=is_token, what="a host id (letters, digits, '_' and '-' only)")
+    # Duplicates would change the job id (train_hosts) without changing meaning.
+    return tuple(dict.fromkeys(hosts))
+
+
+def _glob_list(value: Any) -> tuple[str, ...]:
+    return _str_list(value, ok=bool, what="a non-empty glob pattern")
+
+
+def _module_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _modes(value: Any) -> tuple[str, ...]:
+    modes = _str_list(value, nonempty=True, ok=bool, what="a non-empty string")
+    if len(set(modes)) != len(modes):
+        raise _Invalid(f"modes must be distinct, got {_show(list(modes))}")
+    return modes
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    command = _str_list(value, nonempty=True)
+    if not command[0]:
+        raise _Invalid("the program (first item) must not be empty")
+    return command
+
+
+def _json_value(value: Any, path: str) -> None:
+    """Reject what canonical JSON (the job id) cannot carry: dates/times, NaN/inf."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _json_value(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _json_value(item, f"{path}[{index}]")
+    elif isinstance(value, _dt.date | _dt.time):
+        raise _Invalid(f"{path}: TOML dates and times are not supported (use a string): {_describe(value)}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _Invalid(f"{path}: must be a finite number, got {_describe(value)}")
+
+
+def _json_table(value: Any) -> dict[str, Any]:
+    table = _table(value)
+    for key, item in table.items():
+        _json_value(item, key)
+    return table
+
+
+# -- hyper values -------------------------------------------------------------
+
+
+def _hyper_int(value: Any) -> int:
+    if not _is_int(value):
+        raise _Invalid(f"must be an integer, got {_describe(value)}")
+    return value
+
+
+def _hyper_float(value: Any) -> float:
+    try:
+        result = float(value) if _is_number(value) else math.nan
+    except OverflowError:  # an int too large for a float
+        result = math.nan
+    if not math.isfinite(result):
+        raise _Invalid(f"must be a finite number (int or float), got {_describe(value)}")
+    # Normalise: lr = 1 and lr = 1.0 must give the same job id.
+    return result
+
+
+def _hyper_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_describe(value)}")
+    return value
+
+
+_HYPER_COERCERS: dict[str, Callable[[Any], Any]] = {
+    "int": _hyper_int,
+    "float": _hyper_float,
+    "str": _hyper_str,
+    "bool": _boolean,
+}
+
+
+# ---------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------
+
+
+def _schema_version(scope: _Scope, doc: dict[str, Any]) -> int:
+    if "schema_version" not in doc:
+        hint = f"add schema_version = {MANIFEST_SCHEMA_VERSION} at the top"
+        scope.add(f"required key 'schema_version' is missing ({hint})", "schema_version")
+        return MANIFEST_SCHEMA_VERSION
+    version = doc["schema_version"]
+    # A bool equals 1 in Python, so compare the type too.
+    if not _is_int(version) or version != MANIFEST_SCHEMA_VERSION:
+        scope.add(f"unsupported schema_version {_describe(version)}; this trainfleet understands "
+                  f"{MANIFEST_SCHEMA_VERSION}", "schema_version")
+    return MANIFEST_SCHEMA_VERSION
+
+
+def _section(scope: _Scope, doc: dict[str, Any], key: str, shape: str) -> dict[str, Any]:
+    """A top-level table, or {} (with a problem) when it has the wrong shape."""
+    value = doc.get(key, {})
+    if isinstance(value, dict):
+        return value
+    scope.add(f"must be a table ({shape}), got {_describe(value)}", key)
+    return {}
+
+
+def _parse_settings(sink: _Sink, doc: dict[str, Any]) -> ManifestSettings:
+    raw = _section(_Scope(sink), doc, "settings", "[settings]")
+    scope = _Scope(sink, prefix="settings.")
+    _unknown_keys(scope, raw, _SETTINGS_KEYS)
+    grace = _take(scope, raw, "prefer_cuda_grace_s", _number_at_least(0.0))
+    attempts = _take(scope, raw, "max_attempts", _int_at_least(1))
+    return ManifestSettings(prefer_cuda_grace_s=_good(grace, None), max_attempts=_good(attempts, None))
+
+
+# -- models -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ModelCheck:
+    """A model plus which of its parts were broken, so jobs using it skip
+    checks that would only echo the model's own problems."""
+
+    model: ModelDef
+    modes_ok: bool = True
+    hyper_ok: bool = True
+    bad_params: frozenset[str] = frozenset()
+
+
+def _parse_models(sink: _Sink, doc: dict[str, Any]) -> dict[str, _ModelCheck]:
+    raw = _section(_Scope(sink), doc, "models", "[models.NAME]")
+    return {name: _parse_model(sink, name, value) for name, value in raw.items()}
+
+
+def _parse_model(sink: _Sink, name: str, raw: Any) -> _ModelCheck:
+    scope = _Scope(sink, prefix=f"models.{name}.")
+    if not is_token(name):
+        scope.add(f"model name {name!r} must use only letters, digits, '_' and '-'")
+    if not isinstance(raw, dict):
+        scope.add(f"must be a table ([models.{name}]), got {_describe(raw)}")
+        return _ModelCheck(ModelDef(name, (), (), {}, {}), modes_ok=False, hyper_ok=False)
+    _unknown_keys(scope, raw, _MODEL_KEYS)
+    command = _take(scope, raw, "command", _command, required=True)
+    modes = _take(scope, raw, "modes", _modes, required=True)
+    data = _take(scope, raw, "data", _json_table, default={})
+    requires = _take(scope, raw, "requires", lambda v: _str_list(v, ok=_module_name, what="a module name"),
+                     default=())
+    hyper, hyper_ok, bad_params = _parse_hyper_schema(scope, raw)
+    model = ModelDef(
+        name=name,
+        command=_good(command, ()),
+        modes=_good(modes, ()),
+        hyper=hyper,
+        data=_good(data, {}),
+        requires=_good(requires, ()),
+    )
+    return _ModelCheck(model, modes_ok=modes is not _BAD, hyper_ok=hyper_ok, bad_params=bad_params)
+
+
+def _parse_hyper_schema(
+    scope: _Scope, raw: dict[str, Any]
+) -> tuple[dict[str, HyperParam], bool, frozenset[str]]:
+    """(params that are valid, whether the hyper table itself is usable, names of broken params)."""
+    table = raw.get("hyper", {})
+    if not isinstance(table, dict):
+        scope.add(f"must be a table of parameter tables ([...hyper.PARAM]), got {_describe(table)}", "hyper")
+        return {}, False, frozenset()
+    params: dict[str, HyperParam] = {}
+    bad: set[str] = set()
+    for name, praw in table.items():
+        param = _parse_param(scope.child(f"hyper.{name}"), name, praw)
+        if param is None:
+            bad.add(name)
+        else:
+            params[name] = param
+    return params, True, frozenset(bad)
+
+
+def _parse_param(scope: _Scope, name: str, raw: Any) -> HyperParam | None:
+    """One hyper-parameter declaration, or None (problems recorded) when invalid."""
+    if not isinstance(raw, dict):
+        scope.add(f"must be a table with at least 'type', got {_describe(raw)}")
+        return None
+    mark = scope.mark()
+    _unknown_keys(scope, raw, _PARAM_KEYS)
+    ptype = _take(scope, raw, "type", _hyper_type, required=True)
+    if ptype is _BAD:
+        return None  # nothing else can be checked without knowing the type
+    low, high = _param_bounds(scope, ptype, raw)
+    choices = _take(scope, raw, "choices", lambda v: _choices(ptype, v))
+    param = HyperParam(name, ptype, choices=_good(choices, None), min=low, max=high)
+    if "default" in raw:
+        # Checked through the param itself, so a default must obey choices/min/max too.
+        default = _take(scope, raw, "default", param.check)
+        param = replace(param, default=_good(default, None), has_default=True)
+    return param if scope.clean_since(mark) else None
+
+
+def _hyper_type(value: Any) -> str:
+    if value not in HYPER_TYPES or not isinstance(value, str):
+        raise _Invalid(f"must be one of {', '.join(HYPER_TYPES)}, got {_describe(value)}")
+    return value
+
+
+def _choices(ptype: str, value: Any) -> tuple[Any, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"must be a non-empty array, got {_describe(value)}")
+    coerce = _HYPER_COERCERS[ptype]
+    try:
+        return tuple(coerce(item) for item in value)
+    except _Invalid as exc:
+        raise _Invalid(f"every choice must be of type {ptype}: {exc}") from None
+
+
+def _param_bounds(scope: _Scope, ptype: str, raw: dict[str, Any]) -> tuple[Any, Any]:
+    bounds = []
+    for key in ("min", "max"):
+        if key in raw and ptype not in ("int", "float"):
+            scope.add(f"{key} only applies to int and float parameters, not {ptype}", key)
+            bounds.append(None)
+        else:
+            bounds.append(_good(_take(scope, raw, key, _finite), None))
+    low, high = bounds
+    if low is not None and high is not None and low > high:
+        scope.add(f"max {_show(high)} is below min {_show(low)}", "max")
+    return low, high
+
+
+# -- hosts --------------------------------------------------------------------
+
+
+def _parse_hosts(sink: _Sink, doc: dict[str, Any]) -> dict[str, HostPolicy]:
+    raw = _section(_Scope(sink), doc, "hosts", "[hosts.HOST_ID]")
+    return {host_id: _parse_host(sink, host_id, value) for host_id, value in raw.items()}
+
+
+def _parse_host(sink: _Sink, host_id: str, raw: Any) -> HostPolicy:
+    scope = _Scope(sink, prefix=f"hosts.{host_id}.")
+    if not is_token(host_id):
+        scope.add(f"host id {host_id!r} must use only letters, digits, '_' and '-'")
+    if not isinstance(raw, dict):
+        scope.add(f"must be a table ([hosts.{host_id}]), got {_describe(raw)}")
+        return HostPolicy(host_id)
+    _unknown_keys(scope, raw, _HOST_KEYS)
+    values: dict[str, Any] = {
+        "allow_jobs": _take(scope, raw, "allow_jobs", _glob_list, default=()),
+        "deny_jobs": _take(scope, raw, "deny_jobs", _glob_list, default=()),
+        "serve_cpu": _take(scope, raw, "serve_cpu", _boolean),
+    }
+    for key in ("max_cores", "max_ram_gib", "max_vram_gib"):
+        values[key] = _take(scope, raw, key, _number_at_least(0.0))
+    for key in ("cpu_slots", "gpu_slots"):
+        values[key] = _take(scope, raw, key, _int_at_least(0))
+    # A bad value is reported already; the fallback only keeps the object well-typed.
+    clean = {key: _good(value, () if key.endswith("_jobs") else None) for key, value in values.items()}
+    return HostPolicy(host_id, **clean)
+
+
+# -- jobs ---------------------------------------------------------------------
+
+
+def _parse_jobs(sink: _Sink, doc: dict[str, Any], models: dict[str, _ModelCheck]) -> list[JobSpec]:
+    raw = doc.get("jobs", [])
+    if not isinstance(raw, list):
+        _Scope(sink).add(f"must be an array of tables ([[jobs]]), got {_describe(raw)}", "jobs")
+        return []
+    specs: list[JobSpec] = []
+    names: dict[str, list[int]] = {}
+    for index, raw_job in enumerate(raw, start=1):
+        name, spec = _parse_job(sink, index, raw_job, models)
+        if name is not None:
+            names.setdefault(name, []).append(index)
+        if spec is not None:
+            specs.append(spec)
+    _check_duplicate_names(sink, names)
+    _check_duplicate_ids(sink, specs)
+    return specs
+
+
+def _parse_job(
+    sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]
+) -> tuple[str | None, JobSpec | None]:
+    """(the job's name if it has a usable one, its JobSpec if it has no problems)."""
+    if not isinstance(raw, dict):
+        _Scope(sink, f"#{index}").add(f"each [[jobs]] entry must be a table, got {_describe(raw)}")
+        return None, None
+    name = raw.get("name")
+    named = isinstance(name, str) and bool(name)
+    scope = _Scope(sink, name if named else f"#{index}")
+    mark = scope.mark()
+    _unknown_keys(scope, raw, _JOB_KEYS)
+    _take(scope, raw, "name", _string, required=True)
+    check = _job_model(scope, raw, models)
+    mode = _job_mode(scope, raw, check)
+    hyper = _job_hyper(scope, raw, check)
+    data = _job_data(scope, raw, check)
+    seed = _take(scope, raw, "seed", _int_at_least(None), default=0)
+    priority = _take(scope, raw, "priority", _int_at_least(None), default=0)
+    constraints = _job_constraints(scope, raw)
+    if not scope.clean_since(mark) or check is None:
+        return (name if named else None), None
+    model = check.model
+    spec = JobSpec(
+        job_id="", name=name, model=model.name, mode=mode, hyper=hyper, data=data, seed=seed,
+        command=model.command, priority=priority, constraints=constraints, requires=model.requires,
+    )
+    return name, msgspec.structs.replace(spec, job_id=job_id_for(spec.identity()))
+
+
+def _job_model(scope: _Scope, raw: dict[str, Any], models: dict[str, _ModelCheck]) -> _ModelCheck | None:
+    model = _take(scope, raw, "model", _string, required=True)
+    if model is _BAD:
+        return None
+    if model not in models:
+        declared = ", ".join(sorted(models)) or "none"
+        scope.add(f"model {model!r} is not declared (declared models: {declared})", "model")
+        return None
+    return models[model]
+
+
+def _job_mode(scope: _Scope, raw: dict[str, Any], check: _ModelCheck | None) -> str:
+    mode = _take(scope, raw, "mode", _string, required=True)
+    if mode is not _BAD and check is not None and check.modes_ok and mode not in check.model.modes:
+        scope.add(f"mode {mode!r} is not a mode of model {check.model.name!r} "
+                  f"(modes: {', '.join(check.model.modes)})", "mode")
+    return mode
+
+
+def _job_hyper(scope: _Scope, raw: dict[str, Any], check: _ModelCheck | None) -> dict[str, Any]:
+    """The job's hyper values checked against the model's schema, defaults filled in."""
+    given = _take(scope, raw, "hyper", _table, default={})
+    if given is _BAD or check is None or not check.hyper_ok:
+        return {}
+    resolved = _given_hyper(scope, given, check)
+    for key, param in check.model.hyper.items():
+        if key in given:
+            continue
+        if param.has_default:
+            resolved[key] = param.default
+        else:
+            scope.add(f"required hyper parameter {key!r} of model {check.model.name!r} is missing "
+                      f"(it has no default)", f"hyper.{key}")
+    # Key order does not affect the id (canonical JSON sorts), but a stable order reads better.
+    return dict(sorted(resolved.items()))
+
+
+def _given_hyper(scope: _Scope, given: dict[str, Any], check: _ModelCheck) -> dict[str, Any]:
+    resolved: dict[str, Any] = {}
+    params = check.model.hyper
+    for key, value in given.items():
+        if key in check.bad_params:
+            continue  # the model's own problem is reported; don't echo it per job
+        if key not in params:
+            declared = ", ".join(sorted(params)) or "none"
+            scope.add(f"unknown hyper parameter {key!r} for model {check.model.name!r} "
+                      f"(declared: {declared})", f"hyper.{key}")
+            continue
+        try:
+            resolved[key] = params[key].check(value)
+        except _Invalid as exc:
+            scope.add(f"{exc} (hyper parameter of type {params[key].type})", f"hyper.{key}")
+    return resolved
+
+
+def _job_data(scope: _Scope, raw: dict[str, Any], check: _ModelCheck | None) -> dict[str, Any]:
+    data = _take(scope, raw, "data", _json_table, default={})
+    if data is _BAD:
+        return {}
+    # Shallow merge: a job's key replaces the model default of the same name wholesale.
+    defaults = check.model.data if check is not None else {}
+    return {**defaults, **data}
+
+
+def _job_constraints(scope: _Scope, raw: dict[str, Any]) -> Constraints | None:
+    values: dict[str, Any] = {}
+    for key in _JOB_FLAGS:
+        values[key] = _take(scope, raw, key, _boolean, default=False)
+    for key in _JOB_MINIMA:
+        values[key] = _take(scope, raw, key, _number_at_least(0.0), default=0.0)
+    for key in _JOB_HOST_LISTS:
+        values[key] = _take(scope, raw, key, _host_list, default=())
+    if any(value is _BAD for value in values.values()):
+        return None
+    both = sorted(set(values["allowed_hosts"]) & set(values["denied_hosts"]))
+    if both:
+        scope.add(f"{', '.join(both)} is in both allowed_hosts and denied_hosts", "denied_hosts")
+        return None
+    return Constraints(**values)
+
+
+def _check_duplicate_names(sink: _Sink, names: dict[str, list[int]]) -> None:
+    for name, indexes in names.items():
+        if len(indexes) > 1:
+            where = ", ".join(f"#{i}" for i in indexes)
+            _Scope(sink, name).add(f"job name {name!r} is used by more than one job ({where}); names must be "
+                                   "unique", "name")
+
+
+def _check_duplicate_ids(sink: _Sink, specs: Iterable[JobSpec]) -> None:
+    first: dict[str, JobSpec] = {}
+    for spec in specs:
+        earlier = first.setdefault(spec.job_id, spec)
+        if earlier is spec:
+            continue
+        _Scope(sink, spec.name).add(
+            f"job {spec.name!r} has the same content as job {earlier.name!r} (job id {spec.job_id[:12]}): "
+            "same model, mode, hyper, data, seed and allowed_hosts; change one or remove a duplicate"
+        )
+
+
+# ---------------------------------------------------------------------------
+# helpers for the public API
+# ---------------------------------------------------------------------------
+
+
+def _glob_target(pattern: str, spec: JobSpec) -> str:
+    """What ``pattern`` matches in ``spec`` ("job 'x'" / "model 'y'"), or "" for nothing.
+
+    fnmatchcase, not fnmatch: the same manifest must mean the same on every OS.
+    """
+    if fnmatch.fnmatchcase(spec.name, pattern):
+        return f"job {spec.name!r}"
+    if fnmatch.fnmatchcase(spec.model, pattern):
+        return f"model {spec.model!r} of job {spec.name!r}"
+    return ""
+
+
+def _job_json(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "job_id": spec.job_id,
+        "name": spec.name,
+        "model": spec.model,
+        "mode": spec.mode,
+        "hyper": spec.hyper,
+        "data": spec.data,
+        "seed": spec.seed,
+        "priority": spec.priority,
+        "klass": ticket_class(spec),
+        "command": list(spec.command),
+        "requires": list(spec.requires),
+        "constraints": msgspec.to_builtins(spec.constraints),
+    }

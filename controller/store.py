@@ -1,0 +1,127 @@
+"""Reading job records and tickets: the few queries the controller and CLI share."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import nats.js.errors
+
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.errors import AmbiguousJob, JobNotFound, SchemaError
+from trainfleet.broker.schema import JobRecord, Ticket, WorkerRecord, decode, encode
+
+log = logging.getLogger("trainfleet.controller")
+
+
+@dataclass(frozen=True)
+class Stored:
+    record: JobRecord
+    revision: int
+
+
+async def load_records(broker: Broker) -> dict[str, Stored]:
+    """Every readable job record with its KV revision (unreadable ones are logged and skipped)."""
+    out: dict[str, Stored] = {}
+    watcher = await broker.jobs.watchall(ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.operation is not None or entry.value is None:
+                continue
+            try:
+                out[entry.key] = Stored(decode(entry.value, JobRecord), entry.revision or 0)
+            except SchemaError as exc:
+                log.warning("job record %s is unreadable: %s", entry.key, exc)
+            if not entry.delta:
+                break
+    finally:
+        await watcher.stop()
+    return out
+
+
+async def load_workers(broker: Broker) -> list[WorkerRecord]:
+    workers: list[WorkerRecord] = []
+    watcher = await broker.workers.watchall(ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.operation is None and entry.value:
+                try:
+                    workers.append(decode(entry.value, WorkerRecord))
+                except SchemaError as exc:
+                    log.warning("worker entry %s is unreadable: %s", entry.key, exc)
+            if not entry.delta:
+                break
+    finally:
+        await watcher.stop()
+    return sorted(workers, key=lambda w: w.host_id)
+
+
+async def get_record(broker: Broker, job_id: str) -> Stored:
+    try:
+        entry = await broker.jobs.get(job_id)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError) as exc:
+        raise JobNotFound(f"no job {job_id}") from exc
+    return Stored(decode(entry.value, JobRecord), entry.revision or 0)
+
+
+def resolve_job(records: dict[str, Stored], ref: str) -> Stored:
+    """A job by full id, unique id prefix, or exact name."""
+    if ref in records:
+        return records[ref]
+    by_name = [s for s in records.values() if s.record.spec.name == ref]
+    if len(by_name) == 1:
+        return by_name[0]
+    by_prefix = [s for key, s in records.items() if key.startswith(ref)] if len(ref) >= 4 else []
+    matches = {s.record.job_id: s for s in by_name + by_prefix}
+    if len(matches) == 1:
+        return next(iter(matches.values()))
+    if not matches:
+        raise JobNotFound(f"no job matches {ref!r} (give a name, an id, or an id prefix of 4+ characters)")
+    listed = ", ".join(f"{s.record.job_id[:12]} ({s.record.spec.name})" for s in matches.values())
+    raise AmbiguousJob(f"{ref!r} matches {len(matches)} jobs: {listed}; give more of the id")
+
+
+async def cas(broker: Broker, record: JobRecord, revision: int) -> int | None:
+    try:
+        return await broker.jobs.update(record.job_id, encode(record), last=revision)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        return None
+
+
+async def publish_ticket(broker: Broker, record: JobRecord, klass: str, *, dedupe_suffix: str = "") -> int:
+    """Publish a ticket for ``record`` on ``klass``; returns its stream sequence."""
+    names = broker.names
+    ticket = Ticket(job_id=record.job_id, generation=record.generation, klass=klass,
+                    priority=record.spec.priority, published_at=time.time())
+    msg_id = f"{record.job_id}.{record.generation}.{klass}{dedupe_suffix}"
+    ack = await broker.js.publish(names.jobs_subject(klass), encode(ticket), headers={"Nats-Msg-Id": msg_id})
+    return ack.seq
+
+
+@dataclass(frozen=True)
+class TicketRef:
+    seq: int
+    ticket: Ticket | None  # None: garbage
+
+
+async def scan_tickets(broker: Broker) -> list[TicketRef]:
+    """Every message still in the jobs stream (unacked tickets), in order."""
+    names = broker.names
+    out: list[TicketRef] = []
+    seq = 1
+    while True:
+        try:
+            msg = await broker.js.get_msg(names.jobs_stream, seq=seq, subject=names.jobs_wildcard, next=True)
+        except nats.js.errors.NotFoundError:
+            return out
+        try:
+            ticket = decode(msg.data or b"", Ticket)
+        except SchemaError:
+            ticket = None
+        out.append(TicketRef(msg.seq or seq, ticket))
+        seq = (msg.seq or seq) + 1

@@ -1,0 +1,244 @@
+"""``trainfleet up``: a whole fleet on one machine, for demos and first contact.
+
+Starts an embedded nats-server (unless ``--url``), provisions resources,
+starts the controller and N agents as separate processes, shows live progress
+until every job of the manifest is terminal, prints a summary, and tears the
+fleet down (unless ``--keep``). Exit 0 only when every job completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.errors import ManifestError, TrainfleetError
+from trainfleet.broker.schema import JobRecord, JobStatus
+from trainfleet.broker.server import EmbeddedServer
+from trainfleet.broker.settings import Settings
+from trainfleet.controller.manifest import Manifest, load_manifest
+from trainfleet.controller.store import load_records
+
+STATE_STYLE = {"pending": "dim", "claimed": "yellow", "running": "cyan", "completed": "green",
+               "failed": "bold red", "cancelled": "magenta"}
+
+
+@dataclass
+class Fleet:
+    """The processes ``up`` started, so they can be watched and stopped in order."""
+
+    data_dir: Path
+    server: EmbeddedServer | None = None
+    controller: subprocess.Popen[bytes] | None = None
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.data_dir / f"{name}.log", "ab")
+        self.logs.append(log)
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+
+    def dead(self) -> list[str]:
+        out = [] if self.controller is None or self.controller.poll() is None else ["controller"]
+        out += [f"agent {i + 1}" for i, p in enumerate(self.agents) if p.poll() is not None]
+        return out
+
+    def stop(self) -> None:
+        """Agents first (they hand back running jobs), then the controller, then the server."""
+        for proc in [*self.agents, self.controller]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.agents, self.controller]:
+            if proc is None:
+                continue
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.server is not None:
+            self.server.stop()
+        for log in self.logs:
+            log.close()
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"NATS_URL": settings.url, "TRAINFLEET_PREFIX": settings.prefix,
+                "TRAINFLEET_LEASE_S": str(settings.lease_s), "TRAINFLEET_HEARTBEAT_S": str(settings.heartbeat_s),
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def start_fleet(manifest_path: str, settings: Settings, *, agents: int, data_dir: Path,
+                embed: bool) -> tuple[Fleet, Settings]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(data_dir=data_dir)
+    if embed:
+        fleet.server = EmbeddedServer(data_dir / "nats").start()
+        settings = settings.with_(url=fleet.server.url)
+    asyncio.run(_provision(settings))
+    env = _child_env(settings)
+    cli = [sys.executable, "-m", "trainfleet.controller.cli"]
+    fleet.controller = fleet.spawn("controller", [*cli, "controller", "--manifest", manifest_path], env)
+    for i in range(1, agents + 1):
+        argv = [*cli, "agent", "--host-id", f"demo-{i}", "--workdir", str(data_dir / f"agent-{i}")]
+        fleet.agents.append(fleet.spawn(f"agent-{i}", argv, env))
+    return fleet, settings
+
+
+async def _provision(settings: Settings) -> None:
+    broker = await Broker.connect(settings, name="trainfleet-up", provision=True)
+    await broker.close()
+
+
+def _headline(rec: JobRecord) -> str:
+    name = rec.metrics.get("headline") if rec.metrics else None
+    if not name:
+        metrics = (rec.progress or {}).get("metrics") or {}
+        return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:2])
+    value = rec.metrics.get(name)
+    return f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+
+
+def _duration(rec: JobRecord, now: float) -> float | None:
+    if rec.started_at is None:
+        return None
+    return (rec.finished_at or now) - rec.started_at
+
+
+def _progress(rec: JobRecord) -> str:
+    step, total = (rec.progress or {}).get("step"), (rec.progress or {}).get("total")
+    if rec.status == JobStatus.COMPLETED:
+        return "[green]" + "█" * 10 + "[/]"
+    if not isinstance(step, int) or not isinstance(total, int) or total <= 0:
+        return ""
+    filled = max(0, min(10, round(10 * step / total)))
+    return "█" * filled + "░" * (10 - filled) + f" {step}/{total}"
+
+
+def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bool = False) -> Table:
+    now = time.time()
+    done = sum(1 for r in records.values() if r.status.terminal)
+    title = f"trainfleet · {manifest.path} · {done}/{len(manifest.jobs)} done"
+    table = Table(title=title, title_justify="left", expand=False)
+    for col in ("job", "model/mode", "state", "host", "try", "time", "progress" if not final else "artifact",
+                "metric"):
+        table.add_column(col, no_wrap=True)
+    for spec in sorted(manifest.jobs, key=lambda s: (-s.priority, s.name)):
+        rec = records.get(spec.job_id)
+        if rec is None:
+            table.add_row(spec.name, f"{spec.model}/{spec.mode}", "[dim]unsynced[/]", "", "", "", "", "")
+            continue
+        dur = _duration(rec, now)
+        state = rec.status.value
+        table.add_row(spec.name, f"{spec.model}/{spec.mode}", f"[{STATE_STYLE[state]}]{state}[/]",
+                      rec.claimed_by or "-", str(rec.attempt), f"{dur:.1f}s" if dur is not None else "",
+                      (rec.artifact or "-")[:12] if final else _progress(rec), _headline(rec))
+    return table
+
+
+def summary_json(manifest: Manifest, records: dict[str, JobRecord]) -> list[dict[str, Any]]:
+    out = []
+    for spec in manifest.jobs:
+        rec = records.get(spec.job_id)
+        out.append({"job_id": spec.job_id, "name": spec.name, "state": rec.status.value if rec else "unsynced",
+                    "host": rec.claimed_by if rec else None, "attempts": rec.attempt if rec else 0,
+                    "duration_s": _duration(rec, time.time()) if rec else None,
+                    "artifact": rec.artifact if rec else None, "metrics": rec.metrics if rec else {},
+                    "last_error": rec.last_error if rec else None})
+    return out
+
+
+async def watch(settings: Settings, manifest: Manifest, fleet: Fleet, console: Console, *, live: bool,
+                timeout_s: float) -> dict[str, JobRecord]:
+    """Poll job records until every manifest job is terminal; show a live table meanwhile."""
+    broker = await Broker.connect(settings, name="trainfleet-up")
+    wanted = {s.job_id for s in manifest.jobs}
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, str] = {}
+    records: dict[str, JobRecord] = {}
+    try:
+        with Live(render_table(manifest, records), console=console, refresh_per_second=4,
+                  transient=True) if live else contextlib.nullcontext() as display:
+            while True:
+                records = {k: s.record for k, s in (await load_records(broker)).items() if k in wanted}
+                if display is not None:
+                    display.update(render_table(manifest, records))
+                else:
+                    _print_changes(console, records, seen)
+                if len(records) == len(wanted) and all(r.status.terminal for r in records.values()):
+                    return records
+                if dead := fleet.dead():
+                    raise TrainfleetError(f"{', '.join(dead)} exited early; see logs in {fleet.data_dir}")
+                if time.monotonic() > deadline:
+                    raise TrainfleetError(f"jobs still unfinished after {timeout_s:g}s")
+                await asyncio.sleep(0.5)
+    finally:
+        await broker.close()
+
+
+def _print_changes(console: Console, records: dict[str, JobRecord], seen: dict[str, str]) -> None:
+    for job_id, rec in sorted(records.items(), key=lambda kv: kv[1].spec.name):
+        key = f"{rec.status.value}/{rec.attempt}"
+        if seen.get(job_id) != key:
+            seen[job_id] = key
+            host = f" on {rec.claimed_by}" if rec.claimed_by else ""
+            extra = f" {_headline(rec)}" if rec.status.terminal else ""
+            console.print(f"{time.strftime('%H:%M:%S')} {rec.spec.name:<28} {rec.status.value}{host}{extra}")
+
+
+def run_up(args: argparse.Namespace, settings: Settings) -> int:
+    console = Console(stderr=False)
+    if not console.is_terminal:
+        console = Console(stderr=False, width=max(console.width, 150))
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        for problem in exc.problems:
+            console.print(f"[red]error[/] {problem}", highlight=False)
+        return exc.exit_code
+    data_dir = Path(args.data_dir or f".trainfleet/up-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    embed = not args.url
+    console.print(f"trainfleet up: {len(manifest.jobs)} jobs, {args.agents} agents, state in {data_dir}")
+    fleet, settings = start_fleet(str(Path(args.manifest).resolve()), settings, agents=args.agents,
+                                  data_dir=data_dir, embed=embed)
+    console.print(f"NATS at {settings.url}" + (" (embedded)" if embed else ""))
+    started = time.monotonic()
+    try:
+        live = console.is_terminal and not args.no_live
+        records = asyncio.run(watch(settings, manifest, fleet, console, live=live, timeout_s=args.timeout_s))
+        elapsed = time.monotonic() - started
+        if args.json:
+            print(json.dumps(summary_json(manifest, records), indent=2, default=str))
+        else:
+            console.print(render_table(manifest, records, final=True))
+        ok = all(r.status == JobStatus.COMPLETED for r in records.values())
+        counts = {s.value: sum(1 for r in records.values() if r.status == s) for s in JobStatus}
+        console.print(f"{'all jobs completed' if ok else 'not every job completed'} in {elapsed:.1f}s: "
+                      + ", ".join(f"{k} {v}" for k, v in counts.items() if v), highlight=False)
+        for rec in records.values():
+            if rec.status == JobStatus.FAILED:
+                console.print(f"[red]{rec.spec.name}[/]: {rec.reason}\n{rec.last_error or ''}", highlight=False)
+        if args.keep:
+            console.print(f"fleet still running at {settings.url}; Ctrl-C to stop it")
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0 if ok else 1
+    finally:
+        fleet.stop()

