@@ -441,6 +441,7 @@ def _load_nvml(nvml: Any | None) -> tuple[Any | None, str]:
     if nvml is not None:
         return nvml, ""
     try:
+        # Imported here, not at the top: nvidia-ml-py is optional and only useful on GPU hosts.
         import pynvml
     except ImportError:
         return None, "no CUDA: nvidia-ml-py not installed"
@@ -814,11 +815,11 @@ def apply_overrides(
     changes: dict[str, Any] = {}
     notes = list(cap.notes)
     if max_cores is not None:
-        changes["cores_usable"] = min(cap.cores_usable, max_cores)
+        changes["cores_usable"] = float(min(cap.cores_usable, max_cores))
         notes.append(_override_note("max_cores", max_cores, cap.cores_usable, "cores"))
     if max_ram_gib is not None:
-        changes["ram_total_gib"] = min(cap.ram_total_gib, max_ram_gib)
-        changes["ram_available_gib"] = min(cap.ram_available_gib, max_ram_gib)
+        changes["ram_total_gib"] = float(min(cap.ram_total_gib, max_ram_gib))
+        changes["ram_available_gib"] = float(min(cap.ram_available_gib, max_ram_gib))
         notes.append(_override_note("max_ram_gib", max_ram_gib, cap.ram_total_gib, "GiB RAM"))
     if max_vram_gib is not None:
         changes["gpus"] = tuple(_cap_vram(g, max_vram_gib) for g in cap.gpus)
@@ -827,9 +828,8 @@ def apply_overrides(
 
 
 def _cap_vram(gpu: GpuInfo, limit: float) -> GpuInfo:
-    return msgspec.structs.replace(
-        gpu, vram_total_gib=min(gpu.vram_total_gib, limit), vram_free_gib=min(gpu.vram_free_gib, limit)
-    )
+    total, free = float(min(gpu.vram_total_gib, limit)), float(min(gpu.vram_free_gib, limit))
+    return msgspec.structs.replace(gpu, vram_total_gib=total, vram_free_gib=free)
 
 
 def _override_note(name: str, limit: float, detected: float, unit: str) -> str:

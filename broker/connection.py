@@ -153,11 +153,14 @@ class Broker:
         return config.durable_name or ""
 
     async def close(self) -> None:
+        """Flush what we published (acks, final writes), then close. Not drain(): draining
+        pull subscriptions waits out its whole timeout for fetches that will never finish."""
         if not self.nc.is_closed:
             try:
-                await self.nc.drain()
+                await self.nc.flush(timeout=2)
             except (nats.errors.Error, asyncio.TimeoutError, OSError):
-                await self.nc.close()
+                pass
+            await self.nc.close()
 
 
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:

@@ -200,6 +200,13 @@ install_package() {
     fi
     run "$venv/bin/python" -m pip install --upgrade pip
     run "$venv/bin/python" -m pip install --upgrade "$spec"
+    case ",$EXTRAS," in
+        *,torch,* | *,all,*)
+            # NVML bindings: how the agent sees NVIDIA GPUs (optional otherwise).
+            run "$venv/bin/python" -m pip install --upgrade nvidia-ml-py
+            ;;
+        *) ;;
+    esac
     if has_role server; then
         run "$venv/bin/python" -m pip install --upgrade "$NATS_SERVER_SPEC"
     fi
@@ -212,21 +219,32 @@ install_file() {
         note "keeping existing $dst (compare with $src)"
         return
     fi
-    local expr="s#${DEFAULT_PREFIX}/#${PREFIX}/#g"
-    if ((DRY_RUN)); then
-        if [[ $PREFIX == "$DEFAULT_PREFIX" ]] || ! grep -q "$DEFAULT_PREFIX/" "$src"; then
-            show install -m "$mode" -o root -g "$group" "$src" "$dst"
-        else
-            show sed -e "$expr" "$src"
-            printf '%s\n' "  | install -m $mode -o root -g $group /dev/stdin $(quote "$dst")"
-        fi
+    if [[ $PREFIX == "$DEFAULT_PREFIX" ]] || ! grep -q "$DEFAULT_PREFIX/" "$src"; then
+        run install -m "$mode" -o root -g "$group" "$src" "$dst"
         return
     fi
-    local tmp
-    tmp=$(mktemp)
-    sed -e "$expr" "$src" >"$tmp"
-    run install -m "$mode" -o root -g "$group" "$tmp" "$dst"
-    rm -f "$tmp"
+    local expr="s#${DEFAULT_PREFIX}/#${PREFIX}/#g"
+    printf '%s\n' "$(show sed -e "$expr" "$src") | install -m $mode -o root -g $group /dev/stdin $(quote "$dst")"
+    if ((DRY_RUN == 0)); then
+        sed -e "$expr" "$src" | install -m "$mode" -o root -g "$group" /dev/stdin "$dst"
+    fi
+}
+
+# The installed package cannot see this checkout's git history, so record the
+# commit (it goes into every artifact's provenance) in a drop-in that each
+# install rewrites.
+write_code_commit() {
+    local unit=$1 commit
+    if ! commit=$(git -c safe.directory="$REPO_ROOT" -C "$REPO_ROOT" rev-parse HEAD 2>/dev/null); then
+        note "$REPO_ROOT is not a git checkout: artifacts will record no code commit"
+        return
+    fi
+    local dir=$UNIT_DIR/$unit.d
+    run install -d -m 0755 "$dir"
+    printf '%s\n' "+ printf '[Service]\\nEnvironment=TRAINFLEET_CODE_COMMIT=$commit\\n' >$(quote "$dir/code-commit.conf")"
+    if ((DRY_RUN == 0)); then
+        printf '[Service]\nEnvironment=TRAINFLEET_CODE_COMMIT=%s\n' "$commit" >"$dir/code-commit.conf"
+    fi
 }
 
 install_system_files() {
@@ -247,6 +265,9 @@ install_system_files() {
     for unit in "${units[@]}"; do
         install_file "$SCRIPT_DIR/systemd/$unit" "$UNIT_DIR/$unit" 0644
     done
+    if has_role agent; then
+        write_code_commit trainfleet-agent.service
+    fi
     if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
         run systemctl daemon-reload
     else

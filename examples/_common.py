@@ -79,7 +79,9 @@ def _convert(kind: Callable[[str], Any], text: str, what: str) -> Any:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
-def build_parser(prog: str, description: str, modes: Sequence[str], hypers: Sequence[Hyper]):
+def build_parser(
+    prog: str, description: str, modes: Sequence[str], hypers: Sequence[Hyper]
+) -> argparse.ArgumentParser:
     """The shared CLI: ``--mode --seed --out`` plus one ``--<hyper>`` option per hyper.
 
     Each hyper is accepted as ``--batch_size`` and ``--batch-size``. Abbreviations are
@@ -179,7 +181,7 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def run_main(prog: str, main: Callable[[], None]) -> int:
+def run_main(prog: str, main: Callable[[], object]) -> int:
     """Run a trainer's main, turning failures into a message on stderr and an exit status.
 
     TrainerError prints just its message; anything unexpected also prints the traceback,

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 from trainfleet.agent import progress
@@ -122,16 +124,13 @@ def _omp_threads() -> int:
 
 def load_data(seed: int, device: torch.device) -> Data:
     """Digits split by ``seed`` (stratified), standardised with train-set statistics."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y
     )
-    mean = x_train.mean(axis=0)
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     # Border pixels are always 0 in digits; unit scale there avoids dividing by zero.
-    std = np.where(x_train.std(axis=0) > 1e-8, x_train.std(axis=0), 1.0)
+    std[std < 1e-8] = 1.0
 
     def as_x(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor((a - mean) / std, dtype=torch.float32, device=device)

@@ -129,13 +129,26 @@ def test_torch_autoencode_reconstructs_better_than_predicting_the_mean(tmp_path)
     assert (tmp_path / "model.pt").stat().st_size > 0
 
 
-def test_torch_rejects_an_invalid_hyper_value_with_usage_exit(tmp_path):
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--mode", "classify", "--epochs", "0"], id="epochs-below-1"),
+        pytest.param(["--mode", "classify", "--lr", "-0.1"], id="negative-lr"),
+        pytest.param(["--mode", "classify", "--max_iter", "5"], id="another-models-hyper"),
+        pytest.param(["--epochs", "3"], id="no-mode"),
+    ],
+)
+def test_torch_rejects_bad_arguments_with_usage_exit(tmp_path, capsys, args):
     pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from trainfleet.examples import torch_mlp
 
-    done = run_trainer(TORCH_MLP, "--mode", "classify", "--epochs", "0", "--out", str(tmp_path))
+    # In-process: the subprocess path of argparse's exit 2 is covered by the gbm test.
+    with pytest.raises(SystemExit) as exited:
+        torch_mlp.main([*args, "--out", str(tmp_path)])
 
-    assert done.returncode == 2
-    assert "--epochs" in done.stderr
+    assert exited.value.code == 2
+    assert "usage:" in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -193,21 +206,45 @@ def test_gbm_fail_true_exits_nonzero_with_the_reason_on_stderr(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_gbm_unknown_hyper_exits_2_with_usage(tmp_path):
+    pytest.importorskip("sklearn")
+
+    done = run_trainer(SKLEARN_GBM, "--mode", "classify", "--epochs", "3", "--out", str(tmp_path))
+
+    assert done.returncode == 2
+    assert "usage:" in done.stderr and "--epochs" in done.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [
-        pytest.param(("--mode", "classify", "--epochs", "3"), id="unknown-hyper"),
-        pytest.param(("--mode", "cluster"), id="unknown-mode"),
-        pytest.param(("--mode", "regress", "--learning_rate", "fast"), id="not-a-number"),
+        pytest.param(["--mode", "cluster"], id="unknown-mode"),
+        pytest.param(["--mode", "regress", "--learning_rate", "fast"], id="not-a-number"),
+        pytest.param(["--mode", "regress", "--fail", "maybe"], id="not-a-bool"),
+        pytest.param(["--mode", "regress", "--max_it", "5"], id="no-abbreviations"),
     ],
 )
-def test_gbm_bad_arguments_exit_2(tmp_path, args):
+def test_gbm_rejects_bad_arguments_with_usage_exit(tmp_path, capsys, args):
     pytest.importorskip("sklearn")
+    from trainfleet.examples import sklearn_gbm
 
-    done = run_trainer(SKLEARN_GBM, *args, "--out", str(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        sklearn_gbm.main([*args, "--out", str(tmp_path)])
 
-    assert done.returncode == 2
-    assert "usage:" in done.stderr
+    assert exited.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_missing_output_dir_is_a_usage_error(monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    from trainfleet.examples import sklearn_gbm
+
+    monkeypatch.delenv("TRAINFLEET_OUTPUT_DIR", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        sklearn_gbm.main(["--mode", "regress"])
+
+    assert exited.value.code == 2
+    assert "TRAINFLEET_OUTPUT_DIR" in capsys.readouterr().err
 
 
 # --- the progress protocol in-process -----------------------------------------------

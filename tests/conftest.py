@@ -1,0 +1,170 @@
+"""Shared fixtures: a real nats-server per test, settings with short leases, fleet helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainfleet.agent.agent import Agent, AgentOptions
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.schema import Capability, JobRecord
+from trainfleet.broker.server import EmbeddedServer
+from trainfleet.broker.settings import Settings
+from trainfleet.controller.controller import Controller
+from trainfleet.controller.manifest import Manifest, parse_manifest
+from trainfleet.controller.store import load_records
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A real JetStream server on a free loopback port, its store in tmp_path."""
+    server = EmbeddedServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(nats_server: EmbeddedServer) -> Settings:
+    return Settings(url=nats_server.url, lease_s=6.0, heartbeat_s=1.0, reconcile_s=0.5, nak_delay_s=0.5,
+                    fetch_timeout_s=0.5, drain_timeout_s=2.0, term_grace_s=2.0, worker_ttl_s=10.0)
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[Broker]:
+    b = await Broker.connect(settings, provision=True)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def fake_capability(host_id: str, **overrides: Any) -> Capability:
+    base: dict[str, Any] = dict(host_id=host_id, cores_physical=2, cores_logical=2, cores_usable=2.0,
+                                ram_total_gib=16.0, ram_available_gib=12.0, torch_version="2.13.0+cpu",
+                                torch_cuda=False, python="3.11", platform="Linux-x86_64",
+                                cuda_reason="no CUDA: test host")
+    base.update(overrides)
+    return Capability(**base)
+
+
+GBM_MODEL = """
+[models.gbm]
+command = ["{python}", "-m", "trainfleet.examples.sklearn_gbm"]
+modes = ["classify", "regress"]
+requires = ["sklearn"]
+[models.gbm.hyper.max_iter]
+type = "int"
+default = 10
+[models.gbm.hyper.learning_rate]
+type = "float"
+default = 0.1
+[models.gbm.hyper.max_depth]
+type = "int"
+default = 3
+[models.gbm.hyper.fail]
+type = "bool"
+default = false
+"""
+
+
+def gbm_manifest(jobs: str, extra: str = "") -> Manifest:
+    """A manifest over the fast scikit-learn model with the given [[jobs]] text."""
+    text = "schema_version = 1\n" + extra + GBM_MODEL + textwrap.dedent(jobs)
+    return parse_manifest(text, file="test.toml")
+
+
+def gbm_jobs(n: int, *, prefix: str = "job", **fields: Any) -> str:
+    out = []
+    for i in range(n):
+        extra = "".join(f"{k} = {v!r}\n".replace("'", '"').replace("True", "true").replace("False", "false")
+                        for k, v in fields.items())
+        out.append(f'[[jobs]]\nname = "{prefix}-{i}"\nmodel = "gbm"\nmode = "classify"\nseed = {i}\n{extra}')
+    return "\n".join(out)
+
+
+class FleetHarness:
+    """An in-process controller plus agents on one event loop, all against the real server."""
+
+    def __init__(self, settings: Settings, workdir: Path):
+        self.settings = settings
+        self.workdir = workdir
+        self.controller = Controller(settings, handle_signals=False)
+        self.agents: dict[str, Agent] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.ctl_task: asyncio.Task[None] | None = None
+
+    async def start_controller(self) -> Controller:
+        self.ctl_task = asyncio.create_task(self.controller.run())
+        await wait_for(lambda: self.controller.broker is not None and self.controller._service is not None)
+        return self.controller
+
+    def start_agent(self, host_id: str, capability: Capability | None = None, **opts: Any) -> Agent:
+        options = AgentOptions(host_id=host_id, handle_signals=False, workdir=str(self.workdir / host_id), **opts)
+        agent = Agent(self.settings, options, capability=capability or fake_capability(host_id))
+        self.agents[host_id] = agent
+        self.tasks[host_id] = asyncio.create_task(agent.run())
+        return agent
+
+    async def stop_agent(self, host_id: str) -> None:
+        self.agents[host_id].request_stop()
+        await asyncio.wait_for(self.tasks.pop(host_id), 30)
+
+    async def stop(self) -> None:
+        for host_id in list(self.tasks):
+            with contextlib.suppress(Exception):
+                await self.stop_agent(host_id)
+        if self.ctl_task is not None:
+            self.controller.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ctl_task, 15)
+
+
+@pytest.fixture
+async def fleet(settings: Settings, tmp_path: Path) -> AsyncIterator[FleetHarness]:
+    harness = FleetHarness(settings, tmp_path / "agents")
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+async def wait_for(predicate: Callable[[], Any] | Callable[[], Awaitable[Any]], timeout_s: float = 60.0,
+                   interval_s: float = 0.1, what: str = "condition") -> Any:
+    """Poll until ``predicate`` (sync or async) is truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+async def records(broker: Broker) -> dict[str, JobRecord]:
+    return {k: s.record for k, s in (await load_records(broker)).items()}
+
+
+async def wait_terminal(broker: Broker, job_ids: set[str] | list[str], timeout_s: float = 120.0) -> dict[str, JobRecord]:
+    wanted = set(job_ids)
+
+    async def done() -> dict[str, JobRecord] | None:
+        recs = await records(broker)
+        if wanted <= set(recs) and all(recs[j].status.terminal for j in wanted):
+            return recs
+        return None
+
+    return await wait_for(done, timeout_s, interval_s=0.25, what=f"{len(wanted)} jobs to finish")
