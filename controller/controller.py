@@ -142,7 +142,8 @@ class Controller:
         (only non-identity fields such as name, priority and host policy are refreshed)."""
         self.manifest = manifest
         report = SyncReport()
-        for spec in manifest.jobs:
+        # Tickets queue FIFO within a class: publish higher priority first.
+        for spec in sorted(manifest.jobs, key=lambda s: -s.priority):
             fresh = self._new_record(manifest, spec)
             try:
                 await self.b.jobs.create(spec.job_id, encode(fresh))

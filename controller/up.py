@@ -95,9 +95,12 @@ def start_fleet(manifest_path: str, settings: Settings, *, agents: int, data_dir
     asyncio.run(_provision(settings))
     env = _child_env(settings)
     cli = [sys.executable, "-m", "trainfleet.controller.cli"]
+    # Local agents share this machine's cores: each offers its share, so trainers don't oversubscribe.
+    cores_each = max(1.0, (os.cpu_count() or 1) / max(1, agents))
     fleet.controller = fleet.spawn("controller", [*cli, "controller", "--manifest", manifest_path], env)
     for i in range(1, agents + 1):
-        argv = [*cli, "agent", "--host-id", f"demo-{i}", "--workdir", str(data_dir / f"agent-{i}")]
+        argv = [*cli, "agent", "--host-id", f"demo-{i}", "--workdir", str(data_dir / f"agent-{i}"),
+                "--max-cores", f"{cores_each:g}"]
         fleet.agents.append(fleet.spawn(f"agent-{i}", argv, env))
     return fleet, settings
 

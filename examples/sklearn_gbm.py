@@ -81,8 +81,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = prepare_out_dir(args.out)
     seed_everything(args.seed)
     data = load_data(args.mode, args.seed)
-    log(f"{PROG}: mode={args.mode} n_train={len(data.x_train)} n_test={len(data.x_test)} "
-        f"max_iter={args.max_iter}")
+    log(
+        f"{PROG}: mode={args.mode} n_train={len(data.x_train)} n_test={len(data.x_test)} "
+        f"max_iter={args.max_iter}"
+    )
     if args.fail:
         raise TrainerError("requested failure (fail=true)")
     model = build_model(args)
@@ -98,8 +100,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     atomic_write_bytes(out_dir / "model.pkl", pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
     write_metrics(out_dir, metrics, HEADLINES[args.mode])
-    log(f"{PROG}: done {HEADLINES[args.mode]}={metrics[HEADLINES[args.mode]]:.4f} "
-        f"in {metrics['train_seconds']:.2f}s -> {out_dir}")
+    log(
+        f"{PROG}: done {HEADLINES[args.mode]}={metrics[HEADLINES[args.mode]]:.4f} "
+        f"in {metrics['train_seconds']:.2f}s -> {out_dir}"
+    )
     return metrics
 
 

@@ -82,8 +82,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = _setup_torch(args.seed)
     data = load_data(args.seed, device)
     model = build_model(args.mode, args.hidden, args.bottleneck).to(device)
-    log(f"{PROG}: mode={args.mode} device={device} n_train={len(data.x_train)} "
-        f"n_test={len(data.x_test)} params={sum(p.numel() for p in model.parameters())}")
+    log(
+        f"{PROG}: mode={args.mode} device={device} n_train={len(data.x_train)} "
+        f"n_test={len(data.x_test)} params={sum(p.numel() for p in model.parameters())}"
+    )
     started = time.perf_counter()
     final = fit(model, data, args)
     metrics = {
@@ -96,8 +98,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     _save_model(model, out_dir / "model.pt")
     write_metrics(out_dir, metrics, HEADLINES[args.mode])
-    log(f"{PROG}: done {HEADLINES[args.mode]}={metrics[HEADLINES[args.mode]]:.4f} "
-        f"in {metrics['train_seconds']:.2f}s -> {out_dir}")
+    log(
+        f"{PROG}: done {HEADLINES[args.mode]}={metrics[HEADLINES[args.mode]]:.4f} "
+        f"in {metrics['train_seconds']:.2f}s -> {out_dir}"
+    )
     return metrics
 
 
@@ -146,8 +150,12 @@ def build_model(mode: str, hidden: int, bottleneck: int) -> nn.Module:
     if mode == "classify":
         return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
     return nn.Sequential(
-        nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, bottleneck),
-        nn.Linear(bottleneck, hidden), nn.ReLU(), nn.Linear(hidden, 64),
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, bottleneck),
+        nn.Linear(bottleneck, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 64),
     )
 
 
@@ -167,13 +175,18 @@ def fit(model: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, flo
     return result
 
 
-def _train_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, data: Data,
-                 args: argparse.Namespace, shuffle: torch.Generator) -> float:
+def _train_epoch(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    data: Data,
+    args: argparse.Namespace,
+    shuffle: torch.Generator,
+) -> float:
     model.train()
     order = torch.randperm(len(data.x_train), generator=shuffle).to(data.x_train.device)
     total, seen = 0.0, 0
     for start in range(0, len(order), args.batch_size):
-        batch = order[start:start + args.batch_size]
+        batch = order[start : start + args.batch_size]
         loss = _loss(model, data.x_train[batch], data.y_train[batch], args.mode)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,8 +218,7 @@ def evaluate(model: nn.Module, data: Data, mode: str) -> dict[str, float]:
 def _progress_metrics(result: dict[str, float], mode: str) -> dict[str, float]:
     """``loss`` is the training loss in both modes, so the fleet can chart it uniformly."""
     if mode == "classify":
-        return {"loss": result["train_loss"], "accuracy": result["accuracy"],
-                "test_loss": result["loss"]}
+        return {"loss": result["train_loss"], "accuracy": result["accuracy"], "test_loss": result["loss"]}
     return {"loss": result["train_loss"], "test_mse": result["test_mse"]}
 
 

@@ -27,8 +27,9 @@ RUN_TIMEOUT_S = 120
 UNSTABLE_METRICS = {"train_seconds"}
 
 
-def run_trainer(module: str, *args: str, env: dict[str, str] | None = None,
-                pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+def run_trainer(
+    module: str, *args: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m module args`` with a clean, single-threaded trainer environment."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
     return subprocess.run(
@@ -46,8 +47,7 @@ def run_with_progress(module: str, *args: str) -> tuple[subprocess.CompletedProc
     """Run a trainer with a progress pipe, as the agent does; return the run and its reports."""
     read_fd, write_fd = os.pipe()
     try:
-        done = run_trainer(module, *args, env={progress.PROGRESS_FD_ENV: str(write_fd)},
-                           pass_fds=(write_fd,))
+        done = run_trainer(module, *args, env={progress.PROGRESS_FD_ENV: str(write_fd)}, pass_fds=(write_fd,))
         os.close(write_fd)
         write_fd = -1
         # The trainer has exited, so its few lines all sit in the pipe's buffer.
@@ -92,8 +92,7 @@ def test_torch_classify_learns_reports_each_epoch_and_repeats_with_the_same_seed
 
     # Given two runs with the same seed, one under a progress pipe, one with dashed flags
     common = ("--mode", "classify", "--seed", "3", "--epochs", "3", "--hidden", "32")
-    first, events = run_with_progress(TORCH_MLP, *common, "--batch_size", "32", "--out",
-                                      str(tmp_path / "a"))
+    first, events = run_with_progress(TORCH_MLP, *common, "--batch_size", "32", "--out", str(tmp_path / "a"))
     second = run_trainer(TORCH_MLP, *common, "--batch-size", "32", "--out", str(tmp_path / "b"))
 
     # Then both learn the digits and agree exactly
@@ -118,8 +117,19 @@ def test_torch_autoencode_reconstructs_better_than_predicting_the_mean(tmp_path)
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
 
-    done = run_trainer(TORCH_MLP, "--mode", "autoencode", "--seed", "1", "--epochs", "3",
-                       "--bottleneck", "8", "--out", str(tmp_path))
+    done = run_trainer(
+        TORCH_MLP,
+        "--mode",
+        "autoencode",
+        "--seed",
+        "1",
+        "--epochs",
+        "3",
+        "--bottleneck",
+        "8",
+        "--out",
+        str(tmp_path),
+    )
 
     assert_succeeded(done)
     metrics = read_metrics(tmp_path)
@@ -180,9 +190,9 @@ def test_gbm_regress_learns_and_writes_to_the_env_output_dir(tmp_path):
     from sklearn.datasets import load_diabetes
 
     # Given no --out: the agent's TRAINFLEET_OUTPUT_DIR is where the files go
-    done = run_trainer(SKLEARN_GBM, "--mode", "regress", "--seed", "2", "--max_iter", "20",
-                       "--learning_rate", "0.1", "--max_depth", "3", "--fail", "false",
-                       env={"TRAINFLEET_OUTPUT_DIR": str(tmp_path / "out"), "TRAINFLEET_JOB_ID": "j1"})
+    args = "--mode regress --seed 2 --max_iter 20 --learning_rate 0.1 --max_depth 3 --fail false"
+    env = {"TRAINFLEET_OUTPUT_DIR": str(tmp_path / "out"), "TRAINFLEET_JOB_ID": "j1"}
+    done = run_trainer(SKLEARN_GBM, *args.split(), env=env)
 
     assert_succeeded(done)
     metrics = read_metrics(tmp_path / "out")
@@ -292,8 +302,7 @@ def test_report_without_a_usable_fd_does_nothing(fresh_progress, monkeypatch, va
 def test_report_writes_one_json_line_with_plain_numbers(progress_pipe):
     read_fd, _ = progress_pipe
 
-    progress.report(step=np.int64(2), total=5, loss=np.float32(0.25), acc=0.9, tag="x",
-                    bad=float("nan"))
+    progress.report(step=np.int64(2), total=5, loss=np.float32(0.25), acc=0.9, tag="x", bad=float("nan"))
     progress.report(step=3, total=5)
 
     events = progress.read_progress_lines(os.read(read_fd, 65536))
@@ -311,11 +320,13 @@ def test_report_after_the_reader_is_gone_is_silent(progress_pipe):
 
 
 def test_read_progress_lines_skips_malformed_lines():
-    data = (b'{"step": 1, "total": 4, "metrics": {"loss": 1.5}, "at": 10.0}\n'
-            b"not json\n[1, 2]\n\xff\xfe\n"
-            b'{"step": "two"}\n'
-            b'{"step": 3.0, "metrics": "oops"}\n'
-            b'{"step": 4, "total": 4, "metrics": {}, "at": 1')
+    data = (
+        b'{"step": 1, "total": 4, "metrics": {"loss": 1.5}, "at": 10.0}\n'
+        b"not json\n[1, 2]\n\xff\xfe\n"
+        b'{"step": "two"}\n'
+        b'{"step": 3.0, "metrics": "oops"}\n'
+        b'{"step": 4, "total": 4, "metrics": {}, "at": 1'
+    )
 
     events = progress.read_progress_lines(data)
 
