@@ -177,7 +177,7 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         self.broker = await Broker.connect(self.settings, name=f"trainfleet-agent-{self.host_id}",
-                                           provision=True)
+                                           provision=True, wait_s=self.settings.connect_wait_s)
         log.info("agent %s serving %s", self.host_id, ", ".join(self.classes()))
         registry = asyncio.create_task(self._registry_loop())
         try:
@@ -349,7 +349,6 @@ class Agent:
         """CAS the record to claimed. Returns the run, True when the ticket was answered
         (declined, or the job failed for too many attempts), False when another write won."""
         assert self.broker is not None and self.capability is not None
-        kv = self.broker.jobs
         reasons = ineligibility(record.spec, self._claim_time_capability(record), record=record)
         if reasons:
             await self._decline(msg, record, revision, reasons)

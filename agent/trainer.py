@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from trainfleet.agent.progress import read_progress_lines
 from trainfleet.broker.schema import JobSpec
 
 OutputCallback = Callable[[str, bytes], Awaitable[None]]
@@ -102,12 +102,10 @@ class TrainerProcess:
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0))
         try:
             while line := await reader.readline():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue  # a trainer's garbage must not break supervision
-                if isinstance(event, dict) and self.on_progress:
-                    await self.on_progress(event)
+                # Malformed lines are skipped: a trainer's garbage must not break supervision.
+                for event in read_progress_lines(line):
+                    if self.on_progress:
+                        await self.on_progress(event)
         finally:
             transport.close()
 
@@ -133,7 +131,7 @@ class TrainerProcess:
         self._signal_group(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.proc.wait(), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._signal_group(signal.SIGKILL)
             return await self.proc.wait()
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -31,9 +33,33 @@ JOBS_KV_HISTORY = 10
 DUPLICATE_WINDOW_S = 120.0
 
 
+async def _reachable(servers: list[str], timeout_s: float) -> bool:
+    for url in servers:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), timeout_s)
+        except (TimeoutError, OSError):
+            continue
+        writer.close()
+        return True
+    return False
+
+
+async def wait_reachable(servers: list[str], wait_s: float) -> None:
+    """Fail fast (or after ``wait_s``) when no server answers: nats-py would retry forever."""
+    deadline = time.monotonic() + wait_s
+    while not await _reachable(servers, 2.0):
+        if time.monotonic() >= deadline:
+            raise BrokerError(f"cannot connect to NATS at {','.join(servers)}: no server is listening"
+                              + (f" (waited {wait_s:g}s)" if wait_s else ""))
+        await asyncio.sleep(1.0)
+
+
 async def connect_nats(settings: Settings, *, name: str = "trainfleet", connect_timeout_s: float = 5.0,
-                       **options: Any) -> Client:
-    """Open a NATS connection that keeps reconnecting forever (servers restart, links drop)."""
+                       wait_s: float = 0.0, **options: Any) -> Client:
+    """Open a NATS connection that keeps reconnecting forever once up (servers restart, links
+    drop). Long-running processes pass ``wait_s`` to wait for a server that is still starting."""
     async def on_error(exc: Exception) -> None:
         log.debug("nats error: %s", exc)
 
@@ -43,8 +69,10 @@ async def connect_nats(settings: Settings, *, name: str = "trainfleet", connect_
     async def on_reconnect() -> None:
         log.info("reconnected to NATS")
 
+    servers = [u.strip() for u in settings.url.split(",") if u.strip()]
+    await wait_reachable(servers, wait_s)
     opts: dict[str, Any] = dict(
-        servers=[u.strip() for u in settings.url.split(",")],
+        servers=servers,
         name=name,
         connect_timeout=connect_timeout_s,
         allow_reconnect=True,
@@ -59,7 +87,7 @@ async def connect_nats(settings: Settings, *, name: str = "trainfleet", connect_
     opts.update(options)
     try:
         return await nats.connect(**opts)
-    except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
         raise BrokerError(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
 
 
@@ -125,8 +153,8 @@ class Broker:
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str = "trainfleet", provision: bool = False,
-                      **options: Any) -> Broker:
-        nc = await connect_nats(settings, name=name, **options)
+                      wait_s: float = 0.0, **options: Any) -> Broker:
+        nc = await connect_nats(settings, name=name, wait_s=wait_s, **options)
         try:
             js = nc.jetstream(timeout=10.0)
             if provision:
@@ -158,7 +186,7 @@ class Broker:
         if not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=2)
-            except (nats.errors.Error, asyncio.TimeoutError, OSError):
+            except (TimeoutError, nats.errors.Error, OSError):
                 pass
             await self.nc.close()
 

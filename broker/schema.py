@@ -19,7 +19,7 @@ from trainfleet.broker.errors import SchemaError
 SCHEMA_VERSION = 1
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     PENDING = "pending"
     CLAIMED = "claimed"
     RUNNING = "running"

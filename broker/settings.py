@@ -37,6 +37,8 @@ class Settings:
     # Agent fetch: short pull requests with idle heartbeats so a dead pull never stalls.
     fetch_timeout_s: float = 1.0
     drain_timeout_s: float = 10.0
+    # Long-running processes wait this long for a server that is still starting.
+    connect_wait_s: float = 60.0
     term_grace_s: float = 5.0
     replicas: int = 1
     logs_max_bytes: int = 256 * 1024 * 1024

@@ -85,7 +85,8 @@ class Controller:
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
-        self.broker = await Broker.connect(self.settings, name="trainfleet-controller", provision=True)
+        self.broker = await Broker.connect(self.settings, name="trainfleet-controller", provision=True,
+                                           wait_s=self.settings.connect_wait_s)
         if self.manifest_path:
             await self.sync(load_manifest(self.manifest_path))
         self._advisory_sub = await self.broker.nc.subscribe(
@@ -105,7 +106,7 @@ class Controller:
             while not self._stopping.is_set():
                 try:
                     await self.reconcile()
-                except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     log.warning("reconcile failed (will retry): %r", exc)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.settings.reconcile_s)
@@ -244,7 +245,7 @@ class Controller:
             return
         try:
             await self.exhausted_ticket(seq, deliveries)
-        except (TrainfleetError, nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, TrainfleetError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("handling max-deliveries of ticket %d failed: %r", seq, exc)
 
     async def exhausted_ticket(self, seq: int, deliveries: int) -> str:

@@ -158,7 +158,8 @@ async def records(broker: Broker) -> dict[str, JobRecord]:
     return {k: s.record for k, s in (await load_records(broker)).items()}
 
 
-async def wait_terminal(broker: Broker, job_ids: set[str] | list[str], timeout_s: float = 120.0) -> dict[str, JobRecord]:
+async def wait_terminal(broker: Broker, job_ids: set[str] | list[str],
+                        timeout_s: float = 120.0) -> dict[str, JobRecord]:
     wanted = set(job_ids)
 
     async def done() -> dict[str, JobRecord] | None:
