@@ -61,6 +61,9 @@ TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.e
              nats.errors.ConnectionReconnectingError, asyncio.TimeoutError, OSError)
 
 
+PROGRESS_EVENT_INTERVAL_S = 0.2
+
+
 class Verdict(enum.Enum):
     CLAIM = "claim"
     DROP = "drop"
@@ -91,6 +94,7 @@ class JobRun:
     trainer: TrainerProcess | None = None
     exit_code: int | None = None
     log_bytes: int = 0
+    last_event: float = 0.0
 
     @property
     def job_id(self) -> str:
@@ -280,6 +284,7 @@ class Agent:
             await self._run(job)
             outcome = await self._finish(job)
             self.counters[outcome.value] += 1
+            await self._event(job, "finished", outcome.value)
             log.info("job %s (%s) %s on %s", job.job_id[:12], job.record.spec.name, outcome.value, self.host_id)
         except Exception:
             log.exception("serving a ticket from %s failed; handing it back", klass)
@@ -431,7 +436,9 @@ class Agent:
             job.exit_code = 127
             trainer.stderr_tail.append(f"cannot start trainer {build_argv(job.record.spec, Path('OUT'))}: {exc}")
             return
+        await self._event(job, "started")
         heartbeat = asyncio.create_task(self._heartbeat_loop(job))
+        watch = asyncio.create_task(self._watch_record(job))
         waiter = asyncio.create_task(trainer.wait())
         lost = asyncio.create_task(job.lease_lost.wait())
         back = asyncio.create_task(job.hand_back.wait())
@@ -441,33 +448,69 @@ class Agent:
                 await trainer.stop(self.settings.term_grace_s)
             job.exit_code = await waiter
         finally:
-            for task in (heartbeat, lost, back, waiter):
+            for task in (heartbeat, watch, lost, back, waiter):
                 task.cancel()
+
+    async def _watch_record(self, job: JobRun) -> None:
+        """Cancel, requeue and takeover are seen at once through a KV watch, not only at the next
+        heartbeat (the heartbeat CAS stays the authority when the watch is down)."""
+        assert self.broker is not None
+        watcher = None
+        try:
+            watcher = await self.broker.jobs.watch(job.job_id)
+            async for entry in watcher:
+                if entry is None or entry.value is None or (entry.revision or 0) <= job.revision:
+                    continue
+                with contextlib.suppress(SchemaError):
+                    if not self._still_ours(job, decode(entry.value, JobRecord)):
+                        log.warning("job %s: record changed under us; lease lost", job.job_id[:12])
+                        job.lease_lost.set()
+                        return
+        except (nats.js.errors.Error, *TRANSIENT) as exc:
+            log.debug("job %s: record watch ended: %r", job.job_id[:12], exc)
+        finally:
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
 
     def _still_ours(self, job: JobRun, record: JobRecord) -> bool:
         mine = job.record
         return (record.status.held and record.claimed_by == self.host_id and record.attempt == mine.attempt
                 and record.generation == mine.generation)
 
-    async def _write_held(self, job: JobRun, record: JobRecord) -> bool:
+    async def _write_held(self, job: JobRun, record: JobRecord, patience_s: float | None = None) -> bool:
         """CAS a record we hold. A conflicting write that leaves it ours (a reload editing the
-        name, say) is retried; one that doesn't (cancel, requeue, takeover) loses the lease."""
+        name, say) is retried; one that doesn't (cancel, requeue, takeover) loses the lease.
+        Transient errors (a leader election, a reconnect) are retried for ``patience_s``."""
         assert self.broker is not None
-        for _ in range(5):
-            revision = await self._cas(job.job_id, record, job.revision)
+        deadline = time.monotonic() + (self.settings.lease_s if patience_s is None else patience_s)
+        while True:
+            try:
+                revision = await self._cas(job.job_id, record, job.revision)
+                if revision is None:
+                    entry = await self.broker.jobs.get(job.job_id)
+            except nats.js.errors.KeyNotFoundError:
+                job.lease_lost.set()
+                return False
+            except (nats.js.errors.Error, *TRANSIENT):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
+                continue
             if revision is not None:
                 job.revision, job.record = revision, record
                 job.last_renewal = time.monotonic()
                 return True
-            entry = await self.broker.jobs.get(job.job_id)
             current: JobRecord = decode(entry.value, JobRecord)
+            if current == record:  # our write landed; only its ack was lost
+                job.revision, job.record = entry.revision or 0, record
+                job.last_renewal = time.monotonic()
+                return True
             if not self._still_ours(job, current):
                 job.lease_lost.set()
                 return False
             job.revision = entry.revision or 0
             record = msgspec.structs.replace(record, spec=current.spec, excluded_hosts=current.excluded_hosts)
-        job.lease_lost.set()
-        return False
 
     async def _heartbeat_loop(self, job: JobRun) -> None:
         while not job.lease_lost.is_set():
@@ -475,7 +518,7 @@ class Agent:
             await self._safe(job.msg.in_progress())
             try:
                 beat = job.record.evolve(heartbeat_at=time.time(), progress=dict(job.progress))
-                if not await self._write_held(job, beat):
+                if not await self._write_held(job, beat, patience_s=self.settings.heartbeat_s):
                     log.warning("job %s: lease lost; stopping trainer", job.job_id[:12])
                     return
             except (SchemaError, nats.js.errors.Error, *TRANSIENT) as exc:
@@ -498,12 +541,26 @@ class Agent:
                                                   "Trainfleet-Attempt": str(job.record.attempt)})
 
     async def _on_progress(self, job: JobRun, event: dict[str, Any]) -> None:
-        assert self.broker is not None
         job.progress = {k: event.get(k) for k in ("step", "total", "metrics") if k in event}
-        progress = ProgressEvent(job_id=job.job_id, step=event.get("step"), total=event.get("total"),
-                                 metrics=event.get("metrics") or {}, at=event.get("at") or time.time())
+        # A trainer may report every step; relay at most a few per second, and always the last.
+        now = time.monotonic()
+        last = event.get("step") is not None and event.get("step") == event.get("total")
+        if not last and now - job.last_event < PROGRESS_EVENT_INTERVAL_S:
+            return
+        job.last_event = now
+        await self._publish_event(job, ProgressEvent(
+            job_id=job.job_id, step=event.get("step"), total=event.get("total"),
+            metrics=event.get("metrics") or {}, at=event.get("at") or time.time(), attempt=job.record.attempt))
+
+    async def _event(self, job: JobRun, kind: str, outcome: str | None = None) -> None:
+        await self._publish_event(job, ProgressEvent(job_id=job.job_id, kind=kind, at=time.time(),
+                                                     host=self.host_id, attempt=job.record.attempt,
+                                                     outcome=outcome))
+
+    async def _publish_event(self, job: JobRun, event: ProgressEvent) -> None:
+        assert self.broker is not None
         with contextlib.suppress(*TRANSIENT, nats.errors.Error):
-            await self.broker.nc.publish(self.names.events_subject(job.job_id), encode(progress))
+            await self.broker.nc.publish(self.names.events_subject(job.job_id), encode(event))
 
     # -- finish ------------------------------------------------------------
     async def _finish(self, job: JobRun) -> Outcome:

@@ -27,6 +27,17 @@ ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
 STDERR_TAIL_LINES = 30
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: if the agent is SIGKILLed, its trainer dies too (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def hyper_arg(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -75,7 +86,8 @@ class TrainerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *build_argv(self.spec, self.output_dir), env=env, pass_fds=(write_fd,),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, cwd=str(self.output_dir))
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, cwd=str(self.output_dir),
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         except OSError:
             os.close(read_fd)
             raise

@@ -190,14 +190,19 @@ class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: int = SCHEMA_VERSION
 
 
-class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """A trainer's progress report, relayed on the events subject."""
+class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An event on ``<prefix>.events.<job_id>``: a trainer's progress report (kind
+    ``progress``) or the agent's lifecycle marks (``started``, ``finished``)."""
 
     job_id: str
+    kind: str = "progress"
     step: int | None = None
     total: int | None = None
     metrics: dict[str, Any] = {}
     at: float = 0.0
+    host: str | None = None
+    attempt: int | None = None
+    outcome: str | None = None
 
 
 _encoder = msgspec.json.Encoder()

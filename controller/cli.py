@@ -1,18 +1,25 @@
 """The ``trainfleet`` command: one thin, scriptable front for every verb.
 
-Exit codes: 0 ok · 1 jobs failed / operation failed · 2 bad usage or invalid
-manifest · 3 NATS unreachable or not provisioned · 4 job not found or
-ambiguous · 5 artifact missing, corrupt or unsafe. Every listing has --json.
+Writes (sync, reload, cancel, requeue) are requests to the ``trainfleet`` micro
+service, so they go through a controller exactly like ``nats req
+trainfleet.ctl.<verb>`` does. Reads (status, jobs, show, workers, logs,
+artifacts) go straight to the KV buckets, the logs stream and the object store
+(controller/ops.py), so they work while no controller runs.
+
+Exit codes: 0 ok · 1 jobs failed / operation refused · 2 bad usage or invalid
+manifest · 3 NATS unreachable, not provisioned, or no controller answering ·
+4 job not found or ambiguous · 5 artifact missing, corrupt or unsafe. Every
+listing has --json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,11 +27,18 @@ from typing import Any
 import msgspec
 
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import ManifestError, TrainfleetError
-from trainfleet.broker.schema import JobRecord
+from trainfleet.broker.errors import ArtifactError, JobNotFound, ManifestError, TrainfleetError
+from trainfleet.broker.schema import JobRecord, JobStatus
 from trainfleet.broker.settings import Settings
+from trainfleet.controller import ops, view
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# Named exit codes (docs/operations.md lists them with what an operator does about each).
+EXIT_OK = 0  # done
+EXIT_FAILED = 1  # jobs failed (`up`), or the controller refused the operation (cancel of a finished job, …)
+EXIT_USAGE = 2  # bad arguments or an invalid manifest
+EXIT_NATS = 3  # NATS unreachable, resources not provisioned, or no controller answering (BrokerError)
+EXIT_NO_JOB = 4  # no job matches, or an id prefix matches several (JobNotFound, AmbiguousJob)
+EXIT_ARTIFACT = 5  # artifact missing, corrupt or unsafe to extract (ArtifactError)
 
 
 def _print_json(value: Any) -> None:
@@ -41,6 +55,10 @@ async def _with_broker(args: argparse.Namespace, fn: Callable[[Broker], Awaitabl
         return await fn(broker)
     finally:
         await broker.close()
+
+
+def _run(args: argparse.Namespace, fn: Callable[[Broker], Awaitable[int]]) -> int:
+    return asyncio.run(_with_broker(args, fn))
 
 
 # -- verbs -------------------------------------------------------------------
@@ -109,18 +127,16 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace, verb: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to the control service; its result, or the controller's error raised."""
     from trainfleet.controller.service import request
-
-    async def run(broker: Broker) -> Any:
-        return await request(broker.nc, broker.names, verb, body)
 
     holder: dict[str, Any] = {}
 
     async def call(broker: Broker) -> int:
-        holder["result"] = await run(broker)
+        holder["result"] = await request(broker.nc, broker.names, verb, body)
         return EXIT_OK
 
-    asyncio.run(_with_broker(args, call))
+    _run(args, call)
     return holder["result"]
 
 
@@ -150,129 +166,258 @@ def _print_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     rec = _control(args, "cancel", {"job": args.job})
-    print(f"cancelled {rec['spec']['name']} ({rec['job_id'][:12]})")
+    if args.json:
+        _print_json(rec)
+    else:
+        print(f"cancelled {rec['spec']['name']} ({rec['job_id'][:12]})")
     return EXIT_OK
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     rec = _control(args, "requeue", {"job": args.job})
-    print(f"requeued {rec['spec']['name']} ({rec['job_id'][:12]}) as generation {rec['generation']}")
+    if args.json:
+        _print_json(rec)
+    else:
+        print(f"requeued {rec['spec']['name']} ({rec['job_id'][:12]}) as generation {rec['generation']}")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     async def run(broker: Broker) -> int:
-        from trainfleet.controller.store import load_records, load_workers
-
-        records = await load_records(broker)
-        workers = await load_workers(broker)
-        counts: dict[str, int] = {}
-        for s in records.values():
-            counts[s.record.status.value] = counts.get(s.record.status.value, 0) + 1
-        stale_after = broker.settings.heartbeat_s * 3
-        alive = [w.host_id for w in workers if time.time() - w.last_seen <= stale_after]
-        out = {"jobs": counts, "total": len(records), "workers": {"alive": len(alive),
-                                                                  "stale": len(workers) - len(alive)}}
+        out = await ops.fleet_status(broker)
         if args.json:
             _print_json(out)
-        else:
-            print(f"jobs: {len(records)}  " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-            print(f"workers: {len(alive)} alive, {len(workers) - len(alive)} stale")
+            return EXIT_OK
+        counts = "  ".join(f"{state}={n}" for state, n in out["jobs"].items() if n)
+        print(f"jobs: {out['total']}" + (f"  {counts}" if counts else ""))
+        hosts = out["hosts"]
+        alive = f" ({', '.join(hosts['alive'])})" if hosts["alive"] else ""
+        stale = f" ({', '.join(hosts['stale'])})" if hosts["stale"] else ""
+        print(f"workers: {len(hosts['alive'])} alive{alive}, {len(hosts['stale'])} stale{stale}")
         return EXIT_OK
 
-    return asyncio.run(_with_broker(args, run))
+    return _run(args, run)
 
 
-def _job_row(rec: JobRecord) -> dict[str, Any]:
-    headline = rec.metrics.get("headline") if rec.metrics else None
-    duration = (rec.finished_at - rec.started_at) if rec.finished_at and rec.started_at else None
-    return {"job_id": rec.job_id, "name": rec.spec.name, "model": rec.spec.model, "mode": rec.spec.mode,
-            "state": rec.status.value, "host": rec.claimed_by, "attempts": rec.attempt,
-            "priority": rec.spec.priority, "duration_s": duration, "artifact": rec.artifact,
-            "metric": {headline: rec.metrics.get(headline)} if headline else None,
-            "reason": rec.reason, "last_error": rec.last_error}
+def _row_progress(row: dict[str, Any]) -> str:
+    progress = row.get("progress") or {}
+    step, total = progress.get("step"), progress.get("total")
+    if row["state"] in ("claimed", "running") and isinstance(step, int) and isinstance(total, int) and total > 0:
+        return f"{view.bar(min(step, total), total, 8)} {step}/{total}"
+    return ""
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     async def run(broker: Broker) -> int:
-        from trainfleet.controller.store import load_records
-
-        rows = [_job_row(s.record) for s in (await load_records(broker)).values()]
-        rows = [r for r in rows if (not args.state or r["state"] == args.state)
-                and (not args.model or r["model"] == args.model) and (not args.host or r["host"] == args.host)]
-        rows.sort(key=lambda r: (-r["priority"], r["name"]))
+        rows = await ops.list_jobs(broker, state=args.state, model=args.model, host=args.host)
         if args.json:
             _print_json(rows)
             return EXIT_OK
-        print(f"{'ID':<12}  {'NAME':<28} {'STATE':<10} {'HOST':<12} {'TRY':>3}  {'PRIO':>4}  METRIC")
+        print(f"{'ID':<12}  {'NAME':<28} {'STATE':<10} {'HOST':<12} {'TRY':>3} {'PRIO':>4}  {'PROGRESS':<16} METRIC")
         for r in rows:
-            metric = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in (r["metric"] or {}).items())
+            metric = view.fmt_metrics(r["metric"] or (r["progress"] or {}).get("metrics") or {}, 2)
             print(f"{r['job_id'][:12]}  {r['name']:<28} {r['state']:<10} {r['host'] or '-':<12} "
-                  f"{r['attempts']:>3}  {r['priority']:>4}  {metric}")
+                  f"{r['attempts']:>3} {r['priority']:>4}  {_row_progress(r):<16} {metric}".rstrip())
+        if not rows:
+            print("(no jobs" + (" match" if args.state or args.model or args.host else "") + ")", file=sys.stderr)
         return EXIT_OK
 
-    return asyncio.run(_with_broker(args, run))
+    return _run(args, run)
+
+
+def _print_history(data: dict[str, Any]) -> None:
+    note = "; older revisions already dropped" if data["history_truncated"] else ""
+    print(f"history (revisions the jobs KV keeps, heartbeats collapsed{note}):")
+    for t in data["history"]:
+        print(f"  rev {t['revision']:<6} {view.fmt_time(t['at'])}  {t['status']:<10} {t['host'] or '-':<12} "
+              f"attempt {t['attempt']}  gen {t['generation']}" + (f"  {t['reason']}" if t["reason"] else ""))
+
+
+def _print_provenance(prov: dict[str, Any]) -> None:
+    host = prov.get("host") or {}
+    timings = prov.get("timings") or {}
+    gpus = ", ".join(g.get("name", "?") for g in host.get("gpus") or []) or "none"
+    print("provenance (from the bundle):")
+    print(f"  {'host':<11} {host.get('host_id', '-')}  {host.get('platform', '')}  "
+          f"{host.get('cores_usable', '?')} cores  {host.get('ram_total_gib', '?')} GiB  GPU: {gpus}")
+    print(f"  {'code':<11} {prov.get('code_commit') or '-'}")
+    versions = prov.get("versions") or {}
+    print(f"  {'versions':<11} " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"  {'attempt':<11} {prov.get('attempt', '-')} (generation {prov.get('generation', '-')})")
+    dur = timings.get("duration_s")
+    print(f"  {'timings':<11} started {view.fmt_time(timings.get('started_at'))}, finished "
+          f"{view.fmt_time(timings.get('finished_at'))}" + (f" ({view.fmt_duration(dur)})" if dur else ""))
+    if prov.get("argv"):
+        print(f"  {'argv':<11} {' '.join(map(str, prov['argv']))}")
+
+
+def _print_detail(data: dict[str, Any], rec: JobRecord) -> None:
+    spec = rec.spec
+    print(f"{spec.name}  ({rec.job_id})")
+    host = f" on {rec.claimed_by}" if rec.claimed_by else ""
+    print(f"  {'state':<11} {rec.status.value}{host}  (attempt {rec.attempt} of {rec.max_attempts}, "
+          f"generation {rec.generation}, revision {data['revision']})")
+    print(f"  {'model':<11} {spec.model}/{spec.mode}  seed={spec.seed}  priority={spec.priority}  class={rec.klass}")
+    print(f"  {'hyper':<11} {json.dumps(spec.hyper, sort_keys=True)}")
+    constraints = msgspec.to_builtins(spec.constraints)
+    if constraints or spec.requires:
+        print(f"  {'needs':<11} {json.dumps(constraints, sort_keys=True)}"
+              + (f"  requires={','.join(spec.requires)}" if spec.requires else ""))
+    if progress := view.progress_text(rec):
+        print(f"  {'progress':<11} {progress}  {view.fmt_metrics((rec.progress or {}).get('metrics') or {})}")
+    if rec.metrics:
+        print(f"  {'metrics':<11} {json.dumps(rec.metrics, sort_keys=True)}")
+    if rec.artifact:
+        print(f"  {'artifact':<11} {rec.artifact}  ({view.fmt_bytes(rec.artifact_bytes)})")
+    print(f"  {'times':<11} created {view.fmt_time(rec.created_at)}, started {view.fmt_time(rec.started_at)}, "
+          f"finished {view.fmt_time(rec.finished_at)}"
+          + (f" ({view.fmt_duration(view.duration(rec))})" if rec.started_at else ""))
+    for host_id, why in sorted(rec.excluded_hosts.items()):
+        print(f"  {'excluded':<11} {host_id}: {why}")
+    if rec.reason:
+        print(f"  {'reason':<11} {rec.reason}")
+    if rec.last_error:
+        print("  last error:")
+        for line in rec.last_error.splitlines():
+            print(f"    {line}")
+    _print_history(data)
+    if data["provenance"]:
+        _print_provenance(data["provenance"])
+    elif data["provenance_error"]:
+        print(f"provenance: unavailable ({data['provenance_error']})")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     async def run(broker: Broker) -> int:
-        from trainfleet.controller.store import load_records, resolve_job
-
-        stored = resolve_job(await load_records(broker), args.job)
-        data = msgspec.to_builtins(stored.record)
-        data["revision"] = stored.revision
+        data = await ops.job_detail(broker, args.job, provenance=not args.no_provenance)
         if args.json:
             _print_json(data)
         else:
-            rec = stored.record
-            print(f"{rec.spec.name}  ({rec.job_id})")
-            for key in ("status", "generation", "attempt", "claimed_by", "artifact", "reason", "last_error"):
-                value = data[key]
-                print(f"  {key:<11} {value if value is not None else '-'}")
-            print(f"  {'model':<11} {rec.spec.model}/{rec.spec.mode} seed={rec.spec.seed} hyper={rec.spec.hyper}")
-            if rec.metrics:
-                print(f"  {'metrics':<11} {json.dumps(rec.metrics)}")
+            _print_detail(data, msgspec.convert(_record_fields(data), JobRecord))
         return EXIT_OK
 
-    return asyncio.run(_with_broker(args, run))
+    return _run(args, run)
+
+
+def _record_fields(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k in JobRecord.__struct_fields__}
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
     async def run(broker: Broker) -> int:
-        from trainfleet.controller.store import load_workers
-
-        workers = await load_workers(broker)
+        workers = await ops.list_workers(broker)
         if args.json:
-            _print_json([msgspec.to_builtins(w) for w in workers])
+            _print_json(workers)
             return EXIT_OK
-        print(f"{'HOST':<16} {'STATE':<6} {'CORES':>5} {'RAM GiB':>8} {'GPUS':>4} {'SEEN':>6}  CLASSES")
+        print(f"{'HOST':<16} {'STATE':<6} {'CORES':>5} {'RAM GiB':>8} {'GPUS':>4} {'SEEN':>6}  {'JOBS':<14} CLASSES")
         for w in workers:
-            cap = w.capability
-            print(f"{w.host_id:<16} {w.state:<6} {cap.cores_usable:>5g} {cap.ram_available_gib:>8.1f} "
-                  f"{len(cap.gpus):>4} {time.time() - w.last_seen:>5.0f}s  {','.join(w.classes)}")
+            cap = w["capability"]
+            seen = f"{w['age_s']:>5.0f}s" + ("" if w["alive"] else " stale")
+            jobs = ",".join(j[:12] for j in w["current_jobs"]) or "-"
+            print(f"{w['host_id']:<16} {w['state']:<6} {cap['cores_usable']:>5g} {cap['ram_available_gib']:>8.1f} "
+                  f"{len(cap['gpus']):>4} {seen:>6}  {jobs:<14} {','.join(w['classes'])}")
+        if not workers:
+            print("(no workers registered)", file=sys.stderr)
         return EXIT_OK
 
-    return asyncio.run(_with_broker(args, run))
+    return _run(args, run)
+
+
+def _format_event(entry: ops.LogEntry) -> str:
+    event = entry.event or {}
+    if entry.kind == "progress":
+        step, total = event.get("step"), event.get("total")
+        where = ""
+        if isinstance(step, int) and isinstance(total, int) and total > 0:
+            where = f"{view.bar(min(step, total), total)} {step}/{total} "
+        elif step is not None:
+            where = f"step {step} "
+        return f"[progress] {where}{view.fmt_metrics(event.get('metrics') or {})}".rstrip()
+    host = f" on {event['host']}" if event.get("host") else ""
+    outcome = f": {event['outcome']}" if event.get("outcome") else ""
+    return f"[{entry.kind}] attempt {entry.attempt if entry.attempt is not None else '?'}{host}{outcome}"
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    async def run(broker: Broker) -> int:
+        job_id = (await ops.resolve(broker, args.job)).record.job_id
+        shown: int | None = None
+        reader = ops.read_logs(broker, job_id, follow=args.follow, events=args.events, attempt=args.attempt)
+        async with contextlib.aclosing(reader) as entries:
+            async for entry in entries:
+                if args.json:
+                    print(json.dumps(entry.to_json(), default=str), flush=True)
+                    continue
+                if entry.kind == "log" and shown is not None and entry.attempt != shown:
+                    print(f"--- attempt {entry.attempt} ---", flush=True)
+                if entry.kind == "log":
+                    shown = entry.attempt
+                    print(entry.line, file=sys.stderr if entry.stream == "stderr" else sys.stdout, flush=True)
+                else:
+                    print(_format_event(entry), flush=True)
+        return EXIT_OK
+
+    return _run(args, run)
+
+
+def cmd_artifacts_list(args: argparse.Namespace) -> int:
+    async def run(broker: Broker) -> int:
+        rows = await ops.list_artifacts(broker)
+        if args.json:
+            _print_json(rows)
+            return EXIT_OK
+        print(f"{'ARTIFACT':<16} {'SIZE':>10}  {'JOB':<28} {'HOST':<12} STATE")
+        for r in rows:
+            job = r["name"] or "(orphan: no record points at it)"
+            state = r["state"] or "-"
+            if not r["stored"]:
+                state += "  MISSING from the object store"
+            print(f"{r['artifact'][:16]} {view.fmt_bytes(r['bytes']):>10}  {job:<28} {r['host'] or '-':<12} {state}")
+        if not rows:
+            print("(no artifacts)", file=sys.stderr)
+        return EXIT_OK
+
+    return _run(args, run)
+
+
+async def _artifact_target(broker: Broker, ref: str) -> tuple[str, str]:
+    """(artifact id, directory name) for a job reference, or for a stored artifact's full id
+    (so orphans can be fetched too)."""
+    try:
+        rec = (await ops.resolve(broker, ref)).record
+    except JobNotFound:
+        if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
+            return ref, ref[:12]
+        raise
+    if not rec.artifact:
+        raise ArtifactError(f"job {rec.spec.name} has no artifact (it is {rec.status.value})")
+    return rec.artifact, rec.spec.name
 
 
 def cmd_artifacts_get(args: argparse.Namespace) -> int:
     async def run(broker: Broker) -> int:
         from trainfleet.agent import artifacts
-        from trainfleet.controller.store import load_records, resolve_job
 
-        rec = resolve_job(await load_records(broker), args.job).record
-        if not rec.artifact:
-            raise TrainfleetError(f"job {rec.spec.name} has no artifact (it is {rec.status.value})")
+        artifact, name = await _artifact_target(broker, args.job)
         out = Path(args.out)
-        bundle = await artifacts.download(broker, rec.artifact, out / f"{rec.artifact}.tar.zst")
+        bundle = await artifacts.download(broker, artifact, out / f"{artifact}.tar.zst")
+        target = artifacts.extract(bundle, out / name) if args.extract else None
+        if args.json:
+            _print_json({"artifact": artifact, "path": str(bundle), "bytes": bundle.stat().st_size,
+                         "verified": True, "extracted": str(target) if target else None})
+            return EXIT_OK
         print(f"downloaded {bundle} ({bundle.stat().st_size} bytes, sha256 verified)")
-        if args.extract:
-            target = artifacts.extract(bundle, out / rec.spec.name)
+        if target:
             print(f"extracted into {target}")
         return EXIT_OK
 
-    return asyncio.run(_with_broker(args, run))
+    return _run(args, run)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from trainfleet.tui.app import run_monitor
+
+    return run_monitor(settings_from(args))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -290,20 +435,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
 
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+JOB_HELP = "job name, full id, or unique id prefix (4+ characters)"
+EPILOG = ("exit codes: 0 ok, 1 failed (jobs or the operation), 2 bad usage or invalid manifest, "
+          "3 NATS unreachable / not provisioned / no controller answering, 4 no such job or ambiguous prefix, "
+          "5 artifact missing, corrupt or unsafe")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainfleet", description="Train every model in a manifest at most once, across a fleet of "
-        "unlike machines, over NATS JetStream.",
-        epilog="exit codes: 0 ok, 1 failed, 2 bad usage/manifest, 3 NATS unreachable, 4 no such job, "
-               "5 artifact error")
+        "unlike machines, over NATS JetStream.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str,
+             parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, epilog=EPILOG)
         _common(p)
         p.set_defaults(fn=fn)
         return p
 
+    # -- running a fleet --
     p = verb("up", cmd_up, "run a whole local fleet (embedded nats-server, controller, agents) on a manifest "
              "and show progress until every job is done")
     p.add_argument("manifest")
@@ -317,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("validate", cmd_validate, "check a manifest and list its jobs with ids (exit 2 on errors)")
     p.add_argument("manifest")
-    p.add_argument("--json", action="store_true")
+    _json_flag(p)
 
     p = verb("controller", cmd_controller, "run a controller (publishes tickets, reconciles, serves control)")
     p.add_argument("--manifest", help="sync this manifest at start; `reload` re-reads it")
@@ -336,34 +491,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("provision", cmd_provision, "create or update every stream, bucket and object store (idempotent)")
 
+    # -- control (through the trainfleet micro service: a controller must be running) --
     p = verb("sync", cmd_sync, "send a manifest to the controller (idempotent: existing jobs keep their state)")
     p.add_argument("manifest")
-    p.add_argument("--json", action="store_true")
+    _json_flag(p)
     p = verb("reload", cmd_reload, "make the controller re-read its --manifest file")
-    p.add_argument("--json", action="store_true")
-
-    p = verb("status", cmd_status, "job counts by state and workers alive/stale")
-    p.add_argument("--json", action="store_true")
-    p = verb("jobs", cmd_jobs, "list jobs (sorted by priority)")
-    p.add_argument("--state", help="only jobs in this state")
-    p.add_argument("--model")
-    p.add_argument("--host")
-    p.add_argument("--json", action="store_true")
-    p = verb("show", cmd_show, "one job's spec and record (JOB = name, id or unique id prefix)")
-    p.add_argument("job")
-    p.add_argument("--json", action="store_true")
-    p = verb("workers", cmd_workers, "registered agents and their capability")
-    p.add_argument("--json", action="store_true")
-    p = verb("cancel", cmd_cancel, "cancel a job (a running trainer is stopped within one heartbeat)")
-    p.add_argument("job")
+    _json_flag(p)
+    p = verb("cancel", cmd_cancel, "cancel a job (a running trainer is stopped by its agent)")
+    p.add_argument("job", help=JOB_HELP)
+    _json_flag(p)
     p = verb("requeue", cmd_requeue, "put a failed, cancelled or completed job back to pending")
-    p.add_argument("job")
+    p.add_argument("job", help=JOB_HELP)
+    _json_flag(p)
 
-    p = verb("artifacts", cmd_artifacts_get, "download a job's artifact, verified by sha256")
-    p.add_argument("action", choices=["get"])
-    p.add_argument("job")
+    # -- reading (straight from the KV, stream and object store: works without a controller) --
+    p = verb("status", cmd_status, "job counts by state and workers alive/stale")
+    _json_flag(p)
+    p = verb("jobs", cmd_jobs, "list jobs, highest priority first")
+    p.add_argument("--state", choices=[s.value for s in JobStatus], help="only jobs in this state")
+    p.add_argument("--model", help="only jobs of this model")
+    p.add_argument("--host", help="only jobs claimed by this host")
+    _json_flag(p)
+    p = verb("show", cmd_show, "one job: spec, record, state history, last error, artifact and provenance")
+    p.add_argument("job", help=JOB_HELP)
+    p.add_argument("--no-provenance", action="store_true", help="skip reading provenance from the bundle")
+    _json_flag(p)
+    p = verb("workers", cmd_workers, "registered agents, their capability and current jobs")
+    _json_flag(p)
+    p = verb("logs", cmd_logs, "a job's trainer output (stdout, and stderr on stderr) from the logs stream")
+    p.add_argument("job", help=JOB_HELP)
+    p.add_argument("-f", "--follow", action="store_true", help="keep following until the job is terminal")
+    p.add_argument("--attempt", type=int, help="only this attempt's output")
+    p.add_argument("--events", action="store_true", help="interleave progress and lifecycle events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("artifacts", help="list artifacts, or download one verified by sha256",
+                       description="list artifacts, or download one verified by sha256", epilog=EPILOG)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = verb("list", cmd_artifacts_list, "jobs with artifacts, and stored bundles no record points at (orphans)",
+             parent=actions)
+    _json_flag(p)
+    p = verb("get", cmd_artifacts_get, "download a job's bundle (verified by sha256), optionally extract it",
+             parent=actions)
+    p.add_argument("job", help=JOB_HELP + "; or a stored artifact's full sha256")
     p.add_argument("--out", default=".", help="directory to write the bundle into (default .)")
-    p.add_argument("--extract", action="store_true", help="also extract it (refusing unsafe paths)")
+    p.add_argument("--extract", action="store_true", help="also extract it into OUT/<job name> (refusing unsafe "
+                                                          "paths)")
+    _json_flag(p)
+
+    verb("monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, "
+                                 "l logs)")
+
+    # -- gating: `explain JOB` and `plan MANIFEST` (logic in controller/explain.py) are added here --
     return parser
 
 
@@ -384,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `trainfleet logs JOB | head`: the reader left; nothing more to say.
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":

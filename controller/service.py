@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +21,17 @@ from nats import micro
 from nats.aio.client import Client
 from nats.micro.request import Request
 
-from trainfleet.broker.errors import ManifestError, TrainfleetError
+from trainfleet.broker.errors import BrokerError, ManifestError, TrainfleetError
 from trainfleet.broker.names import Names
+from trainfleet.broker.schema import JobStatus
+from trainfleet.controller import ops
 
 if TYPE_CHECKING:
     from trainfleet.controller.controller import Controller
 
 log = logging.getLogger("trainfleet.controller")
 
-SERVICE_VERSION = "0.1.0"
+SERVICE_VERSION = "0.2.0"
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
@@ -36,6 +40,18 @@ def _job_ref(body: dict[str, Any]) -> str:
     if not isinstance(ref, str) or not ref:
         raise TrainfleetError('request needs {"job": "<id, id prefix or name>"}')
     return ref
+
+
+def _filters(body: dict[str, Any]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key in ("state", "model", "host"):
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key!r} must be a string")
+        out[key] = value
+    if out["state"] and out["state"] not in {s.value for s in JobStatus}:
+        raise ValueError(f"unknown state {out['state']!r}; one of {', '.join(s.value for s in JobStatus)}")
+    return out
 
 
 def handlers(ctl: Controller) -> dict[str, Handler]:
@@ -57,13 +73,41 @@ def handlers(ctl: Controller) -> dict[str, Handler]:
         return msgspec.to_builtins(await ctl.requeue(_job_ref(body)))
 
     async def status(body: dict[str, Any]) -> Any:
-        return await ctl.status()
+        return await ops.fleet_status(ctl.b)
 
     async def reconcile(body: dict[str, Any]) -> Any:
         return await ctl.reconcile()
 
+    async def jobs(body: dict[str, Any]) -> Any:
+        return await ops.list_jobs(ctl.b, **_filters(body))
+
+    async def show(body: dict[str, Any]) -> Any:
+        return await ops.job_detail(ctl.b, _job_ref(body), provenance=bool(body.get("provenance", True)))
+
+    async def workers(body: dict[str, Any]) -> Any:
+        return await ops.list_workers(ctl.b)
+
     return {"sync": sync, "reload": reload, "cancel": cancel, "requeue": requeue, "status": status,
-            "reconcile": reconcile}
+            "reconcile": reconcile, "jobs": jobs, "show": show, "workers": workers}
+
+
+# What `nats micro info trainfleet` shows for each endpoint: what it does and what to send.
+ENDPOINT_DOCS: dict[str, tuple[str, str, str]] = {
+    "sync": ("write", '{"manifest": "<toml text>", "file": "<name>"}',
+             "create records and tickets for new jobs of a manifest; existing jobs keep their state"),
+    "reload": ("write", "{}", "re-read the controller's --manifest file and sync it"),
+    "cancel": ("write", '{"job": "<id, id prefix or name>"}',
+               "cancel a job that is not terminal; a running trainer is stopped by its agent"),
+    "requeue": ("write", '{"job": "<id, id prefix or name>"}',
+                "put a failed, cancelled or completed job back to pending as a new generation"),
+    "reconcile": ("write", "{}", "run one reconcile pass now (ticket repair, grace, takeover tickets)"),
+    "status": ("read", "{}", "job counts by state and workers alive/stale"),
+    "jobs": ("read", '{"state": "<state>", "model": "<model>", "host": "<host>"} (all optional)',
+             "job rows sorted by priority, filtered"),
+    "show": ("read", '{"job": "<id, id prefix or name>", "provenance": true}',
+             "record, state history and artifact provenance of one job"),
+    "workers": ("read", "{}", "registered agents with capability, age_s and alive"),
+}
 
 
 def _wrap(name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
@@ -90,14 +134,29 @@ def _wrap(name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
     return endpoint
 
 
-async def start_service(ctl: Controller) -> Any:
+def service_metadata(ctl: Controller) -> dict[str, str]:
+    """Per-instance metadata for `nats micro info`: which fleet, and which controller process."""
     names = ctl.names
-    service = await micro.add_service(ctl.b.nc, name=names.service, version=SERVICE_VERSION,
-                                      description="trainfleet control: sync, reload, cancel, requeue, status",
-                                      queue_group=names.ctl_queue_group)
+    return {"prefix": names.prefix, "jobs_bucket": names.jobs_bucket, "workers_bucket": names.workers_bucket,
+            "artifacts_bucket": names.artifacts_bucket, "logs_stream": names.logs_stream,
+            "queue_group": names.ctl_queue_group, "host": socket.gethostname(), "pid": str(os.getpid()),
+            "manifest": ctl.manifest_path or "", "docs": "docs/operations.md"}
+
+
+async def start_service(ctl: Controller) -> Any:
+    """Serve every endpoint as ``<prefix>.ctl.<name>`` in the controllers' queue group: with
+    several controllers each request is handled by exactly one of them."""
+    names = ctl.names
+    service = await micro.add_service(
+        ctl.b.nc, name=names.service, version=SERVICE_VERSION, metadata=service_metadata(ctl),
+        description="trainfleet control: sync, reload, cancel, requeue, reconcile; read status, jobs, show, "
+                    "workers. JSON in, {ok, result | error, exit_code} out.",
+        queue_group=names.ctl_queue_group)
     group = service.add_group(name=names.ctl_group, queue_group=names.ctl_queue_group)
     for name, handler in handlers(ctl).items():
-        await group.add_endpoint(name=name, handler=_wrap(name, handler))
+        effect, request_doc, description = ENDPOINT_DOCS[name]
+        await group.add_endpoint(name=name, handler=_wrap(name, handler),
+                                 metadata={"description": description, "request": request_doc, "effect": effect})
     return service
 
 
@@ -109,10 +168,10 @@ async def request(nc: Client, names: Names, verb: str, body: dict[str, Any] | No
     try:
         reply = await nc.request(names.ctl_subject(verb), json.dumps(body or {}).encode(), timeout=timeout_s)
     except nats.errors.NoRespondersError as exc:
-        raise TrainfleetError("no controller is running (nobody answers on "
-                              f"{names.ctl_subject(verb)}); start one with `trainfleet controller`") from exc
+        raise BrokerError("no controller is running (nobody answers on "
+                          f"{names.ctl_subject(verb)}); start one with `trainfleet controller`") from exc
     except nats.errors.TimeoutError as exc:
-        raise TrainfleetError(f"the controller did not answer {verb} within {timeout_s:g}s") from exc
+        raise BrokerError(f"the controller did not answer {verb} within {timeout_s:g}s") from exc
     data = json.loads(reply.data or b"{}")
     if not data.get("ok"):
         err = ManifestErrorReply(data) if data.get("problems") else TrainfleetError(data.get("error", "failed"))

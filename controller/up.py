@@ -30,11 +30,10 @@ from trainfleet.broker.errors import ManifestError, TrainfleetError
 from trainfleet.broker.schema import JobRecord, JobStatus
 from trainfleet.broker.server import EmbeddedServer
 from trainfleet.broker.settings import Settings
+from trainfleet.controller import view
 from trainfleet.controller.manifest import Manifest, load_manifest
+from trainfleet.controller.ops import LiveProgress
 from trainfleet.controller.store import load_records
-
-STATE_STYLE = {"pending": "dim", "claimed": "yellow", "running": "cyan", "completed": "green",
-               "failed": "bold red", "cancelled": "magenta"}
 
 
 @dataclass
@@ -110,29 +109,9 @@ async def _provision(settings: Settings) -> None:
     await broker.close()
 
 
-def _headline(rec: JobRecord) -> str:
-    name = rec.metrics.get("headline") if rec.metrics else None
-    if not name:
-        metrics = (rec.progress or {}).get("metrics") or {}
-        return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:2])
-    value = rec.metrics.get(name)
-    return f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
-
-
-def _duration(rec: JobRecord, now: float) -> float | None:
-    if rec.started_at is None:
-        return None
-    return (rec.finished_at or now) - rec.started_at
-
-
-def _progress(rec: JobRecord) -> str:
-    step, total = (rec.progress or {}).get("step"), (rec.progress or {}).get("total")
-    if rec.status == JobStatus.COMPLETED:
-        return "[green]" + "█" * 10 + "[/]"
-    if not isinstance(step, int) or not isinstance(total, int) or total <= 0:
-        return ""
-    filled = max(0, min(10, round(10 * step / total)))
-    return "█" * filled + "░" * (10 - filled) + f" {step}/{total}"
+def _progress_cell(rec: JobRecord) -> str:
+    text = view.progress_text(rec)
+    return f"[green]{text}[/]" if rec.status == JobStatus.COMPLETED else text
 
 
 def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bool = False) -> Table:
@@ -148,11 +127,9 @@ def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bo
         if rec is None:
             table.add_row(spec.name, f"{spec.model}/{spec.mode}", "[dim]unsynced[/]", "", "", "", "", "")
             continue
-        dur = _duration(rec, now)
-        state = rec.status.value
-        table.add_row(spec.name, f"{spec.model}/{spec.mode}", f"[{STATE_STYLE[state]}]{state}[/]",
-                      rec.claimed_by or "-", str(rec.attempt), f"{dur:.1f}s" if dur is not None else "",
-                      (rec.artifact or "-")[:12] if final else _progress(rec), _headline(rec))
+        table.add_row(spec.name, f"{spec.model}/{spec.mode}", view.styled_state(rec.status.value),
+                      rec.claimed_by or "-", str(rec.attempt), view.fmt_duration(view.duration(rec, now)),
+                      (rec.artifact or "-")[:12] if final else _progress_cell(rec), view.headline(rec))
     return table
 
 
@@ -162,7 +139,7 @@ def summary_json(manifest: Manifest, records: dict[str, JobRecord]) -> list[dict
         rec = records.get(spec.job_id)
         out.append({"job_id": spec.job_id, "name": spec.name, "state": rec.status.value if rec else "unsynced",
                     "host": rec.claimed_by if rec else None, "attempts": rec.attempt if rec else 0,
-                    "duration_s": _duration(rec, time.time()) if rec else None,
+                    "duration_s": view.duration(rec) if rec else None,
                     "artifact": rec.artifact if rec else None, "metrics": rec.metrics if rec else {},
                     "last_error": rec.last_error if rec else None})
     return out
@@ -172,6 +149,7 @@ async def watch(settings: Settings, manifest: Manifest, fleet: Fleet, console: C
                 timeout_s: float) -> dict[str, JobRecord]:
     """Poll job records until every manifest job is terminal; show a live table meanwhile."""
     broker = await Broker.connect(settings, name="trainfleet-up")
+    live_progress = await LiveProgress().start(broker)
     wanted = {s.job_id for s in manifest.jobs}
     deadline = time.monotonic() + timeout_s
     seen: dict[str, str] = {}
@@ -180,7 +158,8 @@ async def watch(settings: Settings, manifest: Manifest, fleet: Fleet, console: C
         with Live(render_table(manifest, records), console=console, refresh_per_second=4,
                   transient=True) if live else contextlib.nullcontext() as display:
             while True:
-                records = {k: s.record for k, s in (await load_records(broker)).items() if k in wanted}
+                records = {k: live_progress.apply(s.record) for k, s in (await load_records(broker)).items()
+                           if k in wanted}
                 if display is not None:
                     display.update(render_table(manifest, records))
                 else:
@@ -193,6 +172,7 @@ async def watch(settings: Settings, manifest: Manifest, fleet: Fleet, console: C
                     raise TrainfleetError(f"jobs still unfinished after {timeout_s:g}s")
                 await asyncio.sleep(0.5)
     finally:
+        await live_progress.stop()
         await broker.close()
 
 
@@ -202,7 +182,7 @@ def _print_changes(console: Console, records: dict[str, JobRecord], seen: dict[s
         if seen.get(job_id) != key:
             seen[job_id] = key
             host = f" on {rec.claimed_by}" if rec.claimed_by else ""
-            extra = f" {_headline(rec)}" if rec.status.terminal else ""
+            extra = f" {view.headline(rec)}" if rec.status.terminal else ""
             console.print(f"{time.strftime('%H:%M:%S')} {rec.spec.name:<28} {rec.status.value}{host}{extra}")
 
 

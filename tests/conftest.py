@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import pytest
 
 from trainfleet.agent.agent import Agent, AgentOptions
@@ -78,6 +80,26 @@ default = false
 """
 
 
+LINREG_MODEL = """
+[models.linreg]
+command = ["{python}", "-m", "trainfleet.examples.linreg"]
+modes = ["gd", "sgd"]
+[models.linreg.hyper.epochs]
+type = "int"
+default = 50
+[models.linreg.hyper.n_samples]
+type = "int"
+default = 4000
+"""
+
+
+def linreg_manifest(n: int, *, epochs: int = 50, prefix: str = "lr", extra: str = "", job_extra: str = "") -> Manifest:
+    """``n`` fast numpy jobs; ``epochs`` sets how long each trains (8000 ≈ 2 s here)."""
+    jobs = "".join(f'[[jobs]]\nname = "{prefix}-{i}"\nmodel = "linreg"\nmode = "gd"\nseed = {i}\n'
+                   f"hyper = {{ epochs = {epochs} }}\n{job_extra}\n" for i in range(n))
+    return parse_manifest("schema_version = 1\n" + extra + LINREG_MODEL + jobs, file="linreg.toml")
+
+
 def gbm_manifest(jobs: str, extra: str = "") -> Manifest:
     """A manifest over the fast scikit-learn model with the given [[jobs]] text."""
     text = "schema_version = 1\n" + extra + GBM_MODEL + textwrap.dedent(jobs)
@@ -144,9 +166,15 @@ async def wait_for(predicate: Callable[[], Any] | Callable[[], Awaitable[Any]], 
     """Poll until ``predicate`` (sync or async) is truthy; fail the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
+        try:
+            value = predicate()
+            if asyncio.iscoroutine(value):
+                value = await value
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, asyncio.TimeoutError):
+            # A failover or reconnect in progress: not ready yet (re-raised at the deadline).
+            if time.monotonic() > deadline:
+                raise
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
@@ -169,3 +197,65 @@ async def wait_terminal(broker: Broker, job_ids: set[str] | list[str],
         return None
 
     return await wait_for(done, timeout_s, interval_s=0.25, what=f"{len(wanted)} jobs to finish")
+
+
+class KVAudit:
+    """Records every write to the jobs KV from the moment it starts: the ground truth for
+    'completed exactly once' (a double accept would be two completed revisions)."""
+
+    def __init__(self, broker: Broker):
+        self.broker = broker
+        self.entries: list[JobRecord] = []
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: Any = None
+
+    async def start(self) -> KVAudit:
+        from trainfleet.broker.schema import decode
+
+        self._watcher = await self.broker.jobs.watchall(include_history=True)
+
+        async def collect() -> None:
+            async for entry in self._watcher:
+                if entry is not None and entry.value:
+                    with contextlib.suppress(Exception):
+                        self.entries.append(decode(entry.value, JobRecord))
+
+        self._task = asyncio.create_task(collect())
+        return self
+
+    def completions(self) -> dict[tuple[str, int], int]:
+        """(job_id, generation) → number of distinct completed revisions."""
+        out: dict[tuple[str, int], int] = {}
+        seen: set[tuple[str, int, str | None]] = set()
+        for rec in self.entries:
+            if rec.status.value == "completed" and (rec.job_id, rec.generation, rec.artifact) not in seen:
+                seen.add((rec.job_id, rec.generation, rec.artifact))
+                out[(rec.job_id, rec.generation)] = out.get((rec.job_id, rec.generation), 0) + 1
+        return out
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def trainer_starts(broker: Broker, job_ids: list[str] | set[str] | None = None) -> dict[str, int]:
+    """How many times a trainer started per job, from the agents' lifecycle events in the logs stream."""
+    from trainfleet.broker.schema import ProgressEvent, decode
+
+    names = broker.names
+    counts: dict[str, int] = {}
+    seq = 1
+    while True:
+        try:
+            msg = await broker.js.get_msg(names.logs_stream, seq=seq, subject=names.events_subject("*"), next=True)
+        except Exception:
+            break
+        seq = (msg.seq or seq) + 1
+        with contextlib.suppress(Exception):
+            event = decode(msg.data or b"", ProgressEvent)
+            if event.kind == "started" and (job_ids is None or event.job_id in job_ids):
+                counts[event.job_id] = counts.get(event.job_id, 0) + 1
+    return counts

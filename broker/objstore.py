@@ -1,0 +1,530 @@
+"""Pipelined, disk-streaming transfers in the standard JetStream object-store format.
+
+nats-py's stock ``ObjectStore.put`` waits for one pub-ack per chunk, so its
+speed is ``chunk / RTT``; its ``get`` collects chunks in memory. This module
+speaks the same wire format (ADR-20) so ``nats object get``, the Go client and
+nats-py's own store read what it writes and vice versa:
+
+* stream ``OBJ_<bucket>``; chunks on ``$O.<bucket>.C.<nuid>``; the object's
+  info as JSON on ``$O.<bucket>.M.<base64url(name)>``, published with
+  ``Nats-Rollup: sub`` after every chunk is stored;
+* ``digest`` is ``SHA-256=<base64url(sha256)>``; replacing an object purges
+  the chunks of the old nuid.
+
+A put keeps up to ``window_bytes`` of chunks unacknowledged (so it is bound by
+bandwidth, not RTT, and its memory by the window) and fails fast on the first
+negative ack. A get reads the info, then pulls the chunks through an
+ephemeral in-memory consumer with a bounded number of outstanding chunks,
+writing each one straight to a temp file beside the destination. Size, chunk
+count and digest are checked before the file is renamed into place; on any
+failure no partial file is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.nuid import NUID
+
+from trainfleet.broker.errors import ArtifactError, BrokerError
+
+DEFAULT_API_PREFIX = "$JS.API"
+# The ADR's default; artifacts.py may choose bigger chunks (fewer fsyncs per byte).
+DEFAULT_CHUNK_BYTES = 128 * 1024
+# Bytes of chunks in flight (unacked on put, requested but unwritten on get).
+# 8 MiB covers the bandwidth-delay product of ~400 MB/s at 20 ms RTT.
+DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 10.0
+# A get fails when no chunk arrives for this long (a stalled or vanished server).
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+DIGEST_PREFIX = "SHA-256="
+ROLLUP_HEADERS = {"Nats-Rollup": "sub"}
+# JetStream API error codes we turn into messages a user can act on.
+ERR_NO_MESSAGE = 10037
+ERR_STREAM_NOT_FOUND = 10059
+STATUS_HEARTBEAT = "100"
+STATUS_NO_RESPONDERS = "503"
+
+
+class ObjectNotFound(ArtifactError):
+    """No (undeleted) object of that name is in the bucket."""
+
+
+class ObjectLink(msgspec.Struct, omit_defaults=True):
+    bucket: str = ""
+    name: str = ""
+
+
+class ObjectOptions(msgspec.Struct, omit_defaults=True):
+    link: ObjectLink | None = None
+    max_chunk_size: int = 0
+
+
+class ObjectInfo(msgspec.Struct, kw_only=True):
+    """An object's info record (ADR-20 ``ObjectInfo``); lenient on decode, complete on encode."""
+
+    name: str = ""
+    bucket: str = ""
+    nuid: str = ""
+    size: int = 0
+    chunks: int = 0
+    mtime: str = ""
+    digest: str = ""
+    deleted: bool = False
+    description: str | None = None
+    headers: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    options: ObjectOptions | None = None
+
+    def to_json(self) -> bytes:
+        # size and chunks are always written: stock readers treat a missing size
+        # as "has chunks" and would wait for chunks that never come.
+        out: dict[str, Any] = {"name": self.name, "bucket": self.bucket, "nuid": self.nuid, "size": self.size,
+                               "chunks": self.chunks, "mtime": self.mtime or _now_rfc3339()}
+        if self.digest:
+            out["digest"] = self.digest
+        if self.deleted:
+            out["deleted"] = True
+        for key in ("description", "headers", "metadata"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.options is not None:
+            out["options"] = msgspec.to_builtins(self.options)
+        return msgspec.json.encode(out)
+
+
+@dataclass
+class TransferStats:
+    """What one transfer did; filled in by put_file/get_file when passed."""
+
+    bytes: int = 0
+    chunks: int = 0
+    max_in_flight: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def encode_name(name: str) -> str:
+    """The meta subject token for an object name: padded base64url, as every client writes it."""
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def digest_string(digest: bytes) -> str:
+    return DIGEST_PREFIX + base64.urlsafe_b64encode(digest).decode()
+
+
+def parse_digest(value: str) -> bytes | None:
+    """The raw sha256 of a ``SHA-256=`` digest (either case of the prefix), or None if absent/garbled."""
+    if not value.upper().startswith(DIGEST_PREFIX):
+        return None
+    text = value[len(DIGEST_PREFIX):]
+    try:
+        # Some writers drop the padding; restore it before decoding.
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        return None
+
+
+def _reply_fields(reply: str) -> tuple[int, int]:
+    """(consumer sequence, pending) from a JetStream delivery's reply subject (v1 or v2 form)."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[6]), int(tokens[8])
+    if len(tokens) >= 12:
+        return int(tokens[8]), int(tokens[10])
+    raise ValueError(f"not a JetStream delivery: {reply!r}")
+
+
+def _status(msg: Msg) -> str | None:
+    return msg.headers.get("Status") if msg.headers else None
+
+
+class _AckWindow:
+    """Outstanding pub-acks of one put: at most ``limit``; the first negative ack fails the put."""
+
+    def __init__(self, limit: int, stream: str, timeout_s: float):
+        self.limit = max(1, limit)
+        self.stream = stream
+        self.timeout_s = timeout_s
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.error: ArtifactError | None = None
+        self._changed = asyncio.Event()
+
+    def sent(self) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    async def on_ack(self, msg: Msg) -> None:
+        """Subscription callback for the pub-acks of every chunk."""
+        self.in_flight -= 1
+        problem = self._problem(msg)
+        if problem and self.error is None:
+            self.error = ArtifactError(f"object store refused a chunk: {problem}")
+        self._changed.set()
+
+    def _problem(self, msg: Msg) -> str | None:
+        if _status(msg) == STATUS_NO_RESPONDERS:
+            return f"no stream {self.stream} listens on the chunk subject (is the bucket provisioned?)"
+        try:
+            ack = msgspec.json.decode(msg.data)
+        except msgspec.DecodeError:
+            return f"unreadable pub-ack {msg.data[:80]!r}"
+        if not isinstance(ack, dict) or "error" in ack:
+            err = ack.get("error", {}) if isinstance(ack, dict) else {}
+            return f"{err.get('description', ack)} (err_code {err.get('err_code', '?')})"
+        if ack.get("stream") != self.stream or "seq" not in ack:
+            return f"unexpected pub-ack {ack}"
+        return None
+
+    async def wait_below(self, count: int) -> None:
+        """Wait until fewer than ``count`` chunks are unacked (0: all acked); raise the first failure."""
+        while self.error is None and self.in_flight >= max(count, 1):
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), self.timeout_s)
+            except TimeoutError:
+                raise ArtifactError(f"no pub-ack from {self.stream} for {self.timeout_s:g}s "
+                                    f"({self.in_flight} chunks outstanding)") from None
+        if self.error is not None:
+            raise self.error
+
+
+class _ChunkSink:
+    """Receives one object's chunks in order, writing and hashing them; fails on any gap."""
+
+    def __init__(self, info: ObjectInfo, fh: BinaryIO, request_more: Any, window_chunks: int):
+        self.info = info
+        self.fh = fh
+        self.request_more = request_more
+        self.window = max(1, window_chunks)
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.size = 0
+        self.requested = 0
+        self.max_in_flight = 0
+        self.last_seen = time.monotonic()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def top_up(self) -> None:
+        """Keep up to ``window`` chunks requested ahead; ask in half-window batches."""
+        in_flight = self.requested - self.received
+        want = min(self.window - in_flight, self.info.chunks - self.requested)
+        if want > 0 and (want >= self.window // 2 or self.requested + want == self.info.chunks):
+            self.requested += want
+            self.max_in_flight = max(self.max_in_flight, self.requested - self.received)
+            await self.request_more(want)
+
+    def fail(self, message: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(ArtifactError(f"object {self.info.name!r}: {message}"))
+
+    async def on_msg(self, msg: Msg) -> None:
+        """Subscription callback for every delivery of the pull consumer."""
+        if self.done.done():
+            return
+        self.last_seen = time.monotonic()
+        status = _status(msg)
+        if status == STATUS_HEARTBEAT:
+            return
+        if status is not None:
+            # 404/408/409: the consumer has nothing more although chunks are missing.
+            description = msg.headers.get("Description", "") if msg.headers else ""
+            self.fail(f"chunk stream ended after {self.received} of {self.info.chunks} chunks "
+                      f"({status} {description}); the object is truncated or was replaced")
+            return
+        try:
+            seq, _pending = _reply_fields(msg.reply)
+        except ValueError as exc:
+            self.fail(str(exc))
+            return
+        if seq != self.received + 1:
+            self.fail(f"chunk {self.received + 1} missing (got consumer sequence {seq})")
+            return
+        self._write(msg.data)
+        if self.received == self.info.chunks:
+            self._finish()
+        else:
+            await self.top_up()
+
+    def _write(self, data: bytes) -> None:
+        self.received += 1
+        self.size += len(data)
+        if self.size > self.info.size:
+            self.fail(f"chunks hold more than the recorded {self.info.size} bytes")
+            return
+        self.fh.write(data)
+        self.digest.update(data)
+
+    def _finish(self) -> None:
+        if self.done.done():
+            return
+        if self.size != self.info.size:
+            self.fail(f"got {self.size} bytes, info says {self.info.size}")
+        elif parse_digest(self.info.digest) != self.digest.digest():
+            self.fail(f"digest mismatch: chunks hash to {digest_string(self.digest.digest())}, "
+                      f"info says {self.info.digest or 'nothing'}")
+        else:
+            self.done.set_result(None)
+
+
+class ObjectStoreClient:
+    """Put and get files in one object-store bucket over an existing NATS connection."""
+
+    def __init__(self, nc: Client, bucket: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 window_bytes: int = DEFAULT_WINDOW_BYTES, api_prefix: str = DEFAULT_API_PREFIX,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
+        self.nc = nc
+        self.bucket = bucket
+        self.stream = f"OBJ_{bucket}"
+        self.chunk_bytes = chunk_bytes
+        self.window_bytes = window_bytes
+        self.api = api_prefix
+        self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._nuid = NUID()
+
+    # -- names ---------------------------------------------------------------
+    def chunk_subject(self, nuid: str) -> str:
+        return f"$O.{self.bucket}.C.{nuid}"
+
+    def meta_subject(self, name: str) -> str:
+        return f"$O.{self.bucket}.M.{encode_name(name)}"
+
+    def _window_chunks(self, chunk_bytes: int) -> int:
+        return max(1, self.window_bytes // max(1, chunk_bytes))
+
+    # -- JetStream API -------------------------------------------------------
+    async def _api(self, verb: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JetStream API request; API errors come back as the response's ``error``."""
+        payload = msgspec.json.encode(body) if body is not None else b""
+        try:
+            msg = await self.nc.request(f"{self.api}.{verb}", payload, timeout=self.timeout_s)
+        except nats.errors.NoRespondersError as exc:
+            raise BrokerError(f"JetStream is not enabled on this NATS server (no responder for {verb})") from exc
+        except nats.errors.TimeoutError as exc:
+            raise BrokerError(f"JetStream API {verb} timed out after {self.timeout_s:g}s") from exc
+        resp = msgspec.json.decode(msg.data)
+        if not isinstance(resp, dict):
+            raise BrokerError(f"JetStream API {verb}: unreadable response {msg.data[:80]!r}")
+        return resp
+
+    def _api_error(self, resp: dict[str, Any], what: str) -> ArtifactError:
+        err = resp.get("error") or {}
+        if err.get("err_code") == ERR_STREAM_NOT_FOUND:
+            return ArtifactError(f"object store bucket {self.bucket!r} does not exist (provision it first)")
+        return ArtifactError(f"{what}: {err.get('description', resp)} (err_code {err.get('err_code', '?')})")
+
+    async def _purge(self, subject: str) -> None:
+        resp = await self._api(f"STREAM.PURGE.{self.stream}", {"filter": subject})
+        if "error" in resp:
+            raise self._api_error(resp, f"purging {subject}")
+
+    # -- info ----------------------------------------------------------------
+    async def info(self, name: str, *, show_deleted: bool = False) -> ObjectInfo | None:
+        """The object's info, or None when it does not exist (or is deleted, unless asked)."""
+        resp = await self._api(f"STREAM.MSG.GET.{self.stream}", {"last_by_subj": self.meta_subject(name)})
+        if "error" in resp:
+            if resp["error"].get("err_code") == ERR_NO_MESSAGE:
+                return None
+            raise self._api_error(resp, f"reading the info of {name!r}")
+        message = resp.get("message") or {}
+        try:
+            info = msgspec.json.decode(base64.b64decode(message.get("data") or b""), type=ObjectInfo)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            raise ArtifactError(f"object {name!r}: unreadable info record: {exc}") from exc
+        if info.deleted and not show_deleted:
+            return None
+        # ADR-20: the modification time is the info message's time.
+        info.mtime = message.get("time") or info.mtime
+        return info
+
+    # -- put -----------------------------------------------------------------
+    async def put_file(self, name: str, path: str | os.PathLike[str], *, chunk_bytes: int | None = None,
+                       stats: TransferStats | None = None) -> ObjectInfo:
+        """Store the file at ``path`` as object ``name``, replacing any previous version."""
+        with open(path, "rb") as fh:
+            return await self.put_stream(name, fh, chunk_bytes=chunk_bytes, stats=stats)
+
+    async def put_bytes(self, name: str, data: bytes, *, chunk_bytes: int | None = None) -> ObjectInfo:
+        """Store ``data`` as object ``name`` (small objects and tests)."""
+        import io
+
+        return await self.put_stream(name, io.BytesIO(data), chunk_bytes=chunk_bytes)
+
+    async def put_stream(self, name: str, reader: BinaryIO, *, chunk_bytes: int | None = None,
+                         stats: TransferStats | None = None) -> ObjectInfo:
+        """Store everything ``reader`` yields as object ``name``: chunks pipelined, then the info."""
+        chunk_bytes = chunk_bytes or self.chunk_bytes
+        if chunk_bytes > self.nc.max_payload:
+            raise ArtifactError(f"chunk size {chunk_bytes} exceeds the server's max_payload {self.nc.max_payload}")
+        started = time.perf_counter()
+        previous = await self.info(name)
+        nuid = self._nuid.next().decode()
+        subject = self.chunk_subject(nuid)
+        window = _AckWindow(self._window_chunks(chunk_bytes), self.stream, self.timeout_s)
+        digest = hashlib.sha256()
+        try:
+            size, chunks = await self._send_chunks(reader, subject, chunk_bytes, window, digest)
+            info = ObjectInfo(name=name, bucket=self.bucket, nuid=nuid, size=size, chunks=chunks,
+                              digest=digest_string(digest.digest()), mtime=_now_rfc3339(),
+                              options=ObjectOptions(max_chunk_size=chunk_bytes))
+            await self._publish_info(info)
+        except BaseException:
+            # Chunks nobody's info points at are garbage: drop them, whatever went wrong.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._purge(subject))
+            raise
+        if previous is not None and previous.nuid and previous.nuid != nuid:
+            await self._purge(self.chunk_subject(previous.nuid))
+        if stats is not None:
+            stats.bytes, stats.chunks, stats.max_in_flight = size, chunks, window.max_in_flight
+            stats.elapsed_s = time.perf_counter() - started
+        return info
+
+    async def _send_chunks(self, reader: BinaryIO, subject: str, chunk_bytes: int, window: _AckWindow,
+                           digest: Any) -> tuple[int, int]:
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(f"{inbox}.*", cb=window.on_ack)
+        size = chunks = 0
+        try:
+            while data := reader.read(chunk_bytes):
+                digest.update(data)
+                await window.wait_below(window.limit)
+                window.sent()
+                await self.nc.publish(subject, data, reply=f"{inbox}.{chunks}")
+                size += len(data)
+                chunks += 1
+            await window.wait_below(0)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return size, chunks
+
+    async def _publish_info(self, info: ObjectInfo) -> None:
+        try:
+            msg = await self.nc.request(self.meta_subject(info.name), info.to_json(), timeout=self.timeout_s,
+                                        headers=ROLLUP_HEADERS)
+        except nats.errors.NoRespondersError as exc:
+            raise ArtifactError(f"object store bucket {self.bucket!r} does not exist (provision it first)") from exc
+        except nats.errors.TimeoutError as exc:
+            raise ArtifactError(f"no pub-ack for the info of {info.name!r} within {self.timeout_s:g}s") from exc
+        ack = msgspec.json.decode(msg.data)
+        if not isinstance(ack, dict) or "error" in ack:
+            raise self._api_error(ack if isinstance(ack, dict) else {}, f"storing the info of {info.name!r}")
+
+    # -- get -----------------------------------------------------------------
+    async def get_file(self, name: str, dest: str | os.PathLike[str], *, expect_sha256_hex: str | None = None,
+                       stats: TransferStats | None = None) -> ObjectInfo:
+        """Write object ``name`` to ``dest`` (atomically, via a temp file beside it).
+
+        Size, chunk count and the object's digest are verified, and with
+        ``expect_sha256_hex`` the content address too; any failure raises
+        ArtifactError (ObjectNotFound when there is no such object) and leaves
+        no file behind.
+        """
+        started = time.perf_counter()
+        info = await self.info(name)
+        if info is None:
+            raise ObjectNotFound(f"object {name!r} is not in bucket {self.bucket!r}")
+        if info.options is not None and info.options.link is not None:
+            raise ArtifactError(f"object {name!r} is a link to {info.options.link.bucket}; links are not followed")
+        dest = Path(dest)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.part-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                sink = await self._receive(info, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if expect_sha256_hex is not None and sink.digest.hexdigest() != expect_sha256_hex:
+                raise ArtifactError(f"object {name!r}: downloaded bytes hash to {sink.digest.hexdigest()}, "
+                                    f"expected {expect_sha256_hex} (corrupt or tampered)")
+            os.replace(tmp_name, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        if stats is not None:
+            stats.bytes, stats.chunks, stats.max_in_flight = sink.size, sink.received, sink.max_in_flight
+            stats.elapsed_s = time.perf_counter() - started
+        return info
+
+    async def _receive(self, info: ObjectInfo, fh: BinaryIO) -> _ChunkSink:
+        """Pull every chunk of ``info`` through an ephemeral consumer into ``fh``."""
+        chunk_bytes = (info.options.max_chunk_size if info.options else 0) or self.chunk_bytes
+        inbox = self.nc.new_inbox()
+        consumer = self._nuid.next().decode()
+        next_subject = f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}"
+
+        async def request_more(count: int) -> None:
+            # no_wait: every chunk is stored before the info is, so an empty answer means truncation.
+            await self.nc.publish(next_subject, msgspec.json.encode({"batch": count, "no_wait": True}), reply=inbox)
+
+        sink = _ChunkSink(info, fh, request_more, self._window_chunks(chunk_bytes))
+        if info.chunks == 0:
+            sink._finish()
+            await sink.done
+            return sink
+        window = sink.window * chunk_bytes
+        sub = await self.nc.subscribe(inbox, cb=sink.on_msg, pending_bytes_limit=max(64 << 20, 4 * window))
+        try:
+            await self._create_consumer(consumer, self.chunk_subject(info.nuid))
+            try:
+                await sink.top_up()
+                await self._await_sink(sink)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._api(f"CONSUMER.DELETE.{self.stream}.{consumer}"))
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return sink
+
+    async def _create_consumer(self, name: str, subject: str) -> None:
+        config = {"name": name, "filter_subject": subject, "deliver_policy": "all", "ack_policy": "none",
+                  "replay_policy": "instant", "mem_storage": True, "num_replicas": 1,
+                  "inactive_threshold": int(self.idle_timeout_s * 1e9)}
+        resp = await self._api(f"CONSUMER.CREATE.{self.stream}.{name}",
+                               {"stream_name": self.stream, "config": config, "action": "create"})
+        if "error" in resp:
+            raise self._api_error(resp, "creating a consumer for the chunks")
+
+    async def _await_sink(self, sink: _ChunkSink) -> None:
+        """Wait for the last chunk; give up when none has arrived for ``idle_timeout_s``."""
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(sink.done), 1.0)
+                return
+            except TimeoutError:
+                if time.monotonic() - sink.last_seen > self.idle_timeout_s:
+                    sink.fail(f"no chunk for {self.idle_timeout_s:g}s after {sink.received} of {sink.info.chunks}")
+
+    # -- delete --------------------------------------------------------------
+    async def delete(self, name: str) -> None:
+        """Mark ``name`` deleted (an info with ``deleted: true``) and purge its chunks."""
+        info = await self.info(name)
+        if info is None:
+            raise ObjectNotFound(f"object {name!r} is not in bucket {self.bucket!r}")
+        tomb = ObjectInfo(name=name, bucket=self.bucket, nuid=info.nuid, deleted=True, mtime=_now_rfc3339())
+        await self._publish_info(tomb)
+        await self._purge(self.chunk_subject(info.nuid))

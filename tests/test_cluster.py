@@ -1,0 +1,80 @@
+"""A 3-node JetStream cluster on loopback with R3 resources: losing a node loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.errors import BrokerError
+from trainfleet.broker.schema import JobStatus
+from trainfleet.broker.server import EmbeddedServer, free_port
+from trainfleet.broker.settings import Settings
+
+from .conftest import FleetHarness, KVAudit, linreg_manifest, records, wait_for, wait_terminal
+
+
+def start_cluster(root: Path, n: int = 3) -> list[EmbeddedServer]:
+    route_ports = [free_port() for _ in range(n)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
+    nodes = []
+    for i in range(n):
+        extra = f"cluster {{\n  name: trainfleet-test\n  listen: 127.0.0.1:{route_ports[i]}\n  routes: [{routes}]\n}}\n"
+        nodes.append(EmbeddedServer(root / f"n{i + 1}", extra_config=extra))
+    for node in nodes:
+        node.start()
+    return nodes
+
+
+async def provisioned(settings: Settings, timeout_s: float = 60) -> Broker:
+    """Provision once the cluster has elected a meta leader (that takes a few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await Broker.connect(settings, provision=True)
+        except (BrokerError, Exception):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
+@pytest.mark.slow
+async def test_losing_one_node_of_three_loses_no_job_and_trains_none_twice(tmp_path):
+    nodes = start_cluster(tmp_path)
+    settings = Settings(url=",".join(n.url for n in nodes), replicas=3, lease_s=8.0, heartbeat_s=1.0,
+                        reconcile_s=1.0, nak_delay_s=0.5, fetch_timeout_s=0.5, drain_timeout_s=2.0,
+                        term_grace_s=2.0, worker_ttl_s=10.0)
+    broker = await provisioned(settings)
+    harness = FleetHarness(settings, tmp_path / "agents")
+    audit = await KVAudit(broker).start()
+    try:
+        info = await broker.js.stream_info(settings.names.jobs_stream)
+        assert info.config.num_replicas == 3 and info.cluster is not None and len(info.cluster.replicas or []) == 2
+        manifest = linreg_manifest(8, epochs=6000)
+        ids = [s.job_id for s in manifest.jobs]
+        ctl = await harness.start_controller()
+        await ctl.sync(manifest)
+        harness.start_agent("a1")
+        harness.start_agent("a2")
+
+        async def some_done():
+            return sum(r.status == JobStatus.COMPLETED for r in (await records(broker)).values()) >= 2
+
+        await wait_for(some_done, 120, what="two jobs to complete")
+        # When one node dies hard
+        nodes[0].kill()
+        # Then every job still completes, each exactly once
+        recs = await wait_terminal(broker, ids, timeout_s=240)
+        assert all(recs[i].status == JobStatus.COMPLETED for i in ids), {r.spec.name: r.status for r in recs.values()}
+        assert audit.completions() == {(i, 1): 1 for i in ids}
+    finally:
+        await audit.stop()
+        await harness.stop()
+        with contextlib.suppress(Exception):
+            await broker.close()
+        for node in nodes:
+            node.stop()
