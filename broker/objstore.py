@@ -459,7 +459,7 @@ class ObjectStoreClient:
                 os.fsync(fh.fileno())
             if expect_sha256_hex is not None and sink.digest.hexdigest() != expect_sha256_hex:
                 raise ArtifactError(f"object {name!r}: downloaded bytes hash to {sink.digest.hexdigest()}, "
-                                    f"expected {expect_sha256_hex} (corrupt or tampered)")
+                                    f"not {expect_sha256_hex} (corrupt or tampered)")
             os.replace(tmp_name, dest)
         finally:
             with contextlib.suppress(FileNotFoundError):

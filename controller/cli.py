@@ -99,7 +99,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from trainfleet.agent.capability import apply_overrides, detect, render_text
 
-    cap = detect(args.host_id)
+    cap = detect(args.host_id, probe_torch=not args.no_torch_probe)
     cap = apply_overrides(cap, max_cores=args.max_cores, max_ram_gib=args.max_ram_gib,
                           max_vram_gib=args.max_vram_gib)
     if args.detect:
@@ -259,14 +259,18 @@ def _print_detail(data: dict[str, Any], rec: JobRecord) -> None:
           f"generation {rec.generation}, revision {data['revision']})")
     print(f"  {'model':<11} {spec.model}/{spec.mode}  seed={spec.seed}  priority={spec.priority}  class={rec.klass}")
     print(f"  {'hyper':<11} {json.dumps(spec.hyper, sort_keys=True)}")
-    constraints = msgspec.to_builtins(spec.constraints)
-    if constraints or spec.requires:
-        print(f"  {'needs':<11} {json.dumps(constraints, sort_keys=True)}"
-              + (f"  requires={','.join(spec.requires)}" if spec.requires else ""))
-    if progress := view.progress_text(rec):
+    needs = [f"{k}={','.join(v) if isinstance(v, list) else v}"
+             for k, v in msgspec.to_builtins(spec.constraints).items() if v]
+    needs += [f"requires={','.join(spec.requires)}"] if spec.requires else []
+    if needs:
+        print(f"  {'needs':<11} {'  '.join(needs)}")
+    if rec.status.held and (progress := view.progress_text(rec)):
         print(f"  {'progress':<11} {progress}  {view.fmt_metrics((rec.progress or {}).get('metrics') or {})}")
     if rec.metrics:
-        print(f"  {'metrics':<11} {json.dumps(rec.metrics, sort_keys=True)}")
+        head = rec.metrics.get("headline")
+        ordered = {head: rec.metrics[head]} if head in rec.metrics else {}
+        ordered.update((k, v) for k, v in sorted(rec.metrics.items()) if k not in (head, "headline"))
+        print(f"  {'metrics':<11} {view.fmt_metrics(ordered)}")
     if rec.artifact:
         print(f"  {'artifact':<11} {rec.artifact}  ({view.fmt_bytes(rec.artifact_bytes)})")
     print(f"  {'times':<11} created {view.fmt_time(rec.created_at)}, started {view.fmt_time(rec.started_at)}, "
@@ -323,38 +327,24 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return _run(args, run)
 
 
-def _format_event(entry: ops.LogEntry) -> str:
-    event = entry.event or {}
-    if entry.kind == "progress":
-        step, total = event.get("step"), event.get("total")
-        where = ""
-        if isinstance(step, int) and isinstance(total, int) and total > 0:
-            where = f"{view.bar(min(step, total), total)} {step}/{total} "
-        elif step is not None:
-            where = f"step {step} "
-        return f"[progress] {where}{view.fmt_metrics(event.get('metrics') or {})}".rstrip()
-    host = f" on {event['host']}" if event.get("host") else ""
-    outcome = f": {event['outcome']}" if event.get("outcome") else ""
-    return f"[{entry.kind}] attempt {entry.attempt if entry.attempt is not None else '?'}{host}{outcome}"
-
-
 def cmd_logs(args: argparse.Namespace) -> int:
     async def run(broker: Broker) -> int:
         job_id = (await ops.resolve(broker, args.job)).record.job_id
-        shown: int | None = None
+        shown: tuple[int | None, int | None] | None = None
         reader = ops.read_logs(broker, job_id, follow=args.follow, events=args.events, attempt=args.attempt)
         async with contextlib.aclosing(reader) as entries:
             async for entry in entries:
                 if args.json:
                     print(json.dumps(entry.to_json(), default=str), flush=True)
                     continue
-                if entry.kind == "log" and shown is not None and entry.attempt != shown:
-                    print(f"--- attempt {entry.attempt} ---", flush=True)
                 if entry.kind == "log":
-                    shown = entry.attempt
+                    if shown is not None and entry.run != shown:
+                        gen = f" (generation {entry.generation})" if entry.generation is not None else ""
+                        print(f"--- attempt {entry.attempt}{gen} ---", flush=True)
+                    shown = entry.run
                     print(entry.line, file=sys.stderr if entry.stream == "stderr" else sys.stdout, flush=True)
                 else:
-                    print(_format_event(entry), flush=True)
+                    print(view.event_text(entry.kind, entry.event or {}, entry.attempt), flush=True)
         return EXIT_OK
 
     return _run(args, run)
@@ -488,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ram-gib", type=float, help="offer at most this much RAM")
     p.add_argument("--max-vram-gib", type=float, help="offer at most this much VRAM per GPU")
     p.add_argument("--workdir", help="where trainer outputs are written (default: a temp dir)")
+    p.add_argument("--no-torch-probe", action="store_true",
+                   help="skip the torch/CUDA cross-check subprocess (faster start; torch jobs still need torch)")
 
     verb("provision", cmd_provision, "create or update every stream, bucket and object store (idempotent)")
 

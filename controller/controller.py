@@ -249,8 +249,8 @@ class Controller:
             log.warning("handling max-deliveries of ticket %d failed: %r", seq, exc)
 
     async def exhausted_ticket(self, seq: int, deliveries: int) -> str:
-        """A ticket hit max_deliver. Remove it (a work queue keeps it forever otherwise); fail
-        the job if its attempts are spent, else re-offer it with a fresh ticket."""
+        """A ticket hit max_deliver. Remove it (a work queue keeps it forever otherwise, nats-server
+        #5564); fail the job if its attempts are spent, else re-offer it with a fresh ticket."""
         stream = self.names.jobs_stream
         try:
             raw = await self.b.js.get_msg(stream, seq)
@@ -269,7 +269,9 @@ class Controller:
             return "stale"
         if rec.status.held and not rec.lease_expired(self.settings.lease_s):
             return "held"
-        if rec.attempt >= rec.max_attempts or rec.status.held:
+        # Deliveries also count NAKs (ineligible agents, early redeliveries): only spent attempts
+        # fail a job; otherwise a fresh ticket re-offers it (a lapsed holder is then taken over).
+        if rec.attempt >= rec.max_attempts:
             reason = (f"ticket delivered {deliveries} times without completing (max_deliver "
                       f"{self.settings.max_deliver}) after {rec.attempt} attempt(s); last error: "
                       f"{rec.last_error or 'none'}")

@@ -231,9 +231,16 @@ class LogEntry:
     stream: str | None = None  # stdout | stderr, for logs
     line: str | None = None
     event: dict[str, Any] | None = None
+    generation: int | None = None  # when the agent stamps it (attempts restart at 1 after a requeue)
+
+    @property
+    def run(self) -> tuple[int | None, int | None]:
+        """Which run of the job this belongs to: (generation, attempt)."""
+        return self.generation, self.attempt
 
     def to_json(self) -> dict[str, Any]:
-        out = {"seq": self.seq, "at": self.at, "kind": self.kind, "attempt": self.attempt}
+        out = {"seq": self.seq, "at": self.at, "kind": self.kind, "attempt": self.attempt,
+               "generation": self.generation}
         if self.kind == "log":
             out.update(stream=self.stream, line=self.line)
         else:
@@ -248,13 +255,14 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _entry(msg: Msg, logs_subject: str, current_attempt: int | None) -> LogEntry:
+def _entry(msg: Msg, logs_subject: str, current: tuple[int | None, int | None]) -> LogEntry:
     meta = msg.metadata
     at = meta.timestamp.timestamp() if meta.timestamp else time.time()
     headers = msg.headers or {}
     if msg.subject == logs_subject:
         return LogEntry(seq=meta.sequence.stream, at=at, kind="log",
                         attempt=_int_or_none(headers.get("Trainfleet-Attempt")),
+                        generation=_int_or_none(headers.get("Trainfleet-Generation")),
                         stream=headers.get("Trainfleet-Stream", "stdout"),
                         line=msg.data.decode(errors="replace").rstrip("\n"))
     try:
@@ -263,10 +271,11 @@ def _entry(msg: Msg, logs_subject: str, current_attempt: int | None) -> LogEntry
             raise ValueError("not an object")
     except ValueError:
         event = {"kind": "garbage", "data": msg.data.decode(errors="replace")}
-    # Events from agents that do not stamp the attempt belong to the run whose output surrounds them.
-    attempt = _int_or_none(event.get("attempt"))
-    return LogEntry(seq=meta.sequence.stream, at=at, kind=str(event.get("kind") or "progress"),
-                    attempt=attempt if attempt is not None else current_attempt, event=event)
+    # Events that do not name their run belong to the run whose output surrounds them.
+    attempt, generation = _int_or_none(event.get("attempt")), _int_or_none(event.get("generation"))
+    return LogEntry(seq=meta.sequence.stream, at=at, kind=str(event.get("kind") or "progress"), event=event,
+                    attempt=attempt if attempt is not None else current[1],
+                    generation=generation if generation is not None else current[0])
 
 
 async def read_logs(broker: Broker, job_id: str, *, follow: bool = False, events: bool = False,
@@ -292,7 +301,7 @@ async def read_logs(broker: Broker, job_id: str, *, follow: bool = False, events
     except nats.js.errors.NotFoundError as exc:
         raise BrokerError(f"the logs stream {names.logs_stream} does not exist: run `trainfleet provision`") from exc
     pending = info.num_pending
-    current_attempt: int | None = None
+    current: tuple[int | None, int | None] = (None, None)  # (generation, attempt) of the last line
     finishing = False
     try:
         while follow or pending > 0:
@@ -302,9 +311,9 @@ async def read_logs(broker: Broker, job_id: str, *, follow: bool = False, events
                 msgs = []
             for msg in msgs:
                 pending = msg.metadata.num_pending
-                entry = _entry(msg, logs_subject, current_attempt)
+                entry = _entry(msg, logs_subject, current)
                 if entry.kind == "log":
-                    current_attempt = entry.attempt
+                    current = entry.run
                 if attempt is None or entry.attempt == attempt:
                     yield entry
             if msgs:

@@ -110,12 +110,20 @@ ENDPOINT_DOCS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Micro error codes (the Nats-Service-Error-Code header) for the CLI exit codes in the body.
+ERROR_CODES = {1: "409", 2: "400", 3: "503", 4: "404", 5: "422"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200]  # a header value: no newlines
+
+
 def _wrap(name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
     async def endpoint(req: Request) -> None:
         try:
             body = json.loads(req.data) if req.data.strip() else {}
             if not isinstance(body, dict):
-                raise TrainfleetError("request body must be a JSON object")
+                raise ValueError("request body must be a JSON object (or empty)")
             result = await handler(body)
             await req.respond(json.dumps({"ok": True, "result": result}, default=str).encode())
         except ManifestError as exc:
@@ -125,11 +133,11 @@ def _wrap(name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
         except (TrainfleetError, ValueError) as exc:
             code = getattr(exc, "exit_code", 2)
             reply = {"ok": False, "error": str(exc), "exit_code": code}
-            await req.respond_error("400", str(exc)[:200], json.dumps(reply).encode())
+            await req.respond_error(ERROR_CODES.get(code, "400"), _one_line(str(exc)), json.dumps(reply).encode())
         except Exception as exc:
             log.exception("control endpoint %s failed", name)
             reply = {"ok": False, "error": f"internal error: {exc!r}", "exit_code": 1}
-            await req.respond_error("500", repr(exc)[:200], json.dumps(reply).encode())
+            await req.respond_error("500", _one_line(repr(exc)), json.dumps(reply).encode())
 
     return endpoint
 
@@ -172,7 +180,11 @@ async def request(nc: Client, names: Names, verb: str, body: dict[str, Any] | No
                           f"{names.ctl_subject(verb)}); start one with `trainfleet controller`") from exc
     except nats.errors.TimeoutError as exc:
         raise BrokerError(f"the controller did not answer {verb} within {timeout_s:g}s") from exc
-    data = json.loads(reply.data or b"{}")
+    try:
+        data = json.loads(reply.data or b"{}")
+    except ValueError:
+        error = (reply.headers or {}).get("Nats-Service-Error") or reply.data.decode(errors="replace")[:200]
+        raise TrainfleetError(f"the controller answered {verb} with something that is not JSON: {error}") from None
     if not data.get("ok"):
         err = ManifestErrorReply(data) if data.get("problems") else TrainfleetError(data.get("error", "failed"))
         err.exit_code = int(data.get("exit_code", 1))

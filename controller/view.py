@@ -51,12 +51,12 @@ def fmt_metrics(metrics: dict[str, Any], limit: int | None = None) -> str:
 
 def headline(rec: JobRecord, limit: int = 2) -> str:
     """The final headline metric once the trainer wrote one, else the latest reported metrics."""
+    if not rec.status.terminal:  # metrics of an earlier generation would mislead: show this run's
+        return fmt_metrics((rec.progress or {}).get("metrics") or {}, limit)
     name = rec.metrics.get("headline") if rec.metrics else None
     if name and name in rec.metrics:
         return f"{name}={fmt_value(rec.metrics[name])}"
-    if rec.status.terminal and rec.status != JobStatus.COMPLETED:
-        return ""
-    return fmt_metrics((rec.progress or {}).get("metrics") or {}, limit)
+    return ""
 
 
 def styled_state(state: str) -> str:
@@ -93,3 +93,18 @@ def fmt_bytes(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def event_text(kind: str, event: dict[str, Any], attempt: int | None) -> str:
+    """One line for an event on a job's events subject (progress, or the agent's started/finished)."""
+    if kind == "progress":
+        step, total = event.get("step"), event.get("total")
+        where = ""
+        if isinstance(step, int) and isinstance(total, int) and total > 0:
+            where = f"{bar(min(step, total), total)} {step}/{total} "
+        elif step is not None:
+            where = f"step {step} "
+        return f"[progress] {where}{fmt_metrics(event.get('metrics') or {})}".rstrip()
+    host = f" on {event['host']}" if event.get("host") else ""
+    outcome = f": {event['outcome']}" if event.get("outcome") else ""
+    return f"[{kind}] attempt {attempt if attempt is not None else '?'}{host}{outcome}"

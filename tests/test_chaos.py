@@ -1,0 +1,109 @@
+"""Chaos: hundreds of short jobs, agents SIGKILLed and restarted at random; every job completes once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainfleet.broker.schema import JobStatus
+
+from .conftest import KVAudit, linreg_manifest, records, trainer_starts, wait_terminal
+
+JOBS = int(os.environ.get("TRAINFLEET_CHAOS_JOBS", "200"))
+AGENTS = 4
+CHAOS_S = 40.0
+
+
+class AgentProc:
+    def __init__(self, settings, host_id: str, root: Path):
+        self.settings, self.host_id, self.root = settings, host_id, root
+        self.proc: subprocess.Popen | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        env = {**os.environ, "NATS_URL": self.settings.url, "TRAINFLEET_LEASE_S": str(self.settings.lease_s),
+               "TRAINFLEET_HEARTBEAT_S": str(self.settings.heartbeat_s), "TRAINFLEET_FETCH_TIMEOUT_S": "0.5",
+               "TRAINFLEET_NAK_DELAY_S": "0.5"}
+        with open(self.root / f"{self.host_id}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "trainfleet.controller.cli", "agent", "--host-id", self.host_id,
+                 "--workdir", str(self.root / self.host_id), "--no-torch-probe"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.kills += 1
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def fenced(self) -> int:
+        return (self.root / f"{self.host_id}.log").read_text(errors="replace").count("fenced (lease lost)")
+
+
+async def chaos(agents: list[AgentProc], rng: random.Random, until: float, done: asyncio.Event) -> None:
+    while time.monotonic() < until and not done.is_set():
+        await asyncio.sleep(rng.uniform(1.0, 3.0))
+        victim = rng.choice(agents)
+        victim.kill()
+        await asyncio.sleep(rng.uniform(0.2, 1.5))
+        victim.start()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, broker, settings, tmp_path):
+    rng = random.Random(int(os.environ.get("TRAINFLEET_CHAOS_SEED", "20261123")))
+    settings = settings.with_(lease_s=3.0, heartbeat_s=1.0)
+    fleet.settings = settings
+    manifest = linreg_manifest(JOBS, epochs=300)
+    ids = [s.job_id for s in manifest.jobs]
+    from trainfleet.controller.controller import Controller
+
+    fleet.controller = Controller(settings, handle_signals=False)
+    ctl = await fleet.start_controller()
+    audit = await KVAudit(broker).start()
+    await ctl.sync(manifest)
+    agents = [AgentProc(settings, f"c{i}", tmp_path) for i in range(AGENTS)]
+    for agent in agents:
+        agent.start()
+    done = asyncio.Event()
+    chaos_task = asyncio.create_task(chaos(agents, rng, time.monotonic() + CHAOS_S, done))
+    try:
+        recs = await wait_terminal(broker, ids, timeout_s=420)
+    finally:
+        done.set()
+        await chaos_task
+        for agent in agents:
+            agent.stop()
+        await audit.stop()
+    completions = audit.completions()
+    lost = [i for i in ids if recs[i].status != JobStatus.COMPLETED]
+    doubled = [i for i in ids if completions.get((i, 1), 0) > 1]
+    starts = await trainer_starts(broker, ids)
+    referenced = {r.artifact for r in (await records(broker)).values()}
+    stored = {o.name for o in await broker.artifacts.list()}
+    print(f"\nchaos: {JOBS} jobs, {AGENTS} agents, {sum(a.kills for a in agents)} SIGKILLs | "
+          f"lost={len(lost)} double-accepted={len(doubled)} "
+          f"fenced={sum(a.fenced() for a in agents)} (orphan uploads={len(stored - referenced)}) "
+          f"trainer-starts={sum(starts.values())} (re-runs={sum(starts.values()) - len(starts)}) "
+          f"max attempts={max(r.attempt for r in recs.values())}")
+    assert sum(a.kills for a in agents) >= 5
+    assert lost == [] and doubled == []
+    assert all(completions.get((i, 1)) == 1 for i in ids)
+    assert all(starts.get(i, 0) >= 1 for i in ids)
