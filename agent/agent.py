@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import importlib.metadata
 import json
@@ -62,6 +63,9 @@ TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.e
 
 
 PROGRESS_EVENT_INTERVAL_S = 0.2
+# Each class is asked with a pull request this short: a queued ticket comes back at once, an
+# empty class costs one round trip, so a round over many classes stays fast.
+ROUND_FETCH_S = 0.1
 
 
 class Verdict(enum.Enum):
@@ -126,6 +130,7 @@ class Agent:
         self.counters: dict[str, int] = {o.value: 0 for o in Outcome}
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._doorbell = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: dict[str, Any] = {}
         self.free_cpu = 0
@@ -182,12 +187,43 @@ class Agent:
                 loop.add_signal_handler(sig, self.request_stop)
         self.broker = await Broker.connect(self.settings, name=f"trainfleet-agent-{self.host_id}",
                                            provision=True, wait_s=self.settings.connect_wait_s)
+        await self._apply_host_policy()
+        await self._ring_on_new_tickets()
         log.info("agent %s serving %s", self.host_id, ", ".join(self.classes()))
         registry = asyncio.create_task(self._registry_loop())
         try:
             await self._fetch_loop()
         finally:
             await asyncio.shield(self._shutdown(registry))
+
+    async def _apply_host_policy(self) -> None:
+        """The manifest's [hosts.<id>] overrides, from the controller; the more restrictive of
+        them and this agent's own flags and detection wins. No controller: keep our own."""
+        from trainfleet.agent.capability import apply_overrides
+        from trainfleet.controller.service import request
+
+        assert self.broker is not None and self.capability is not None
+        try:
+            policy = await request(self.broker.nc, self.names, "hostpolicy", {"host_id": self.host_id},
+                                   timeout_s=3.0)
+        except Exception as exc:  # no controller yet, or an older one: flags and detection rule
+            log.info("no host policy from a controller (%s); using local settings", exc)
+            return
+        if not policy:
+            return
+        self.capability = apply_overrides(self.capability, max_cores=policy.get("max_cores"),
+                                          max_ram_gib=policy.get("max_ram_gib"),
+                                          max_vram_gib=policy.get("max_vram_gib"))
+        opts = self.options
+        cpu_slots = min(opts.cpu_slots, policy["cpu_slots"]) if policy.get("cpu_slots") is not None \
+            else opts.cpu_slots
+        gpu_slots = policy.get("gpu_slots")
+        if opts.gpu_slots is not None:
+            gpu_slots = opts.gpu_slots if gpu_slots is None else min(gpu_slots, opts.gpu_slots)
+        serve_cpu = opts.serve_cpu and policy.get("serve_cpu") is not False
+        self.options = dataclasses.replace(opts, cpu_slots=cpu_slots, gpu_slots=gpu_slots, serve_cpu=serve_cpu)
+        self._init_slots()
+        log.info("applied host policy %s", policy)
 
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag; the loops do the rest."""
@@ -199,26 +235,43 @@ class Agent:
             await self.tick()
 
     async def tick(self) -> bool:
-        """One poll: fetch at most one ticket from the best class that has a free slot."""
+        """One round: fetch at most one ticket from the best class that has a free slot; when
+        every class is empty, sleep until a ticket is published (the doorbell) or a short idle
+        timeout passes (redeliveries of NAKed tickets ring no bell)."""
         servable = [k for k in self.classes() if self._has_slot_for(k)]
         if not servable:
             self._slot_freed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._slot_freed.wait(), self.settings.fetch_timeout_s)
             return False
+        self._doorbell.clear()
         for klass in servable:
-            msg = await self._fetch_one(klass)
+            msg = await self._fetch_one(klass, ROUND_FETCH_S)
             if msg is None or self._stopping.is_set():
                 if msg is not None:
                     await self._safe(msg.nak())
                 continue
-            task = asyncio.create_task(self._serve(msg, klass))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            # Let the claim take its slot before deciding whether to fetch more.
-            await asyncio.sleep(0)
+            # Claim inline: the slot is taken before the next fetch, so an agent never holds
+            # tickets it has no room for (that would NAK them and upset priority order).
+            job = await self._claim_guarded(msg, klass)
+            if job is not None:
+                task = asyncio.create_task(self._serve(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._doorbell.wait(), self.settings.fetch_timeout_s)
         return False
+
+    async def _ring_on_new_tickets(self) -> None:
+        """A core subscription on our classes' subjects: every published ticket wakes the loop."""
+        assert self.broker is not None
+
+        async def ring(_msg: Msg) -> None:
+            self._doorbell.set()
+
+        for klass in self.classes():
+            await self.broker.nc.subscribe(self.names.jobs_subject(klass), cb=ring)
 
     async def _subscription(self, klass: str) -> Any:
         sub = self._subs.get(klass)
@@ -229,8 +282,7 @@ class Agent:
             self._subs[klass] = sub
         return sub
 
-    async def _fetch_one(self, klass: str) -> Msg | None:
-        timeout = self.settings.fetch_timeout_s
+    async def _fetch_one(self, klass: str, timeout: float) -> Msg | None:
         try:
             sub = await self._subscription(klass)
             # Short pull requests plus an outer guard: a pull that the server
@@ -274,27 +326,31 @@ class Agent:
         self._slot_freed.set()
 
     # -- one job -----------------------------------------------------------
-    async def _serve(self, msg: Msg, klass: str) -> None:
-        job: JobRun | None = None
+    async def _claim_guarded(self, msg: Msg, klass: str) -> JobRun | None:
         try:
-            job = await self._claim(msg)
-            if job is None:
-                return
-            self.running[job.job_id] = job
+            return await self._claim(msg)
+        except Exception:
+            log.exception("claiming a ticket from %s failed; handing it back", klass)
+            await self._safe(msg.nak(delay=self.settings.nak_delay_s))
+            return None
+
+    async def _serve(self, job: JobRun) -> None:
+        """Run and finish a claimed job; the slot is released whatever happens."""
+        self.running[job.job_id] = job
+        try:
             await self._run(job)
             outcome = await self._finish(job)
             self.counters[outcome.value] += 1
             await self._event(job, "finished", outcome.value)
             log.info("job %s (%s) %s on %s", job.job_id[:12], job.record.spec.name, outcome.value, self.host_id)
         except Exception:
-            log.exception("serving a ticket from %s failed; handing it back", klass)
-            await self._safe(msg.nak(delay=self.settings.nak_delay_s))
+            log.exception("job %s failed in the agent; the lease will lapse and another agent retries",
+                          job.job_id[:12])
         finally:
-            if job is not None:
-                self.running.pop(job.job_id, None)
-                self._release_slot(job.slot)
-                if not self.options.keep_outputs:
-                    shutil.rmtree(job.workdir, ignore_errors=True)
+            self.running.pop(job.job_id, None)
+            self._release_slot(job.slot)
+            if not self.options.keep_outputs:
+                shutil.rmtree(job.workdir, ignore_errors=True)
 
     def judge(self, record: JobRecord, ticket: Ticket, seq: int, now: float | None = None) -> tuple[Verdict, float]:
         """What a ticket means given the record (the truth): claim it, drop it, or wait."""
@@ -423,10 +479,13 @@ class Agent:
     async def _run(self, job: JobRun) -> None:
         """Start the trainer and hold the lease until it exits, the lease is lost, or we hand back."""
         await self._safe(job.msg.in_progress())
-        running = job.record.evolve(status=JobStatus.RUNNING, started_at=time.time(), heartbeat_at=time.time())
+        env = self._trainer_env(job)
+        device = "cpu" if job.slot == "cpu" else f"{job.slot} {env['CUDA_VISIBLE_DEVICES']}"
+        running = job.record.evolve(status=JobStatus.RUNNING, started_at=time.time(), heartbeat_at=time.time(),
+                                    device=device)
         if not await self._write_held(job, running):
             return
-        trainer = TrainerProcess(job.record.spec, job.workdir / "output", env=self._trainer_env(job),
+        trainer = TrainerProcess(job.record.spec, job.workdir / "output", env=env,
                                  on_output=lambda stream, line: self._ship_log(job, stream, line),
                                  on_progress=lambda event: self._on_progress(job, event))
         job.trainer = trainer
@@ -553,9 +612,13 @@ class Agent:
             metrics=event.get("metrics") or {}, at=event.get("at") or time.time(), attempt=job.record.attempt))
 
     async def _event(self, job: JobRun, kind: str, outcome: str | None = None) -> None:
+        """Lifecycle marks are flushed: they must reach the stream even if we die right after."""
+        assert self.broker is not None
         await self._publish_event(job, ProgressEvent(job_id=job.job_id, kind=kind, at=time.time(),
                                                      host=self.host_id, attempt=job.record.attempt,
                                                      outcome=outcome))
+        with contextlib.suppress(*TRANSIENT, nats.errors.Error):
+            await self.broker.nc.flush(timeout=2)
 
     async def _publish_event(self, job: JobRun, event: ProgressEvent) -> None:
         assert self.broker is not None
@@ -657,6 +720,11 @@ class Agent:
         assert self.broker is not None
         period = min(self.settings.heartbeat_s, self.settings.worker_ttl_s / 3)
         while True:
+            if self.capability is not None and self.capability.has_cuda:
+                from trainfleet.agent.capability import refresh_gpus
+
+                # Free VRAM moves with other users of the card; explain and plan read it here.
+                self.capability = await asyncio.to_thread(refresh_gpus, self.capability)
             with contextlib.suppress(*TRANSIENT, nats.js.errors.Error):
                 await self.broker.workers.put(self.host_id, encode(self.worker_record()))
             await asyncio.sleep(period)

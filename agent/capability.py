@@ -737,8 +737,26 @@ def detect(
         platform=f"{platform.system()}-{platform.machine()}",
         code_commit=code_commit if code_commit is not None else _resolve_commit(),
         in_container=container,
+        modules=importable_modules(),
         notes=tuple(notes),
     )
+
+
+# Modules a manifest's `requires` commonly names; the registry lists which are importable here
+# so `trainfleet explain` can judge remote hosts. Any other module is checked by the agent itself.
+KNOWN_MODULES = ("torch", "sklearn", "numpy", "scipy", "pandas", "jax", "tensorflow", "xgboost", "lightgbm")
+
+
+def importable_modules(candidates: tuple[str, ...] = KNOWN_MODULES) -> tuple[str, ...]:
+    """Which of ``candidates`` can be imported (found on the path, not imported)."""
+    found = []
+    for name in candidates:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                found.append(name)
+        except (ImportError, ValueError):
+            continue
+    return tuple(found)
 
 
 def _resolve_commit() -> str:

@@ -52,7 +52,7 @@ def ineligibility(spec: JobSpec, cap: Capability, *, record: JobRecord | None = 
         reasons.append(f"min_cores {c.min_cores:g}: {cap.cores_usable:g} usable")
     reasons += _host_reasons(spec, cap.host_id, record.excluded_hosts if record else {})
     for module in spec.requires:
-        if module == "torch" and cap.torch_version is not None:
+        if module in cap.modules or (module == "torch" and cap.torch_version is not None):
             continue
         if not has_module(module):
             reasons.append(f"requires python module {module!r}, not installed on this host")

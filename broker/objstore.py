@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,8 +89,9 @@ class ObjectInfo(msgspec.Struct, kw_only=True):
     digest: str = ""
     deleted: bool = False
     description: str | None = None
-    headers: dict[str, Any] | None = None
-    metadata: dict[str, str] | None = None
+    # Kept as decoded: writers disagree on their shapes, and we only carry them along.
+    headers: Any = None
+    metadata: Any = None
     options: ObjectOptions | None = None
 
     def to_json(self) -> bytes:
@@ -211,21 +215,61 @@ class _AckWindow:
             raise self.error
 
 
-class _ChunkSink:
-    """Receives one object's chunks in order, writing and hashing them; fails on any gap."""
+class _DiskWriter:
+    """Writes and hashes chunks in order on one worker thread, so the event loop only moves bytes.
 
-    def __init__(self, info: ObjectInfo, fh: BinaryIO, request_more: Any, window_chunks: int):
-        self.info = info
+    hashlib and file writes release the GIL, so on a multi-core host the digest and
+    the disk overlap with parsing the next chunks. At most ``limit`` chunks wait
+    for the thread: :meth:`write` blocks the caller beyond that (memory stays bounded).
+    """
+
+    def __init__(self, fh: BinaryIO, limit: int):
         self.fh = fh
+        self.limit = max(1, limit)
+        self.digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainfleet-objstore")
+        self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def _write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.digest.update(data)
+
+    async def write(self, data: bytes) -> None:
+        self._queued.append(asyncio.get_running_loop().run_in_executor(self._pool, self._write, data))
+        while len(self._queued) > self.limit:
+            await self._queued.popleft()
+
+    async def drain(self) -> None:
+        """Wait for every queued write; the first failure (disk full, say) is raised."""
+        while self._queued:
+            await self._queued.popleft()
+
+    def close(self) -> None:
+        """After a failure: drop queued writes (retrieving any error so none goes unreported)."""
+        for fut in self._queued:
+            if not fut.cancel() and not fut.cancelled():
+                fut.exception()
+        self._pool.shutdown(wait=True)
+
+
+class _ChunkSink:
+    """Receives one object's chunks in order and hands them to the writer; fails on any gap."""
+
+    def __init__(self, info: ObjectInfo, writer: _DiskWriter, request_more: Any, window_chunks: int):
+        self.info = info
+        self.writer = writer
         self.request_more = request_more
         self.window = max(1, window_chunks)
-        self.digest = hashlib.sha256()
         self.received = 0
         self.size = 0
         self.requested = 0
         self.max_in_flight = 0
         self.last_seen = time.monotonic()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def digest(self) -> Any:
+        return self.writer.digest
 
     async def top_up(self) -> None:
         """Keep up to ``window`` chunks requested ahead; ask in half-window batches."""
@@ -262,22 +306,27 @@ class _ChunkSink:
         if seq != self.received + 1:
             self.fail(f"chunk {self.received + 1} missing (got consumer sequence {seq})")
             return
-        self._write(msg.data)
-        if self.received == self.info.chunks:
-            self._finish()
-        else:
-            await self.top_up()
-
-    def _write(self, data: bytes) -> None:
         self.received += 1
-        self.size += len(data)
+        self.size += len(msg.data)
         if self.size > self.info.size:
             self.fail(f"chunks hold more than the recorded {self.info.size} bytes")
             return
-        self.fh.write(data)
-        self.digest.update(data)
+        try:
+            await self.writer.write(msg.data)
+        except OSError as exc:
+            self.fail(f"writing the download failed: {exc}")
+            return
+        if self.received == self.info.chunks:
+            await self._finish()
+        else:
+            await self.top_up()
 
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
+        try:
+            await self.writer.drain()
+        except OSError as exc:
+            self.fail(f"writing the download failed: {exc}")
+            return
         if self.done.done():
             return
         if self.size != self.info.size:
@@ -369,8 +418,6 @@ class ObjectStoreClient:
 
     async def put_bytes(self, name: str, data: bytes, *, chunk_bytes: int | None = None) -> ObjectInfo:
         """Store ``data`` as object ``name`` (small objects and tests)."""
-        import io
-
         return await self.put_stream(name, io.BytesIO(data), chunk_bytes=chunk_bytes)
 
     async def put_stream(self, name: str, reader: BinaryIO, *, chunk_bytes: int | None = None,
@@ -380,24 +427,30 @@ class ObjectStoreClient:
         if chunk_bytes > self.nc.max_payload:
             raise ArtifactError(f"chunk size {chunk_bytes} exceeds the server's max_payload {self.nc.max_payload}")
         started = time.perf_counter()
-        previous = await self.info(name)
+        # The previous version (whose chunks go once ours are in) is looked up while chunks flow.
+        previous = asyncio.create_task(self.info(name))
         nuid = self._nuid.next().decode()
         subject = self.chunk_subject(nuid)
         window = _AckWindow(self._window_chunks(chunk_bytes), self.stream, self.timeout_s)
         digest = hashlib.sha256()
         try:
             size, chunks = await self._send_chunks(reader, subject, chunk_bytes, window, digest)
+            old = await previous
             info = ObjectInfo(name=name, bucket=self.bucket, nuid=nuid, size=size, chunks=chunks,
                               digest=digest_string(digest.digest()), mtime=_now_rfc3339(),
                               options=ObjectOptions(max_chunk_size=chunk_bytes))
             await self._publish_info(info)
-        except BaseException:
+        except BaseException as exc:
+            await asyncio.wait([previous])
             # Chunks nobody's info points at are garbage: drop them, whatever went wrong.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._purge(subject))
+            lookup_error = None if previous.cancelled() else previous.exception()
+            if lookup_error is not None and isinstance(exc, Exception):
+                raise lookup_error from exc  # e.g. "bucket does not exist" says more than a refused chunk
             raise
-        if previous is not None and previous.nuid and previous.nuid != nuid:
-            await self._purge(self.chunk_subject(previous.nuid))
+        if old is not None and old.nuid and old.nuid != nuid:
+            await self._purge(self.chunk_subject(old.nuid))
         if stats is not None:
             stats.bytes, stats.chunks, stats.max_in_flight = size, chunks, window.max_in_flight
             stats.elapsed_s = time.perf_counter() - started
@@ -405,21 +458,31 @@ class ObjectStoreClient:
 
     async def _send_chunks(self, reader: BinaryIO, subject: str, chunk_bytes: int, window: _AckWindow,
                            digest: Any) -> tuple[int, int]:
+        def read_chunk() -> bytes:
+            data = reader.read(chunk_bytes)
+            digest.update(data)
+            return data
+
+        loop = asyncio.get_running_loop()
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(f"{inbox}.*", cb=window.on_ack)
         size = chunks = 0
-        try:
-            while data := reader.read(chunk_bytes):
-                digest.update(data)
-                await window.wait_below(window.limit)
-                window.sent()
-                await self.nc.publish(subject, data, reply=f"{inbox}.{chunks}")
-                size += len(data)
-                chunks += 1
-            await window.wait_below(0)
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        # Reading and hashing run on a worker thread, one chunk ahead of the publishes.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainfleet-objstore") as pool:
+            try:
+                ahead = loop.run_in_executor(pool, read_chunk)
+                while data := await ahead:
+                    ahead = loop.run_in_executor(pool, read_chunk)
+                    await window.wait_below(window.limit)
+                    window.sent()
+                    await self.nc.publish(subject, data, reply=f"{inbox}.{chunks}")
+                    size += len(data)
+                    chunks += 1
+                await window.wait_below(0)
+            finally:
+                await asyncio.wait([ahead])  # never leave the thread reading a file we are about to close
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
         return size, chunks
 
     async def _publish_info(self, info: ObjectInfo) -> None:
@@ -480,25 +543,34 @@ class ObjectStoreClient:
             # no_wait: every chunk is stored before the info is, so an empty answer means truncation.
             await self.nc.publish(next_subject, msgspec.json.encode({"batch": count, "no_wait": True}), reply=inbox)
 
-        sink = _ChunkSink(info, fh, request_more, self._window_chunks(chunk_bytes))
-        if info.chunks == 0:
-            sink._finish()
-            await sink.done
-            return sink
-        window = sink.window * chunk_bytes
-        sub = await self.nc.subscribe(inbox, cb=sink.on_msg, pending_bytes_limit=max(64 << 20, 4 * window))
+        window_chunks = self._window_chunks(chunk_bytes)
+        writer = _DiskWriter(fh, window_chunks)
         try:
-            await self._create_consumer(consumer, self.chunk_subject(info.nuid))
+            sink = _ChunkSink(info, writer, request_more, window_chunks)
+            if info.chunks == 0:
+                await sink._finish()
+            else:
+                await self._pull_all(sink, consumer, inbox, window_chunks * chunk_bytes)
+            await sink.done
+        finally:
+            writer.close()
+        return sink
+
+    async def _pull_all(self, sink: _ChunkSink, consumer: str, inbox: str, window_bytes: int) -> None:
+        sub = await self.nc.subscribe(inbox, cb=sink.on_msg, pending_bytes_limit=max(64 << 20, 4 * window_bytes))
+        try:
+            await self._create_consumer(consumer, self.chunk_subject(sink.info.nuid))
             try:
                 await sink.top_up()
                 await self._await_sink(sink)
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._api(f"CONSUMER.DELETE.{self.stream}.{consumer}"))
+                # Fire and forget (its inactive_threshold is the backstop): no round trip on the way out.
+                with contextlib.suppress(nats.errors.Error):
+                    await self.nc.publish(f"{self.api}.CONSUMER.DELETE.{self.stream}.{consumer}",
+                                          reply=self.nc.new_inbox())
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-        return sink
 
     async def _create_consumer(self, name: str, subject: str) -> None:
         config = {"name": name, "filter_subject": subject, "deliver_policy": "all", "ack_policy": "none",

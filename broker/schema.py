@@ -109,6 +109,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     # host id -> why the manifest's host policy (allow_jobs/deny_jobs) excludes it.
     excluded_hosts: dict[str, str] = {}
     progress: dict[str, Any] = {}
+    # Where the trainer ran: "cpu" or "gpu:<index> <uuid>" (the CUDA_VISIBLE_DEVICES it got).
+    device: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
     schema_version: int = SCHEMA_VERSION
@@ -161,6 +163,8 @@ class Capability(msgspec.Struct, frozen=True, kw_only=True):
     platform: str = ""
     code_commit: str = ""
     in_container: bool = False
+    # Importable ML modules among a known list (see capability.KNOWN_MODULES), for `requires`.
+    modules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
     @property

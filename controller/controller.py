@@ -37,6 +37,7 @@ from trainfleet.broker.settings import Settings
 from trainfleet.controller.manifest import Manifest, load_manifest, parse_manifest, ticket_class
 from trainfleet.controller.store import (
     Stored,
+    TicketRef,
     cas,
     get_record,
     load_records,
@@ -94,6 +95,17 @@ class Controller:
         from trainfleet.controller.service import start_service
 
         self._service = await start_service(self)
+        group = self._service.add_group(name=self.names.ctl_group, queue_group=self.names.ctl_queue_group)
+        await group.add_endpoint(name="hostpolicy", handler=self._hostpolicy_endpoint)
+
+    async def _hostpolicy_endpoint(self, req: Any) -> None:
+        """``{"host_id": ID}`` → the manifest's overrides for that host (agents ask at start)."""
+        try:
+            body = json.loads(req.data or b"{}")
+            result = self.host_policy(str(body.get("host_id", "")))
+            await req.respond(json.dumps({"ok": True, "result": result}).encode())
+        except (ValueError, AttributeError) as exc:
+            await req.respond_error("400", str(exc), json.dumps({"ok": False, "error": str(exc)}).encode())
 
     async def run(self) -> None:
         """Start, reconcile until asked to stop, then stop serving and close."""
@@ -198,6 +210,7 @@ class Controller:
             if ref.ticket is not None:
                 live.setdefault(ref.ticket.job_id, set()).add((ref.ticket.generation, ref.ticket.klass))
         stats: Counter[str] = Counter()
+        stats["reordered"] = await self._reorder(records, tickets)
         for stored in records.values():
             rec = stored.record
             have = live.get(rec.job_id, set())
@@ -211,6 +224,35 @@ class Controller:
         if any(stats.values()):
             log.info("reconcile: %s", dict(stats))
         return dict(stats)
+
+    async def _reorder(self, records: dict[str, Stored], tickets: list[TicketRef]) -> int:
+        """Keep each class's queued tickets in priority order (a work queue is FIFO).
+
+        When a higher-priority ticket waits behind a lower one, the queued tickets from the first
+        inversion on are deleted and republished highest priority first. Only tickets of pending
+        jobs move; a held job's ticket is its lease and stays. A ticket moved while an agent is
+        deciding on it becomes a duplicate, which the record makes harmless."""
+        by_class: dict[str, list[TicketRef]] = {}
+        for ref in tickets:
+            stored = records.get(ref.ticket.job_id) if ref.ticket else None
+            if ref.ticket is not None and stored is not None and stored.record.status == JobStatus.PENDING \
+                    and stored.record.generation == ref.ticket.generation:
+                by_class.setdefault(ref.ticket.klass, []).append(ref)
+        moved = 0
+        for klass, queue in by_class.items():
+            start = _first_inversion([r.ticket.priority for r in queue if r.ticket])
+            if start is None:
+                continue
+            tail = sorted(queue[start:], key=lambda r: (-(r.ticket.priority if r.ticket else 0), r.seq))
+            for ref in tail:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self.b.js.delete_msg(self.names.jobs_stream, ref.seq)
+            for ref in tail:
+                rec = records[ref.ticket.job_id].record if ref.ticket else None
+                if rec is not None:
+                    await publish_ticket(self.b, rec, klass, dedupe_suffix=f".o{ref.seq}")
+            moved += len(tail)
+        return moved
 
     async def _grace(self, stored: Stored, now: float) -> int:
         """prefer_cuda jobs nobody with a GPU claimed within the grace window go to cpu as well."""
@@ -312,6 +354,14 @@ class Controller:
                 return fresh
         raise TrainfleetError(f"job {ref}: record kept changing; try again")
 
+    def host_policy(self, host_id: str) -> dict[str, Any]:
+        """The manifest's overrides for ``host_id`` (caps on what its agent offers), or {}."""
+        policy = self.manifest.hosts.get(host_id) if self.manifest else None
+        if policy is None:
+            return {}
+        keys = ("max_cores", "max_ram_gib", "max_vram_gib", "cpu_slots", "gpu_slots", "serve_cpu")
+        return {k: getattr(policy, k) for k in keys if getattr(policy, k) is not None}
+
     async def status(self) -> dict[str, Any]:
         records = await load_records(self.b)
         counts = Counter(s.record.status.value for s in records.values())
@@ -324,6 +374,17 @@ class Controller:
             "workers": {"alive": sum(1 for w in workers if now - w.last_seen <= stale_after),
                         "stale": sum(1 for w in workers if now - w.last_seen > stale_after)},
         }
+
+
+def _first_inversion(priorities: list[int]) -> int | None:
+    """Index of the first entry with a strictly higher priority somewhere after it."""
+    best_after = None
+    first = None
+    for i in range(len(priorities) - 1, -1, -1):
+        if best_after is not None and priorities[i] < best_after:
+            first = i
+        best_after = priorities[i] if best_after is None else max(best_after, priorities[i])
+    return first
 
 
 def record_json(rec: JobRecord) -> dict[str, Any]:

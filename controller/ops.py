@@ -309,6 +309,8 @@ async def read_logs(broker: Broker, job_id: str, *, follow: bool = False, events
                 msgs = await sub.fetch(LOG_BATCH, timeout=poll_s)
             except TimeoutError:  # nats.errors.TimeoutError is one
                 msgs = []
+            except nats.errors.Error as exc:
+                raise BrokerError(f"reading the logs of {job_id[:12]} failed: {exc!r}") from exc
             for msg in msgs:
                 pending = msg.metadata.num_pending
                 entry = _entry(msg, logs_subject, current)

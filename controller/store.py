@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import nats.js.errors
+from nats.js.kv import KeyValue
 
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import AmbiguousJob, JobNotFound, SchemaError
@@ -21,43 +22,49 @@ class Stored:
     revision: int
 
 
+async def kv_snapshot(kv: KeyValue, timeout_s: float = 10.0) -> list[KeyValue.Entry]:
+    """The latest entry of every live key.
+
+    nats-py's watcher may emit its "initial values done" marker (None) before the initial
+    values themselves, so the marker is not trusted: the snapshot ends at the entry with
+    nothing pending after it, and a marker only ends it when the bucket is really empty."""
+    if not (await kv.status()).values:
+        return []
+    watcher = await kv.watchall()
+    entries: list[KeyValue.Entry] = []
+    try:
+        while True:
+            entry = await watcher.updates(timeout=timeout_s)
+            if entry is None:
+                if not entries and not (await kv.status()).values:
+                    return []  # everything expired or was purged meanwhile
+                continue
+            if entry.operation is None and entry.value is not None:
+                entries.append(entry)
+            if not entry.delta:
+                return entries
+    finally:
+        await watcher.stop()
+
+
 async def load_records(broker: Broker) -> dict[str, Stored]:
     """Every readable job record with its KV revision (unreadable ones are logged and skipped)."""
     out: dict[str, Stored] = {}
-    watcher = await broker.jobs.watchall(ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.operation is not None or entry.value is None:
-                continue
-            try:
-                out[entry.key] = Stored(decode(entry.value, JobRecord), entry.revision or 0)
-            except SchemaError as exc:
-                log.warning("job record %s is unreadable: %s", entry.key, exc)
-            if not entry.delta:
-                break
-    finally:
-        await watcher.stop()
+    for entry in await kv_snapshot(broker.jobs):
+        try:
+            out[entry.key] = Stored(decode(entry.value, JobRecord), entry.revision or 0)
+        except SchemaError as exc:
+            log.warning("job record %s is unreadable: %s", entry.key, exc)
     return out
 
 
 async def load_workers(broker: Broker) -> list[WorkerRecord]:
     workers: list[WorkerRecord] = []
-    watcher = await broker.workers.watchall(ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.operation is None and entry.value:
-                try:
-                    workers.append(decode(entry.value, WorkerRecord))
-                except SchemaError as exc:
-                    log.warning("worker entry %s is unreadable: %s", entry.key, exc)
-            if not entry.delta:
-                break
-    finally:
-        await watcher.stop()
+    for entry in await kv_snapshot(broker.workers):
+        try:
+            workers.append(decode(entry.value, WorkerRecord))
+        except SchemaError as exc:
+            log.warning("worker entry %s is unreadable: %s", entry.key, exc)
     return sorted(workers, key=lambda w: w.host_id)
 
 

@@ -119,9 +119,11 @@ def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bo
     done = sum(1 for r in records.values() if r.status.terminal)
     title = f"trainfleet · {manifest.path} · {done}/{len(manifest.jobs)} done"
     table = Table(title=title, title_justify="left", expand=False)
-    for col in ("job", "model/mode", "state", "host", "try", "time", "progress" if not final else "artifact",
-                "metric"):
-        table.add_column(col, no_wrap=True)
+    # Minimum widths keep the live table from jumping as bars and metrics appear.
+    columns = (("job", 0), ("model/mode", 0), ("state", 9), ("host", 6), ("try", 3), ("time", 6),
+               ("artifact", 12) if final else ("progress", 16), ("metric", 0 if final else 28))
+    for col, width in columns:
+        table.add_column(col, no_wrap=True, min_width=width or None)
     for spec in sorted(manifest.jobs, key=lambda s: (-s.priority, s.name)):
         rec = records.get(spec.job_id)
         if rec is None:
@@ -199,6 +201,10 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(args.data_dir or f".trainfleet/up-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     embed = not args.url
     console.print(f"trainfleet up: {len(manifest.jobs)} jobs, {args.agents} agents, state in {data_dir}")
+    # The fleet runs in its own sessions, so a closed terminal (SIGHUP) or a SIGTERM would orphan it:
+    # treat both like Ctrl-C, which unwinds through fleet.stop() below.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     fleet, settings = start_fleet(str(Path(args.manifest).resolve()), settings, agents=args.agents,
                                   data_dir=data_dir, embed=embed)
     console.print(f"NATS at {settings.url}" + (" (embedded)" if embed else ""))
@@ -221,7 +227,8 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         if args.keep:
             console.print(f"fleet still running at {settings.url}; Ctrl-C to stop it")
             with contextlib.suppress(KeyboardInterrupt):
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+                while True:
+                    signal.pause()
         return 0 if ok else 1
     finally:
         fleet.stop()

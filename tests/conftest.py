@@ -95,7 +95,9 @@ default = 4000
 
 def linreg_manifest(n: int, *, epochs: int = 50, prefix: str = "lr", extra: str = "", job_extra: str = "") -> Manifest:
     """``n`` fast numpy jobs; ``epochs`` sets how long each trains (8000 ≈ 2 s here)."""
-    jobs = "".join(f'[[jobs]]\nname = "{prefix}-{i}"\nmodel = "linreg"\nmode = "gd"\nseed = {i}\n'
+    # Seeds differ per prefix: name and constraints are not part of a job's identity.
+    base = sum(map(ord, prefix)) * 1000
+    jobs = "".join(f'[[jobs]]\nname = "{prefix}-{i}"\nmodel = "linreg"\nmode = "gd"\nseed = {base + i}\n'
                    f"hyper = {{ epochs = {epochs} }}\n{job_extra}\n" for i in range(n))
     return parse_manifest("schema_version = 1\n" + extra + LINREG_MODEL + jobs, file="linreg.toml")
 
@@ -170,7 +172,7 @@ async def wait_for(predicate: Callable[[], Any] | Callable[[], Awaitable[Any]], 
             value = predicate()
             if asyncio.iscoroutine(value):
                 value = await value
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
             # A failover or reconnect in progress: not ready yet (re-raised at the deadline).
             if time.monotonic() > deadline:
                 raise

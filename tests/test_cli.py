@@ -7,16 +7,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from trainfleet.broker.schema import JobRecord, JobStatus, encode
+from trainfleet.broker.schema import Capability, JobRecord, JobStatus, WorkerRecord, encode
+from trainfleet.controller.manifest import parse_manifest
 
 from .conftest import GBM_MODEL, REPO, gbm_jobs, gbm_manifest, records, wait_terminal
 
 CLI = [sys.executable, "-m", "trainfleet.controller.cli"]
+ZERO_COUNTS = {s.value: 0 for s in JobStatus}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None):
@@ -68,8 +71,13 @@ hyper = { max_iter = "many" }
 def test_help_lists_the_verbs():
     result = run_cli("--help")
     assert result.returncode == 0
-    for verb in ("up", "validate", "agent", "controller", "status", "jobs", "cancel", "requeue"):
-        assert verb in result.stdout
+    for verb in ("up", "validate", "agent", "controller", "status", "jobs", "show", "cancel", "requeue", "reload",
+                 "workers", "logs", "artifacts", "monitor"):
+        assert f"    {verb}" in result.stdout
+    assert "exit codes" in result.stdout
+    for verb in ("status", "jobs", "show", "workers", "logs"):  # every listing has --json
+        assert "--json" in run_cli(verb, "--help").stdout
+    assert "--json" in run_cli("artifacts", "list", "--help").stdout
 
 
 def test_commands_exit_3_when_nats_is_unreachable():
@@ -103,33 +111,58 @@ def test_up_exits_1_and_shows_the_error_when_a_job_fails(tmp_path):
 
 async def test_operator_verbs_against_a_running_controller(fleet, broker, settings):
     ctl = await fleet.start_controller()
-    manifest = gbm_manifest(gbm_jobs(2))
+    manifest = gbm_manifest(gbm_jobs(2) + "\n" + gbm_jobs(1, prefix="boom") + "hyper = { fail = true }\n")
     await ctl.sync(manifest)
     url = settings.url
     code, out, _ = await arun_cli("status", "--json", url=url)
-    assert code == 0 and json.loads(out)["jobs"] == {"pending": 2}
+    assert code == 0 and json.loads(out)["jobs"] == {**ZERO_COUNTS, "pending": 3}
     code, out, _ = await arun_cli("jobs", "--json", url=url)
-    assert code == 0 and sorted(r["name"] for r in json.loads(out)) == ["job-0", "job-1"]
+    assert code == 0 and sorted(r["name"] for r in json.loads(out)) == ["boom-0", "job-0", "job-1"]
     code, _, err = await arun_cli("show", "nope", url=url)
     assert code == 4 and "no job matches" in err
     code, out, _ = await arun_cli("cancel", "job-0", url=url)
     assert code == 0 and "cancelled job-0" in out
     code, _, err = await arun_cli("cancel", "job-0", url=url)
-    assert code != 0 and "already cancelled" in err
-    code, out, _ = await arun_cli("requeue", "job-0", url=url)
-    assert code == 0 and "generation 2" in out
+    assert code == 1 and "already cancelled" in err
+    code, out, _ = await arun_cli("requeue", "job-0", "--json", url=url)
+    assert code == 0 and json.loads(out)["generation"] == 2 and json.loads(out)["status"] == "pending"
     recs = await records(broker)
-    assert sorted(r.status.value for r in recs.values()) == ["pending", "pending"]
-    # A worker comes up, trains both; the artifact downloads and extracts through the CLI
+    assert sorted(r.status.value for r in recs.values()) == ["pending"] * 3
+    # A worker comes up and trains them; one trainer fails on purpose
     fleet.start_agent("a1")
     await wait_terminal(broker, list(recs))
     code, out, _ = await arun_cli("workers", "--json", url=url)
-    assert code == 0 and [w["host_id"] for w in json.loads(out)] == ["a1"]
+    assert code == 0 and [w["host_id"] for w in json.loads(out)] == ["a1"] and json.loads(out)[0]["alive"]
+    code, out, _ = await arun_cli("jobs", "--state", "failed", url=url)
+    assert code == 0 and "boom-0" in out and "job-1" not in out
+    # show: record, state history, last error; and for a completed job its provenance
+    code, out, _ = await arun_cli("show", "boom-0", url=url)
+    assert code == 0 and "failed on a1" in out and "requested failure" in out and "last error" in out
+    code, out, _ = await arun_cli("show", "job-1", url=url)
+    assert code == 0 and "provenance (from the bundle)" in out and "scikit-learn" in out
+    assert [line.split()[4] for line in out.splitlines() if line.startswith("  rev ")] == [
+        "pending", "claimed", "running", "completed"]
+    shown = json.loads((await arun_cli("show", "job-1", "--json", url=url))[1])
+    assert shown["provenance"]["host"]["host_id"] == "a1" and shown["provenance"]["job"]["name"] == "job-1"
+    assert shown["provenance"]["versions"]["python"] and "timings" in shown["provenance"]
+    # logs of a finished job: the trainer's output, stderr on stderr
+    code, out, err = await arun_cli("logs", "boom-0", url=url)
+    assert code == 0 and "requested failure" in err
+    code, out, _ = await arun_cli("logs", "job-1", "--events", "--json", url=url)
+    entries = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and {e["kind"] for e in entries} >= {"log", "progress"}
+    assert all(e["attempt"] == 1 for e in entries)
+    # artifacts: listed, downloaded verified, extracted; a job without one is exit 5
+    code, out, _ = await arun_cli("artifacts", "list", "--json", url=url)
+    listed = json.loads(out)
+    assert code == 0 and sorted(r["name"] for r in listed) == ["job-0", "job-1"]
+    assert not any(r["orphan"] for r in listed)
     dest = Path(fleet.workdir) / "dl"
     code, out, err = await arun_cli("artifacts", "get", "job-1", "--out", str(dest), "--extract", url=url)
     assert code == 0, err
     assert (dest / "job-1" / "output" / "metrics.json").exists()
-    assert all(r.status == JobStatus.COMPLETED for r in (await records(broker)).values())
+    code, _, err = await arun_cli("artifacts", "get", "boom-0", "--out", str(dest), url=url)
+    assert code == 5 and "has no artifact" in err
 
 
 async def test_ambiguous_id_prefix_is_a_clear_error_and_a_unique_one_resolves(broker, settings):
@@ -145,3 +178,125 @@ async def test_ambiguous_id_prefix_is_a_clear_error_and_a_unique_one_resolves(br
     assert code == 0 and json.loads(out)["job_id"] == "abcd" + "2" * 60
     code, out, _ = await arun_cli("show", "n1", "--json", url=settings.url)
     assert code == 0 and json.loads(out)["job_id"] == "abcd" + "1" * 60
+
+
+# A trainer that prints a line, then waits for a gate file before it finishes: the test decides
+# when the job ends, so "follows a running job" is observed without guessing at timings.
+GATED_MODEL = """
+[models.gated]
+command = ["{python}", "-c", '''
+import json, pathlib, sys, time
+from trainfleet.agent.progress import report
+argv = sys.argv[1:]
+gate, out = pathlib.Path(argv[argv.index("--gate") + 1]), pathlib.Path(argv[argv.index("--out") + 1])
+print("before the gate", flush=True)
+report(step=1, total=2, loss=0.5)
+while not gate.exists():
+    time.sleep(0.05)
+print("a warning", file=sys.stderr, flush=True)
+print("after the gate", flush=True)
+report(step=2, total=2, loss=0.25)
+(out / "metrics.json").write_text(json.dumps({"headline": "loss", "loss": 0.25}))
+''']
+modes = ["run"]
+[models.gated.hyper.gate]
+type = "str"
+default = ""
+"""
+
+
+async def read_line(stream: asyncio.StreamReader) -> str:
+    return (await asyncio.wait_for(stream.readline(), 60)).decode()
+
+
+async def test_logs_follow_shows_a_running_jobs_output_live_and_exits_0_when_it_ends(fleet, broker, settings,
+                                                                                     tmp_path):
+    # Given a job whose trainer is waiting at its gate, and `logs -f` started before it ran
+    gate = tmp_path / "gate"
+    manifest = parse_manifest("schema_version = 1\n" + GATED_MODEL + f"""
+[[jobs]]
+name = "gated"
+model = "gated"
+mode = "run"
+hyper = {{ gate = "{gate}" }}
+""", file="gated.toml")
+    job_id = manifest.jobs[0].job_id
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    proc = await asyncio.create_subprocess_exec(*CLI, "logs", "gated", "-f", "--events",
+                                                env={**os.environ, "NATS_URL": settings.url},
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fleet.start_agent("a1")
+        # When the trainer's first line appears in the follower's output
+        first = {await read_line(proc.stdout) for _ in range(3)}
+        assert first == {"[started] attempt 1 on a1\n", "before the gate\n", "[progress] █████░░░░░ 1/2 loss=0.5\n"}
+        # Then the job is still running: the line came live, not after the fact
+        assert (await records(broker))[job_id].status == JobStatus.RUNNING
+        assert proc.returncode is None
+        # And once the trainer passes its gate and the job completes, the follower prints the rest and exits 0
+        gate.touch()
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    rest = out.decode().splitlines()
+    # (output and progress travel on separate pipes and subjects: each is in order, not interleaved exactly)
+    assert [line for line in rest if not line.startswith("[")] == ["after the gate"]
+    assert [line[:26] for line in rest if line.startswith("[progress]")] == ["[progress] ██████████ 2/2 "]
+    assert rest[-1] == "[finished] attempt 1 on a1: completed"
+    assert err.decode() == "a warning\n"
+    assert (await records(broker))[job_id].status == JobStatus.COMPLETED
+    # The whole output is there afterwards too, as JSON lines
+    code, out_json, _ = await arun_cli("logs", job_id[:8], "--json", url=settings.url)
+    lines = [json.loads(line) for line in out_json.splitlines()]
+    assert code == 0 and [(e["stream"], e["line"]) for e in lines] == [
+        ("stdout", "before the gate"), ("stderr", "a warning"), ("stdout", "after the gate")]
+    code, out_none, _ = await arun_cli("logs", "gated", "--attempt", "2", url=settings.url)
+    assert code == 0 and out_none == ""
+
+
+async def test_listings_have_json_shapes_and_filters_without_a_controller(broker, settings, tmp_path):
+    # Given records of two models (no controller running: reads go straight to NATS)
+    high = gbm_jobs(1, prefix="high") + "priority = 9\nhyper = { max_iter = 11 }\n"
+    gbm = gbm_manifest(gbm_jobs(2, prefix="low") + "\n" + high)
+    for spec in gbm.jobs:
+        await broker.jobs.create(spec.job_id, encode(JobRecord(job_id=spec.job_id, spec=spec)))
+    other = msgspec.structs.replace(gbm.jobs[0], job_id="f" * 64, name="mlp-0", model="mlp")
+    await broker.jobs.create(other.job_id, encode(JobRecord(job_id=other.job_id, spec=other,
+                                                            status=JobStatus.RUNNING, claimed_by="box")))
+    worker = WorkerRecord(host_id="box", capability=Capability(host_id="box"), classes=("cpu",),
+                          current_jobs=(other.job_id,), state="busy", last_seen=time.time())
+    await broker.workers.put("box", encode(worker))
+    url = settings.url
+    code, out, _ = await arun_cli("jobs", "--json", url=url)
+    rows = json.loads(out)
+    assert code == 0 and [r["name"] for r in rows] == ["high-0", "low-0", "low-1", "mlp-0"]
+    assert set(rows[0]) >= {"job_id", "name", "model", "mode", "state", "host", "attempts", "priority",
+                            "progress", "metric", "artifact", "last_error"}
+    assert [r["name"] for r in json.loads((await arun_cli("jobs", "--json", "--model", "mlp", url=url))[1])] == [
+        "mlp-0"]
+    assert [r["name"] for r in json.loads((await arun_cli("jobs", "--json", "--host", "box", url=url))[1])] == [
+        "mlp-0"]
+    assert json.loads((await arun_cli("jobs", "--json", "--state", "completed", url=url))[1]) == []
+    code, out, _ = await arun_cli("status", "--json", url=url)
+    status = json.loads(out)
+    assert status == {"jobs": {**ZERO_COUNTS, "pending": 3, "running": 1}, "total": 4,
+                      "workers": {"alive": 1, "stale": 0}, "hosts": {"alive": ["box"], "stale": []}}
+    code, out, _ = await arun_cli("status", url=url)
+    assert code == 0 and "jobs: 4" in out and "1 alive (box)" in out
+    code, out, _ = await arun_cli("workers", url=url)
+    assert code == 0 and "box" in out and other.job_id[:12] in out
+    code, out, _ = await arun_cli("artifacts", "list", "--json", url=url)
+    assert code == 0 and json.loads(out) == []
+    # Exit codes: bad usage 2, writes with no controller 3, artifact missing 5
+    code, _, err = await arun_cli("jobs", "--state", "sleeping", url=url)
+    assert code == 2 and "invalid choice" in err
+    code, _, err = await arun_cli("cancel", "high-0", url=url)
+    assert code == 3 and "no controller is running" in err
+    await broker.jobs.put(other.job_id, encode(JobRecord(job_id=other.job_id, spec=other, artifact="e" * 64,
+                                                         status=JobStatus.COMPLETED)))
+    code, _, err = await arun_cli("artifacts", "get", "mlp-0", "--out", str(tmp_path), url=url)
+    assert code == 5 and "not in the object store" in err

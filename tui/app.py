@@ -11,6 +11,7 @@ Keys: q quit · c cancel (asks first) · r requeue (asks first) · l show/hide l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import time
@@ -152,6 +153,10 @@ class MonitorApp(App[None]):
         self.jobs_table.focus()
 
     async def on_unmount(self) -> None:
+        # Stop the watchers before the connection they read from goes away.
+        self.workers.cancel_all()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.workers.wait_for_complete(), 5.0)
         await self.live.stop()
         if self.broker is not None:
             await self.broker.close()
@@ -249,16 +254,21 @@ class MonitorApp(App[None]):
         self.log_job = rec.job_id
         self.follow_logs(rec)
 
-    @work(group="logs", exclusive=True)
+    @work(group="logs", exclusive=True, exit_on_error=False)
     async def follow_logs(self, rec: JobRecord) -> None:
         assert self.broker is not None
         pane = self.log_pane
         pane.clear()
         pane.border_title = f"logs · {rec.spec.name}"
         reader = ops.read_logs(self.broker, rec.job_id, follow=True, events=True)
-        async with contextlib.aclosing(reader) as entries:
-            async for entry in entries:
-                pane.write(entry_text(entry))
+        try:
+            async with contextlib.aclosing(reader) as entries:
+                async for entry in entries:
+                    pane.write(entry_text(entry))
+        except TrainfleetError as exc:
+            pane.write(Text(f"--- stopped following: {exc} (select the job again to retry) ---", style="red"))
+            self.log_job = None
+            return
         pane.write(Text(f"--- {rec.spec.name} is finished; end of its output ---", style="dim"))
 
     def action_toggle_logs(self) -> None:

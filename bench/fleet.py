@@ -1,0 +1,151 @@
+"""Ticket → claimed → trainer-start latency and per-job overhead, through the real Agent.
+
+One agent (the shipped :class:`~trainfleet.agent.agent.Agent`, a stub
+capability) serves jobs whose trainer is a no-op Python script that notes when
+it started. Jobs are published one at a time and each is watched through the
+jobs KV until it completes. Baselines, same run: a bare JetStream
+publish → pull-fetch (the floor under any claim), and the same trainer spawned
+directly (the floor under any trainer start and any job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.js import api
+
+from bench.env import NOOP_TRAINER, Env, bench_capability, fleet_env, noop_spec, publish_ticket
+from bench.report import Row, percentile
+from trainfleet.agent.agent import Agent, AgentOptions
+from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
+
+
+@dataclass
+class Sample:
+    claimed_s: float
+    started_s: float
+    completed_s: float
+
+
+async def _watch_job(env: Env, record: JobRecord, timeout_s: float = 60.0) -> Sample:
+    """Publish the job's ticket and time the record's transitions as the KV reports them."""
+    watcher = await env.broker.jobs.watch(record.job_id)
+    seen: dict[JobStatus, float] = {}
+    try:
+        sent = await publish_ticket(env.broker, record)
+        deadline = time.monotonic() + timeout_s
+        while JobStatus.COMPLETED not in seen:
+            entry = await watcher.updates(timeout=max(0.1, deadline - time.monotonic()))
+            if entry is None or entry.value is None:
+                continue
+            current: JobRecord = decode(entry.value, JobRecord)
+            seen.setdefault(current.status, time.time())
+            if current.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+                raise RuntimeError(f"bench job {record.job_id[:12]} {current.status}: {current.reason}")
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+    started = float(current.metrics.get("t_start", "nan"))
+    return Sample(claimed_s=seen.get(JobStatus.CLAIMED, seen[JobStatus.COMPLETED]) - sent,
+                  started_s=started - sent, completed_s=seen[JobStatus.COMPLETED] - sent)
+
+
+async def fleet_samples(env: Env, count: int) -> list[Sample]:
+    agent = Agent(env.settings, AgentOptions(host_id="bench-agent", handle_signals=False,
+                                             workdir=str(env.workdir / "agent")),
+                  capability=bench_capability("bench-agent"))
+    task = asyncio.create_task(agent.run())
+    nonce = uuid.uuid4().hex
+    samples = []
+    try:
+        for i in range(count + 1):
+            spec = noop_spec(i, nonce)
+            record = JobRecord(job_id=spec.job_id, spec=spec, klass="cpu", offered=("cpu",),
+                               created_at=time.time(), queued_at=time.time())
+            await env.broker.jobs.create(spec.job_id, encode(record))
+            # A random gap over a whole poll cycle (one long-poll per class the agent
+            # serves) so arrivals do not phase-lock with it.
+            await asyncio.sleep(random.uniform(0.0, 2 * env.settings.fetch_timeout_s))
+            sample = await _watch_job(env, record)
+            if i:  # the first job warms up the agent's consumers
+                samples.append(sample)
+    finally:
+        agent.request_stop()
+        await asyncio.wait_for(task, 60)
+    return samples
+
+
+async def bare_delivery(env: Env, count: int) -> list[float]:
+    """Publish → a waiting pull fetch returns it, on a bare work-queue stream (no KV, no agent)."""
+    js = env.broker.js
+    await js.add_stream(api.StreamConfig(name="BENCH_BARE", subjects=["bench.bare"],
+                                         retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE))
+    sub = await js.pull_subscribe("bench.bare", durable="bare", stream="BENCH_BARE")
+    out = []
+    for _ in range(count):
+        fetch = asyncio.create_task(sub.fetch(1, timeout=10))
+        await asyncio.sleep(0.02)  # let the pull request reach the server first
+        sent = time.time()
+        await js.publish("bench.bare", b"ticket")
+        msgs = await fetch
+        out.append(time.time() - sent)
+        await msgs[0].ack()
+    await js.delete_stream("BENCH_BARE")
+    return out
+
+
+async def direct_trainer(count: int) -> tuple[list[float], list[float]]:
+    """The no-op trainer spawned directly: (spawn → its first line, spawn → exit)."""
+    starts, totals = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-direct-") as tmp:
+        for i in range(count):
+            out = Path(tmp) / str(i)
+            sent = time.time()
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", NOOP_TRAINER, "--mode", "run",
+                                                        "--seed", str(i), "--out", str(out))
+            await proc.wait()
+            totals.append(time.time() - sent)
+            starts.append(json.loads((out / "metrics.json").read_text())["t_start"] - sent)
+    return starts, totals
+
+
+def _ms(values: list[float], pct: float) -> float:
+    return percentile(values, pct) * 1000
+
+
+async def run(samples: int, *, what_if_fetch_s: float | None = None) -> list[Row]:
+    async with fleet_env() as env:
+        bare = await bare_delivery(env, samples)
+        fleet = await fleet_samples(env, samples)
+    direct_start, direct_total = await direct_trainer(samples)
+    claimed = [s.claimed_s for s in fleet]
+    started = [s.started_s for s in fleet]
+    completed = [s.completed_s for s in fleet]
+    rows = []
+    for pct in (50, 99):
+        rows.append(Row("fleet", f"ticket → claimed p{pct}", _ms(claimed, pct), "ms", _ms(bare, pct),
+                        "bare JetStream publish → fetch", note=f"n={len(claimed)}"))
+    for pct in (50, 99):
+        rows.append(Row("fleet", f"ticket → trainer start p{pct}", _ms(started, pct), "ms", _ms(direct_start, pct),
+                        "spawn → start, trainer run directly"))
+    mean_fleet = sum(completed) / len(completed) * 1000
+    mean_direct = sum(direct_total) / len(direct_total) * 1000
+    rows.append(Row("fleet", "job end to end (ticket → completed), mean", mean_fleet, "ms", mean_direct,
+                    "same trainer run directly", note=f"overhead {mean_fleet - mean_direct:.0f} ms/job"))
+    if what_if_fetch_s is not None:
+        async with fleet_env(fetch_timeout_s=what_if_fetch_s) as env:
+            quick = await fleet_samples(env, samples)
+        value = [s.claimed_s for s in quick]
+        rows.append(Row("fleet", f"ticket → claimed p50, what-if fetch_timeout_s={what_if_fetch_s:g}",
+                        _ms(value, 50), "ms", _ms(bare, 50), "bare JetStream publish → fetch",
+                        note="not the shipped setting"))
+    return rows

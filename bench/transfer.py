@@ -1,0 +1,157 @@
+"""Artifact upload and download MB/s against a plain file copy on the same disk.
+
+The measured path is the shipped one (``trainfleet.agent.artifacts.upload`` /
+``download``: pipelined chunks, streamed and verified gets). Baselines, same
+run: a plain durable copy (copy + fsync) of the same file on the same disk,
+and, for context, nats-py's stock object store on the same object.
+Through the latency proxy the same transfers run over a 20 ms RTT link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from bench.env import Env, chunked_durable_copy_mb_s, fleet_env, make_file, plain_copy_mb_s, rss_mib
+from bench.proxy import LatencyProxy
+from bench.report import Row, median
+from trainfleet.agent import artifacts
+from trainfleet.agent.artifacts import Bundle
+from trainfleet.broker.connection import Broker
+
+MIB = 1 << 20
+
+
+def _label(size: int) -> str:
+    return f"{size // (1 << 30)} GiB" if size >= 1 << 30 else f"{size // MIB} MiB"
+
+
+class RssSampler:
+    """Samples this process's RSS while a transfer runs: how far above the start it peaked."""
+
+    def __init__(self, period_s: float = 0.02):
+        self.period_s = period_s
+        self.start = self.peak = rss_mib()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mib())
+            await asyncio.sleep(self.period_s)
+
+    async def __aenter__(self) -> RssSampler:
+        self.start = self.peak = rss_mib()
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.peak = max(self.peak, rss_mib())
+
+    @property
+    def grew_mib(self) -> float:
+        return self.peak - self.start
+
+
+async def _timed(coro) -> float:
+    started = time.perf_counter()
+    await coro
+    return time.perf_counter() - started
+
+
+async def fleet_transfer(broker: Broker, bundle: Bundle, dest: Path, reps: int) -> tuple[float, float, float]:
+    """Median (plain copy, upload, download) MB/s; the three interleave so load hits all alike."""
+    store = artifacts._store(broker)
+    copies, ups, downs = [], [], []
+    for _ in range(reps):
+        copies.append(await asyncio.to_thread(plain_copy_mb_s, bundle.path, dest))
+        ups.append(bundle.size / 1e6 / await _timed(artifacts.upload(broker, bundle)))
+        downs.append(bundle.size / 1e6 / await _timed(artifacts.download(broker, bundle.sha256, dest)))
+        dest.unlink()
+        await store.delete(bundle.sha256)  # so the next upload is not deduplicated away
+    return median(copies), median(ups), median(downs)
+
+
+async def stock_transfer(broker: Broker, bundle: Bundle, dest: Path) -> tuple[float, float]:
+    """nats-py's own ObjectStore.put / get(writeinto=file) of the same bytes (the 'before')."""
+    name = "stock-" + bundle.sha256
+    with open(bundle.path, "rb") as fh:
+        up = bundle.size / 1e6 / await _timed(broker.artifacts.put(name, fh))
+    with open(dest, "wb") as fh:
+        down = bundle.size / 1e6 / await _timed(broker.artifacts.get(name, writeinto=fh))
+    dest.unlink()
+    await broker.artifacts.delete(name)
+    return up, down
+
+
+def _rows(where: str, size: int, up: float, down: float, copy: float, extra: str = "") -> list[Row]:
+    label = f"{_label(size)}{where}"
+    return [Row("artifacts", f"artifact upload {label}", up, "MB/s", copy, "plain copy + fsync", note=extra),
+            Row("artifacts", f"artifact download {label}", down, "MB/s", copy, "plain copy + fsync", note=extra)]
+
+
+async def _one_size(env: Env, broker: Broker, size: int, *, where: str, stock: bool, reps: int) -> list[Row]:
+    src = env.workdir / f"src-{size}"
+    sha = await asyncio.to_thread(make_file, src, size)
+    bundle = Bundle(path=src, sha256=sha, size=size)
+    async with RssSampler() as rss:
+        copy, up, down = await fleet_transfer(broker, bundle, env.workdir / "dl", reps)
+    rows = _rows(where, size, up, down, copy, extra=f"median of {reps}; RSS peak +{rss.grew_mib:.0f} MiB")
+    if not where:
+        chunk = artifacts.ARTIFACT_CHUNK_BYTES
+        durable = await asyncio.to_thread(chunked_durable_copy_mb_s, src, env.workdir / "copy", chunk)
+        rows.append(Row("artifacts", f"  copy with fsync per {chunk >> 20} MiB chunk, {_label(size)}", durable, "MB/s",
+                        copy, "plain copy + fsync", note="the disk's floor under a sync_interval: always put"))
+    if stock:
+        s_up, s_down = await stock_transfer(broker, bundle, env.workdir / "dl")
+        rows += [Row("artifacts", f"  stock nats-py put {_label(size)}{where}", s_up, "MB/s", copy,
+                     "plain copy + fsync", note="before: one pub-ack per 128 KiB chunk"),
+                 Row("artifacts", f"  stock nats-py get {_label(size)}{where}", s_down, "MB/s", copy,
+                     "plain copy + fsync", note="before: get(writeinto=file)")]
+    src.unlink()
+    return rows
+
+
+async def run(sizes: list[int], *, stock_max: int, reps: int) -> list[Row]:
+    rows: list[Row] = []
+    async with fleet_env() as env:
+        for size in sorted(sizes):
+            rows += await _one_size(env, env.broker, size, where="", stock=size <= stock_max,
+                                    reps=reps if size < 1 << 30 else 1)
+    return rows
+
+
+async def run_rtt(sizes: list[int], *, rtt_s: float, stock_size: int, reps: int) -> list[Row]:
+    """The same transfers through a TCP proxy adding ``rtt_s`` of round-trip time."""
+    rows: list[Row] = []
+    async with fleet_env() as env:
+        proxy = LatencyProxy("127.0.0.1", env.server.port, delay_s=rtt_s / 2)
+        await proxy.start()
+        slow = await Broker.connect(env.settings.with_(url=proxy.url), name="bench-rtt")
+        try:
+            measured = await slow.nc.rtt()
+            where = f" @{rtt_s * 1000:.0f} ms RTT"
+            for size in sorted(sizes):
+                rows += await _one_size(env, slow, size, where=where, stock=False, reps=reps if size < 1 << 30 else 1)
+            rows[-1].note += f"; measured RTT {measured * 1000:.1f} ms"
+            if stock_size:
+                rows += await _stock_rtt(env, slow, stock_size, where)
+        finally:
+            await slow.close()
+            await proxy.stop()
+    return rows
+
+
+async def _stock_rtt(env: Env, slow: Broker, size: int, where: str) -> list[Row]:
+    src = env.workdir / "stock-src"
+    sha = await asyncio.to_thread(make_file, src, size)
+    copy = await asyncio.to_thread(plain_copy_mb_s, src, env.workdir / "copy")
+    up, down = await stock_transfer(slow, Bundle(path=src, sha256=sha, size=size), env.workdir / "dl")
+    src.unlink()
+    return [Row("artifacts", f"  stock nats-py put {_label(size)}{where}", up, "MB/s", copy, "plain copy + fsync",
+                note="before"),
+            Row("artifacts", f"  stock nats-py get {_label(size)}{where}", down, "MB/s", copy,
+                "plain copy + fsync", note="before")]

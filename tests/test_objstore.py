@@ -1,0 +1,266 @@
+"""The pipelined object-store path: wire-compatible with stock clients, bounded, verified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.js import api
+from nats.js.object_store import ObjectStore
+
+from bench.proxy import LatencyProxy
+from trainfleet.broker.errors import ArtifactError
+from trainfleet.broker.objstore import ObjectNotFound, ObjectStoreClient, TransferStats, encode_name
+from trainfleet.broker.server import EmbeddedServer
+
+BUCKET = "t"
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedServer) -> AsyncIterator[Client]:
+    conn = await nats.connect(nats_server.url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def stock(nc: Client) -> ObjectStore:
+    """nats-py's own object store on the same bucket: the interop reference."""
+    return await nc.jetstream().create_object_store(BUCKET, config=api.ObjectStoreConfig(bucket=BUCKET))
+
+
+@pytest.fixture
+def store(nc: Client, stock: ObjectStore) -> ObjectStoreClient:
+    return ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK)
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + b"x" * (size % 32)
+
+
+async def chunk_subjects(nc: Client) -> dict[str, int]:
+    info = await nc.jetstream().stream_info(f"OBJ_{BUCKET}", subjects_filter=f"$O.{BUCKET}.C.>")
+    return dict(info.state.subjects or {})
+
+
+# Sizes: empty, one partial chunk, and several chunks that do not divide evenly.
+SIZES = [0, 1, 3 * CHUNK + 17]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_objects_we_put_are_read_by_stock_nats_py(store, stock, tmp_path, size):
+    data = payload(size)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    info = await store.put_file("obj", src)
+    assert (info.size, info.chunks) == (size, -(-size // CHUNK))
+
+    got = await stock.get("obj")
+    assert got.data == data
+    stock_info = await stock.get_info("obj")
+    assert (stock_info.size, stock_info.chunks, stock_info.digest) == (info.size, info.chunks, info.digest)
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_objects_stock_nats_py_put_are_read_here(store, stock, tmp_path, size):
+    data = payload(size, seed=1)
+    await stock.put("obj", data)
+    dest = tmp_path / "out"
+    info = await store.get_file("obj", dest, expect_sha256_hex=hashlib.sha256(data).hexdigest())
+    assert dest.read_bytes() == data
+    assert info.size == size
+
+
+async def test_object_names_that_are_not_subject_tokens_round_trip(store, stock, tmp_path):
+    # Given a name with characters a subject cannot hold, both sides agree on its meta subject
+    name = "models/run 1/weights.bin"
+    await stock.put(name, b"weights")
+    assert store.meta_subject(name).endswith(encode_name(name))
+    await store.get_file(name, tmp_path / "w")
+    assert (tmp_path / "w").read_bytes() == b"weights"
+
+
+async def test_replacing_an_object_leaves_no_stale_chunks(nc, store, stock, tmp_path):
+    first = await store.put_bytes("obj", payload(3 * CHUNK, seed=2))
+    second = await store.put_bytes("obj", payload(2 * CHUNK, seed=3))
+    assert await chunk_subjects(nc) == {store.chunk_subject(second.nuid): 2}
+    assert first.nuid != second.nuid
+
+    # And across clients: a stock put replaces ours, ours replaces the stock one
+    await stock.put("obj", payload(CHUNK, seed=4))
+    stock_nuid = (await stock.get_info("obj")).nuid
+    assert await chunk_subjects(nc) == {store.chunk_subject(stock_nuid): 1}
+    third = await store.put_bytes("obj", payload(CHUNK + 1, seed=5))
+    assert await chunk_subjects(nc) == {store.chunk_subject(third.nuid): 2}
+    await store.get_file("obj", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == payload(CHUNK + 1, seed=5)
+
+
+async def test_a_put_never_has_more_chunks_unacked_than_its_window(nats_server, store, tmp_path):
+    # Given a 20 ms RTT link (so acks lag far behind publishes) and a window of 4 chunks,
+    # an observer on the server side sees each chunk arrive and each pub-ack leave.
+    proxy = LatencyProxy("127.0.0.1", nats_server.port, delay_s=0.010)
+    await proxy.start()
+    observer = await nats.connect(nats_server.url)
+    slow = await nats.connect(proxy.url)
+    events: list[str] = []
+
+    async def on_chunk(msg):
+        events.append("chunk")
+
+    async def on_inbox(msg):
+        body = json.loads(msg.data)
+        if isinstance(body, dict) and "seq" in body and "type" not in body:
+            events.append("ack")
+
+    try:
+        await observer.subscribe(f"$O.{BUCKET}.C.>", cb=on_chunk)
+        await observer.subscribe("_INBOX.>", cb=on_inbox)
+        await observer.flush()
+        client = ObjectStoreClient(slow, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK)
+        stats = TransferStats()
+        src = tmp_path / "src"
+        src.write_bytes(payload(40 * CHUNK))
+        await client.put_file("obj", src, stats=stats)
+        await observer.flush()
+    finally:
+        await slow.close()
+        await observer.close()
+        await proxy.stop()
+
+    unacked, worst = 0, 0
+    for event in events:
+        unacked += 1 if event == "chunk" else -1
+        worst = max(worst, unacked)
+    assert events.count("chunk") == 40
+    assert worst <= 4 and stats.max_in_flight <= 4
+    assert worst > 1, "chunks were not pipelined"
+
+
+async def test_a_16_mib_object_crosses_a_20ms_rtt_link_byte_identical(nats_server, stock, tmp_path):
+    proxy = LatencyProxy("127.0.0.1", nats_server.port, delay_s=0.010)
+    await proxy.start()
+    conn = await nats.connect(proxy.url)
+    try:
+        client = ObjectStoreClient(conn, BUCKET)
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(16 * 1024 * 1024))
+        info = await client.put_file("big", src)
+        await client.get_file("big", tmp_path / "dst")
+    finally:
+        await conn.close()
+        await proxy.stop()
+    assert info.size == 16 * 1024 * 1024
+    assert hashlib.sha256((tmp_path / "dst").read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+
+
+async def _republish_info(nc: Client, store: ObjectStoreClient, name: str, **changes) -> None:
+    info = await store.info(name)
+    assert info is not None
+    for key, value in changes.items():
+        setattr(info, key, value)
+    await nc.jetstream().publish(store.meta_subject(name), info.to_json(), headers={"Nats-Rollup": "sub"})
+
+
+def assert_nothing_left(dest: Path) -> None:
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []
+
+
+async def test_a_digest_mismatch_is_an_artifact_error_and_leaves_no_file(nc, store, tmp_path):
+    await store.put_bytes("obj", payload(2 * CHUNK + 5))
+    await _republish_info(nc, store, "obj", digest="SHA-256=" + "A" * 43 + "=")
+    dest = tmp_path / "dl" / "obj"
+    dest.parent.mkdir()
+    with pytest.raises(ArtifactError, match="digest mismatch"):
+        await store.get_file("obj", dest)
+    assert_nothing_left(dest)
+
+
+async def test_a_wrong_content_address_is_refused_and_leaves_no_file(store, tmp_path):
+    await store.put_bytes("obj", b"bytes")
+    dest = tmp_path / "dl" / "obj"
+    dest.parent.mkdir()
+    with pytest.raises(ArtifactError, match="hash to"):
+        await store.get_file("obj", dest, expect_sha256_hex="0" * 64)
+    assert_nothing_left(dest)
+
+
+@pytest.mark.parametrize("lost", ["first", "middle", "last"])
+async def test_a_truncated_chunk_stream_is_an_artifact_error_and_leaves_no_file(nc, store, tmp_path, lost):
+    # Given an object whose info promises 4 chunks, one of which is gone from the stream
+    info = await store.put_bytes("obj", payload(4 * CHUNK - 3))
+    js = nc.jetstream()
+    seqs = []
+    seq = 0
+    while True:
+        try:
+            msg = await js.get_msg(store.stream, seq=seq + 1, subject=store.chunk_subject(info.nuid), next=True)
+        except nats.js.errors.NotFoundError:
+            break
+        seq = msg.seq
+        seqs.append(seq)
+    assert len(seqs) == 4
+    await js.delete_msg(store.stream, {"first": seqs[0], "middle": seqs[2], "last": seqs[-1]}[lost])
+    dest = tmp_path / "dl" / "obj"
+    dest.parent.mkdir()
+    with pytest.raises(ArtifactError, match="3 of 4 chunks"):
+        await store.get_file("obj", dest)
+    assert_nothing_left(dest)
+
+
+async def test_an_info_that_understates_the_size_is_refused(nc, store, tmp_path):
+    await store.put_bytes("obj", payload(2 * CHUNK))
+    await _republish_info(nc, store, "obj", size=CHUNK)
+    dest = tmp_path / "dl" / "obj"
+    dest.parent.mkdir()
+    with pytest.raises(ArtifactError, match="more than the recorded"):
+        await store.get_file("obj", dest)
+    assert_nothing_left(dest)
+
+
+async def test_a_missing_object_is_a_clear_error(store, tmp_path):
+    assert await store.info("nope") is None
+    with pytest.raises(ObjectNotFound, match="not in bucket"):
+        await store.get_file("nope", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+async def test_a_deleted_object_is_missing_for_every_client(nc, store, stock):
+    await store.put_bytes("obj", payload(2 * CHUNK))
+    await store.delete("obj")
+    assert await store.info("obj") is None
+    assert (await store.info("obj", show_deleted=True)).deleted
+    with pytest.raises(nats.js.errors.ObjectNotFoundError):
+        await stock.get_info("obj")
+    assert await chunk_subjects(nc) == {}
+
+
+async def test_a_refused_chunk_fails_the_put_fast_and_leaves_no_chunks(nc, tmp_path):
+    # Given a bucket capped at 256 KiB that refuses new messages once full
+    capped = api.ObjectStoreConfig(bucket="small", max_bytes=256 * 1024)
+    await nc.jetstream().create_object_store("small", config=capped)
+    client = ObjectStoreClient(nc, "small", chunk_bytes=CHUNK, window_bytes=4 * CHUNK)
+    src = tmp_path / "src"
+    src.write_bytes(payload(64 * CHUNK))
+    with pytest.raises(ArtifactError, match="refused a chunk"):
+        await client.put_file("obj", src)
+    info = await nc.jetstream().stream_info("OBJ_small")
+    assert info.state.messages == 0
+    assert await client.info("obj") is None
+
+
+async def test_a_put_into_a_missing_bucket_names_the_bucket(nc, tmp_path):
+    client = ObjectStoreClient(nc, "absent")
+    with pytest.raises(ArtifactError, match="'absent' does not exist"):
+        await client.put_bytes("obj", b"data")
