@@ -337,6 +337,7 @@ class Agent:
     async def _serve(self, job: JobRun) -> None:
         """Run and finish a claimed job; the slot is released whatever happens."""
         self.running[job.job_id] = job
+        await self._register()  # `workers` shows the new job at once, not at the next refresh
         try:
             await self._run(job)
             outcome = await self._finish(job)
@@ -349,6 +350,7 @@ class Agent:
         finally:
             self.running.pop(job.job_id, None)
             self._release_slot(job.slot)
+            await self._register()
             if not self.options.keep_outputs:
                 shutil.rmtree(job.workdir, ignore_errors=True)
 
@@ -597,7 +599,8 @@ class Agent:
         with contextlib.suppress(*TRANSIENT, nats.errors.Error):
             await self.broker.nc.publish(self.names.logs_subject(job.job_id), line,
                                          headers={"Trainfleet-Stream": stream,
-                                                  "Trainfleet-Attempt": str(job.record.attempt)})
+                                                  "Trainfleet-Attempt": str(job.record.attempt),
+                                                  "Trainfleet-Generation": str(job.record.generation)})
 
     async def _on_progress(self, job: JobRun, event: dict[str, Any]) -> None:
         job.progress = {k: event.get(k) for k in ("step", "total", "metrics") if k in event}
@@ -609,14 +612,15 @@ class Agent:
         job.last_event = now
         await self._publish_event(job, ProgressEvent(
             job_id=job.job_id, step=event.get("step"), total=event.get("total"),
-            metrics=event.get("metrics") or {}, at=event.get("at") or time.time(), attempt=job.record.attempt))
+            metrics=event.get("metrics") or {}, at=event.get("at") or time.time(), attempt=job.record.attempt,
+            generation=job.record.generation))
 
     async def _event(self, job: JobRun, kind: str, outcome: str | None = None) -> None:
         """Lifecycle marks are flushed: they must reach the stream even if we die right after."""
         assert self.broker is not None
         await self._publish_event(job, ProgressEvent(job_id=job.job_id, kind=kind, at=time.time(),
                                                      host=self.host_id, attempt=job.record.attempt,
-                                                     outcome=outcome))
+                                                     generation=job.record.generation, outcome=outcome))
         with contextlib.suppress(*TRANSIENT, nats.errors.Error):
             await self.broker.nc.flush(timeout=2)
 
@@ -634,9 +638,12 @@ class Agent:
         if job.exit_code == 0:
             return await self._complete(job)
         error = job.trainer.error_tail() if job.trainer else ""
+        return await self._fail(job, error or f"trainer exited with {job.exit_code}",
+                                reason=f"trainer exited with {job.exit_code}")
+
+    async def _fail(self, job: JobRun, error: str, reason: str | None = None) -> Outcome:
         failed = job.record.evolve(status=JobStatus.FAILED, finished_at=time.time(), metrics=self._metrics(job),
-                                   last_error=error or f"trainer exited with {job.exit_code}",
-                                   reason=f"trainer exited with {job.exit_code}")
+                                   last_error=error, reason=reason or error.splitlines()[0][:200])
         if not await self._write_held(job, failed):
             return await self._fenced(job)
         await self._safe(job.msg.ack())
@@ -647,6 +654,10 @@ class Agent:
         try:
             bundle = await asyncio.to_thread(artifacts.build_bundle, job.workdir / "output",
                                              self._provenance(job), job.workdir / "bundle.tar.zst")
+            if bundle.size > self.settings.max_artifact_bytes:
+                return await self._fail(job, f"artifact bundle is {bundle.size} bytes, over max_artifact_bytes "
+                                             f"{self.settings.max_artifact_bytes}: write less into the output dir "
+                                             "or raise TRAINFLEET_MAX_ARTIFACT_BYTES")
             await artifacts.upload(self.broker, bundle)
         except Exception as exc:  # any upload failure leaves the job retryable
             log.warning("job %s: artifact upload failed: %r; handing back for retry", job.job_id[:12], exc)
@@ -716,6 +727,11 @@ class Agent:
                             current_jobs=tuple(self.running), state="busy" if self.running else "idle",
                             started_at=self.started_at, last_seen=time.time(), pid=os.getpid())
 
+    async def _register(self) -> None:
+        assert self.broker is not None
+        with contextlib.suppress(*TRANSIENT, nats.js.errors.Error):
+            await self.broker.workers.put(self.host_id, encode(self.worker_record()))
+
     async def _registry_loop(self) -> None:
         assert self.broker is not None
         period = min(self.settings.heartbeat_s, self.settings.worker_ttl_s / 3)
@@ -725,8 +741,7 @@ class Agent:
 
                 # Free VRAM moves with other users of the card; explain and plan read it here.
                 self.capability = await asyncio.to_thread(refresh_gpus, self.capability)
-            with contextlib.suppress(*TRANSIENT, nats.js.errors.Error):
-                await self.broker.workers.put(self.host_id, encode(self.worker_record()))
+            await self._register()
             await asyncio.sleep(period)
 
     async def _shutdown(self, registry: asyncio.Task[None]) -> None:

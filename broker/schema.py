@@ -206,6 +206,7 @@ class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     at: float = 0.0
     host: str | None = None
     attempt: int | None = None
+    generation: int | None = None
     outcome: str | None = None
 
 

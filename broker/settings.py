@@ -44,6 +44,8 @@ class Settings:
     logs_max_bytes: int = 256 * 1024 * 1024
     logs_max_age_s: float = 7 * 24 * 3600.0
     logs_max_bytes_per_job: int = 4 * 1024 * 1024
+    # A bundle larger than this is refused (the job fails with the reason): retrying won't shrink it.
+    max_artifact_bytes: int = 8 * 1024**3
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

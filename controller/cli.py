@@ -31,6 +31,7 @@ from trainfleet.broker.errors import ArtifactError, JobNotFound, ManifestError, 
 from trainfleet.broker.schema import JobRecord, JobStatus
 from trainfleet.broker.settings import Settings
 from trainfleet.controller import ops, view
+from trainfleet.controller.store import load_workers
 
 # Named exit codes (docs/operations.md lists them with what an operator does about each).
 EXIT_OK = 0  # done
@@ -327,6 +328,37 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return _run(args, run)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from trainfleet.controller.explain import explain_json, explain_ref, render_explain
+
+    async def run(broker: Broker) -> int:
+        rec, matches = await explain_ref(broker, args.job, stale_after_s=ops.stale_after_s(broker))
+        if args.json:
+            _print_json(explain_json(rec, matches))
+        else:
+            print(render_explain(rec, matches))
+        return EXIT_OK if any(m.eligible and m.alive for m in matches) else EXIT_FAILED
+
+    return _run(args, run)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from trainfleet.controller.explain import plan_manifest, render_plan
+    from trainfleet.controller.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+
+    async def run(broker: Broker) -> int:
+        plans = plan_manifest(manifest, await load_workers(broker))
+        if args.json:
+            _print_json([p.to_dict() for p in plans])
+        else:
+            print(render_plan(plans))
+        return EXIT_FAILED if args.check and not all(p.runnable for p in plans) else EXIT_OK
+
+    return _run(args, run)
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     async def run(broker: Broker) -> int:
         job_id = (await ops.resolve(broker, args.job)).record.job_id
@@ -534,7 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     verb("monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, "
                                  "l logs)")
 
-    # -- gating: `explain JOB` and `plan MANIFEST` (logic in controller/explain.py) are added here --
+    p = verb("explain", cmd_explain, "for every registered worker: can it run JOB, and if not exactly which "
+             "constraint fails (exit 0 when a live worker can run it now, 1 when none can)")
+    p.add_argument("job", help=JOB_HELP)
+    _json_flag(p)
+    p = verb("plan", cmd_plan, "before syncing: which registered hosts could ever take each job of MANIFEST, "
+             "with a warning for every job none can")
+    p.add_argument("manifest")
+    p.add_argument("--check", action="store_true", help="exit 1 when some job can never run")
+    _json_flag(p)
     return parser
 
 

@@ -95,17 +95,6 @@ class Controller:
         from trainfleet.controller.service import start_service
 
         self._service = await start_service(self)
-        group = self._service.add_group(name=self.names.ctl_group, queue_group=self.names.ctl_queue_group)
-        await group.add_endpoint(name="hostpolicy", handler=self._hostpolicy_endpoint)
-
-    async def _hostpolicy_endpoint(self, req: Any) -> None:
-        """``{"host_id": ID}`` → the manifest's overrides for that host (agents ask at start)."""
-        try:
-            body = json.loads(req.data or b"{}")
-            result = self.host_policy(str(body.get("host_id", "")))
-            await req.respond(json.dumps({"ok": True, "result": result}).encode())
-        except (ValueError, AttributeError) as exc:
-            await req.respond_error("400", str(exc), json.dumps({"ok": False, "error": str(exc)}).encode())
 
     async def run(self) -> None:
         """Start, reconcile until asked to stop, then stop serving and close."""
@@ -348,7 +337,8 @@ class Controller:
             fresh = rec.evolve(status=JobStatus.PENDING, generation=rec.generation + 1, attempt=0, claimed_by=None,
                                claimed_at=None, heartbeat_at=None, started_at=None, finished_at=None,
                                ticket_seq=None, reason="requeued by operator", offered=(rec.klass,),
-                               queued_at=now, progress={})
+                               queued_at=now, progress={}, artifact=None, artifact_bytes=None, metrics={},
+                               device=None)
             if await cas(self.b, fresh, stored.revision) is not None:
                 await publish_ticket(self.b, fresh, fresh.klass)
                 return fresh

@@ -17,6 +17,7 @@ import msgspec
 
 from trainfleet.agent.capability import KNOWN_MODULES
 from trainfleet.agent.eligibility import ineligibility
+from trainfleet.broker.connection import Broker
 from trainfleet.broker.names import cpu_class
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, WorkerRecord
 from trainfleet.controller.manifest import Manifest, ticket_class
@@ -119,6 +120,20 @@ def _eventual_classes(spec: JobSpec, klass: str) -> tuple[str, ...]:
     if spec.constraints.prefer_cuda and klass != cpu_class() and not klass.startswith("host."):
         return (klass, cpu_class())
     return (klass,)
+
+
+async def explain_ref(broker: Broker, ref: str, *, stale_after_s: float) -> tuple[JobRecord, list[Match]]:
+    """Resolve ``ref`` (name, id or prefix) and explain it against every registered worker."""
+    from trainfleet.controller.store import load_records, load_workers, resolve_job
+
+    rec = resolve_job(await load_records(broker), ref).record
+    return rec, explain_job(rec, await load_workers(broker), stale_after_s=stale_after_s)
+
+
+def explain_json(record: JobRecord, matches: list[Match]) -> dict[str, Any]:
+    return {"job_id": record.job_id, "name": record.spec.name, "status": record.status.value,
+            "classes": list(record.offered or (record.klass,)), "reason": record.reason,
+            "workers": [m.to_dict() for m in matches]}
 
 
 def render_explain(record: JobRecord, matches: list[Match]) -> str:

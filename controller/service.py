@@ -87,8 +87,17 @@ def handlers(ctl: Controller) -> dict[str, Handler]:
     async def workers(body: dict[str, Any]) -> Any:
         return await ops.list_workers(ctl.b)
 
+    async def hostpolicy(body: dict[str, Any]) -> Any:
+        return ctl.host_policy(str(body.get("host_id") or ""))
+
+    async def explain(body: dict[str, Any]) -> Any:
+        from trainfleet.controller.explain import explain_json, explain_ref
+
+        return explain_json(*await explain_ref(ctl.b, _job_ref(body), stale_after_s=ops.stale_after_s(ctl.b)))
+
     return {"sync": sync, "reload": reload, "cancel": cancel, "requeue": requeue, "status": status,
-            "reconcile": reconcile, "jobs": jobs, "show": show, "workers": workers}
+            "reconcile": reconcile, "jobs": jobs, "show": show, "workers": workers, "hostpolicy": hostpolicy,
+            "explain": explain}
 
 
 # What `nats micro info trainfleet` shows for each endpoint: what it does and what to send.
@@ -107,6 +116,10 @@ ENDPOINT_DOCS: dict[str, tuple[str, str, str]] = {
     "show": ("read", '{"job": "<id, id prefix or name>", "provenance": true}',
              "record, state history and artifact provenance of one job"),
     "workers": ("read", "{}", "registered agents with capability, age_s and alive"),
+    "hostpolicy": ("read", '{"host_id": "<id>"}',
+                   "the manifest's caps for one host (max_cores, max_ram_gib, slots...); agents ask at start"),
+    "explain": ("read", '{"job": "<id, id prefix or name>"}',
+                "for every registered worker: can it run the job, and which constraint fails if not"),
 }
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import nats.js.errors
 import pytest
 
 from trainfleet.broker.errors import TrainfleetError
@@ -297,3 +298,18 @@ async def test_requeue_works_from_failed_and_cancelled(fleet, broker):
     await ctl.requeue(a)
     with pytest.raises(TrainfleetError, match="only failed, cancelled or completed"):
         await ctl.requeue(a)
+
+
+async def test_an_oversized_artifact_fails_the_job_with_a_clear_error(fleet, broker, settings):
+    fleet.settings = settings.with_(max_artifact_bytes=100)
+    manifest = linreg_manifest(1)
+    job_id = manifest.jobs[0].job_id
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    fleet.start_agent("a1")
+    rec = (await wait_terminal(broker, [job_id]))[job_id]
+    assert rec.status == JobStatus.FAILED and "over max_artifact_bytes 100" in rec.last_error
+    assert rec.artifact is None
+    with pytest.raises(nats.js.errors.NotFoundError):  # nats-py's way of saying "no objects"
+        await broker.artifacts.list()
+    assert await scan_tickets(broker) == []

@@ -12,7 +12,7 @@ from trainfleet.broker.schema import JobRecord, JobStatus, decode
 from trainfleet.controller.manifest import parse_manifest
 from trainfleet.controller.store import scan_tickets
 
-from .conftest import REPO, gbm_jobs, gbm_manifest, records, wait_for, wait_terminal
+from .conftest import REPO, KVAudit, gbm_jobs, gbm_manifest, records, wait_for, wait_terminal
 
 
 async def status_history(broker, job_id: str) -> list[tuple[str, str | None, int]]:
@@ -175,9 +175,14 @@ async def test_upload_failure_leaves_the_job_retryable(fleet, broker, monkeypatc
         return await real_upload(b, bundle)
 
     monkeypatch.setattr(artifacts, "upload", flaky_upload)
+    audit = await KVAudit(broker).start()
     fleet.start_agent("a1")
     job_id = manifest.jobs[0].job_id
-    rec = (await wait_terminal(broker, [job_id]))[job_id]
+    try:
+        rec = (await wait_terminal(broker, [job_id]))[job_id]
+    finally:
+        await audit.stop()
     assert rec.status == JobStatus.COMPLETED and rec.attempt == 2 and calls["n"] == 2
-    history = [h[0] for h in await status_history(broker, job_id)]
-    assert "pending" in history[1:]  # handed back after the failed upload
+    # handed back as pending (with the reason) after the failed upload, then claimed again
+    assert any(r.status == JobStatus.PENDING and "artifact upload failed" in (r.last_error or "")
+               for r in audit.entries)

@@ -12,7 +12,7 @@ from trainfleet.broker.schema import GpuInfo, JobStatus, WorkerRecord
 from trainfleet.controller.explain import explain_job, plan_manifest, render_explain, render_plan
 from trainfleet.controller.store import get_record, load_workers
 
-from .conftest import fake_capability, linreg_manifest, records, wait_for, wait_terminal
+from .conftest import LINREG_MODEL, fake_capability, linreg_manifest, records, wait_for, wait_terminal
 
 MEDIUM = 12_000
 
@@ -222,3 +222,27 @@ async def test_explain_names_the_failing_constraint_for_each_worker(fleet, broke
     assert any("does not pull class gpu.0" in r for r in matches["laptop"].reasons)
     assert matches["ws2"].reasons == ("denied_hosts includes ws2",)
     assert "no live worker can run this job now" in render_explain(rec, list(matches.values()))
+
+
+async def test_explain_and_plan_from_the_command_line(fleet, broker, settings, tmp_path):
+    from .test_cli import arun_cli
+
+    manifest = linreg_manifest(1, job_extra="min_ram_gib = 500\n")
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    fleet.start_agent("laptop")
+    await wait_reason(broker, manifest.jobs[0].job_id, "min_ram_gib 500")
+    code, out, _ = await arun_cli("explain", "lr-0", url=settings.url)
+    assert code == 1 and "laptop" in out and "min_ram_gib 500" in out and "no live worker" in out
+    code, out, _ = await arun_cli("explain", "lr-0", "--json", url=settings.url)
+    data = __import__("json").loads(out)
+    assert data["workers"][0]["host_id"] == "laptop" and data["workers"][0]["eligible"] is False
+    # plan: the same job can never run on the registered hosts; --check turns that into exit 1
+    path = tmp_path / "m.toml"
+    path.write_text("schema_version = 1\n" + LINREG_MODEL
+                    + '[[jobs]]\nname = "big"\nmodel = "linreg"\nmode = "gd"\nmin_ram_gib = 500\n'
+                    + '[[jobs]]\nname = "small"\nmodel = "linreg"\nmode = "gd"\nseed = 1\n')
+    code, out, _ = await arun_cli("plan", str(path), url=settings.url)
+    assert code == 0 and "warning: 1 job(s) no registered host can ever run: big" in out
+    code, _, _ = await arun_cli("plan", str(path), "--check", url=settings.url)
+    assert code == 1
