@@ -457,12 +457,8 @@ class Agent:
         await self._safe(msg.nak(delay=self.settings.nak_delay_s))
 
     async def _cas(self, job_id: str, record: JobRecord, revision: int) -> int | None:
-        """Compare-and-swap a record; the new revision, or None if another write won."""
-        assert self.broker is not None
-        try:
-            return await self.broker.jobs.update(job_id, encode(record), last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
+        assert self.broker is not None and record.job_id == job_id
+        return await self.broker.cas_record(record, revision)
 
     # -- run ---------------------------------------------------------------
     def _trainer_env(self, job: JobRun) -> dict[str, str]:

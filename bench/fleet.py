@@ -122,7 +122,7 @@ def _ms(values: list[float], pct: float) -> float:
     return percentile(values, pct) * 1000
 
 
-async def run(samples: int, *, what_if_fetch_s: float | None = None) -> list[Row]:
+async def run(samples: int) -> list[Row]:
     async with fleet_env() as env:
         bare = await bare_delivery(env, samples)
         fleet = await fleet_samples(env, samples)
@@ -141,11 +141,4 @@ async def run(samples: int, *, what_if_fetch_s: float | None = None) -> list[Row
     mean_direct = sum(direct_total) / len(direct_total) * 1000
     rows.append(Row("fleet", "job end to end (ticket → completed), mean", mean_fleet, "ms", mean_direct,
                     "same trainer run directly", note=f"overhead {mean_fleet - mean_direct:.0f} ms/job"))
-    if what_if_fetch_s is not None:
-        async with fleet_env(fetch_timeout_s=what_if_fetch_s) as env:
-            quick = await fleet_samples(env, samples)
-        value = [s.claimed_s for s in quick]
-        rows.append(Row("fleet", f"ticket → claimed p50, what-if fetch_timeout_s={what_if_fetch_s:g}",
-                        _ms(value, 50), "ms", _ms(bare, 50), "bare JetStream publish → fetch",
-                        note="not the shipped setting"))
     return rows

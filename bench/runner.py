@@ -25,7 +25,6 @@ class Profile:
     """How big each benchmark runs; --quick and --full pick another one."""
 
     latency_samples: int
-    fetch_what_if_s: float | None
     ks: tuple[int, ...]
     throughput_jobs: int
     sync_sizes: tuple[int, ...]
@@ -41,11 +40,11 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(latency_samples=3, fetch_what_if_s=None, ks=(1, 10, 100), throughput_jobs=100,
+    "quick": Profile(latency_samples=3, ks=(1, 10, 100), throughput_jobs=100,
                      sync_sizes=(50,), artifact_sizes=(1 * MIB, 8 * MIB), stock_max=8 * MIB, artifact_reps=1,
                      rtt_sizes=(4 * MIB,), rtt_stock_size=0, durability_publishes=100, durability_put=4 * MIB,
                      scale_jobs=300, scale_agents=20),
-    "default": Profile(latency_samples=30, fetch_what_if_s=0.1, ks=(1, 10, 100), throughput_jobs=1000,
+    "default": Profile(latency_samples=30, ks=(1, 10, 100), throughput_jobs=1000,
                        sync_sizes=(1000, 10000), artifact_sizes=(1 * MIB, 100 * MIB), stock_max=100 * MIB,
                        artifact_reps=3, rtt_sizes=(100 * MIB,), rtt_stock_size=16 * MIB,
                        durability_publishes=2000, durability_put=64 * MIB, scale_jobs=100_000, scale_agents=200),
@@ -56,7 +55,7 @@ PROFILES["full"] = Profile(**{**PROFILES["default"].__dict__, "artifact_sizes": 
 Bench = Callable[[Profile], Coroutine[Any, Any, list[Row]]]
 BENCHES: dict[str, tuple[str, Bench]] = {
     "fleet": ("ticket → claimed / trainer start latency and per-job overhead (real Agent)",
-              lambda p: fleet.run(p.latency_samples, what_if_fetch_s=p.fetch_what_if_s)),
+              lambda p: fleet.run(p.latency_samples)),
     "throughput": ("claim → complete throughput, K simulated agents",
                    lambda p: throughput.run(list(p.ks), p.throughput_jobs)),
     "sync": ("manifest sync time", lambda p: sync.run(list(p.sync_sizes))),

@@ -180,6 +180,16 @@ class Broker:
         await self.js.add_consumer(self.names.jobs_stream, config=config)
         return config.durable_name or ""
 
+    async def cas_record(self, record: Any, revision: int) -> int | None:
+        """Compare-and-swap a job record on its KV revision: the new revision, or None when
+        another write got there first (the caller re-reads and decides again)."""
+        from trainfleet.broker.schema import encode
+
+        try:
+            return await self.jobs.update(record.job_id, encode(record), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
     async def close(self) -> None:
         """Flush what we published (acks, final writes), then close. Not drain(): draining
         pull subscriptions waits out its whole timeout for fetches that will never finish."""

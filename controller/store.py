@@ -94,10 +94,7 @@ def resolve_job(records: dict[str, Stored], ref: str) -> Stored:
 
 
 async def cas(broker: Broker, record: JobRecord, revision: int) -> int | None:
-    try:
-        return await broker.jobs.update(record.job_id, encode(record), last=revision)
-    except nats.js.errors.KeyWrongLastSequenceError:
-        return None
+    return await broker.cas_record(record, revision)
 
 
 async def publish_ticket(broker: Broker, record: JobRecord, klass: str, *, dedupe_suffix: str = "") -> int:

@@ -96,13 +96,15 @@ def test_up_trains_the_tiny_manifest_end_to_end_and_exits_0(tmp_path):
 
 
 @pytest.mark.slow
-def test_up_exits_1_and_shows_the_error_when_a_job_fails(tmp_path):
+def test_up_on_an_existing_server_exits_1_and_shows_the_error_when_a_job_fails(tmp_path, nats_server):
     manifest = tmp_path / "m.toml"
     manifest.write_text("schema_version = 1\n" + GBM_MODEL + gbm_jobs(1, prefix="ok") + "\n"
                         + gbm_jobs(1, prefix="bad") + "hyper = { fail = true }\n")
     result = run_cli("up", str(manifest), "--agents", "1", "--data-dir", str(tmp_path / "up"), "--no-live",
-                     "--json", timeout=400)
+                     "--json", "--url", nats_server.url, timeout=400)
     assert result.returncode == 1, result.stdout + result.stderr
+    assert nats_server.proc is not None and nats_server.proc.poll() is None  # `up` left our server running
+    assert not (tmp_path / "up" / "nats").exists()  # and embedded none
     summary = json.loads(result.stdout[result.stdout.index("["): result.stdout.rindex("]") + 1])
     states = {row["name"]: row["state"] for row in summary}
     assert states == {"ok-0": "completed", "bad-0": "failed"}
