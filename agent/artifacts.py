@@ -22,7 +22,7 @@ import zstandard
 
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ArtifactError
-from trainfleet.broker.objstore import ObjectNotFound, ObjectStoreClient
+from trainfleet.broker.objstore import ObjectNotFound, ObjectStoreClient, parse_digest
 
 PROVENANCE_NAME = "provenance.json"
 OUTPUT_PREFIX = "output"
@@ -31,7 +31,7 @@ CHUNK = 1 << 20
 # Bigger chunks than the ADR's 128 KiB default: with sync_interval always the server
 # fsyncs once per stored message, so bytes per fsync bound the upload rate (BENCHMARKS.md).
 ARTIFACT_CHUNK_BYTES = 1 << 20
-ARTIFACT_WINDOW_BYTES = 8 << 20
+ARTIFACT_WINDOW_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,12 @@ async def upload(broker: Broker, bundle: Bundle) -> str:
     if existing is not None and existing.size == bundle.size:
         return bundle.sha256
     info = await store.put_file(bundle.sha256, bundle.path)
-    if info.size != bundle.size:
-        raise ArtifactError(f"artifact {bundle.sha256}: stored {info.size} bytes, expected {bundle.size}")
+    stored = parse_digest(info.digest)
+    if info.size != bundle.size or stored is None or stored.hex() != bundle.sha256:
+        # The file changed between bundling and upload: never leave bytes under a name they don't hash to.
+        await store.delete(bundle.sha256)
+        raise ArtifactError(f"artifact {bundle.sha256}: uploaded {info.size} bytes hashing to "
+                            f"{stored.hex() if stored else '?'}, expected {bundle.size} bytes (bundle changed on disk)")
     return bundle.sha256
 
 

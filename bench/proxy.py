@@ -101,6 +101,7 @@ class LatencyProxy:
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._held: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -118,6 +119,9 @@ class LatencyProxy:
         if self._server is not None:
             self._server.close()
             self._drop_all()
+            # Let every connection handler finish on its own (a handler cancelled at loop
+            # teardown makes asyncio log a spurious error).
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
 
@@ -155,6 +159,10 @@ class LatencyProxy:
         self._held.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         if self.refusing:
             writer.transport.abort()
             return
@@ -179,3 +187,31 @@ class LatencyProxy:
             await asyncio.gather(*link.tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+async def _serve(target_host: str, target_port: int, delay_s: float) -> None:
+    proxy = LatencyProxy(target_host, target_port, delay_s=delay_s)
+    port = await proxy.start()
+    print(port, flush=True)  # the parent reads the port from our first line
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await proxy.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.proxy HOST PORT --delay-s S``: serve until killed (prints the port first)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.proxy")
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--delay-s", type=float, default=0.0, help="one-way delay (RTT = 2x)")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args.host, args.port, args.delay_s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,7 +44,7 @@ PROFILES = {
                      sync_sizes=(50,), artifact_sizes=(1 * MIB, 8 * MIB), stock_max=8 * MIB, artifact_reps=1,
                      rtt_sizes=(4 * MIB,), rtt_stock_size=0, durability_publishes=100, durability_put=4 * MIB,
                      scale_jobs=300, scale_agents=20),
-    "default": Profile(latency_samples=30, ks=(1, 10, 100), throughput_jobs=1000,
+    "default": Profile(latency_samples=50, ks=(1, 10, 100), throughput_jobs=1000,
                        sync_sizes=(1000, 10000), artifact_sizes=(1 * MIB, 100 * MIB), stock_max=100 * MIB,
                        artifact_reps=3, rtt_sizes=(100 * MIB,), rtt_stock_size=16 * MIB,
                        durability_publishes=2000, durability_put=64 * MIB, scale_jobs=100_000, scale_agents=200),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from nats.js import api
 from nats.js.object_store import ObjectStore
 
 from bench.proxy import LatencyProxy
+from trainfleet.agent import artifacts
 from trainfleet.broker.errors import ArtifactError
 from trainfleet.broker.objstore import ObjectNotFound, ObjectStoreClient, TransferStats, encode_name
 from trainfleet.broker.server import EmbeddedServer
@@ -264,3 +266,48 @@ async def test_a_put_into_a_missing_bucket_names_the_bucket(nc, tmp_path):
     client = ObjectStoreClient(nc, "absent")
     with pytest.raises(ArtifactError, match="'absent' does not exist"):
         await client.put_bytes("obj", b"data")
+
+
+async def test_an_upload_whose_bytes_do_not_match_the_bundle_id_is_refused_and_removed(broker, tmp_path):
+    # Given a bundle whose file changed after it was hashed (same size, other bytes)
+    path = tmp_path / "b.tar.zst"
+    path.write_bytes(b"original")
+    bundle = artifacts.Bundle(path=path, sha256=hashlib.sha256(b"original").hexdigest(), size=8)
+    path.write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="changed on disk"):
+        await artifacts.upload(broker, bundle)
+    assert await artifacts._store(broker).info(bundle.sha256) is None
+
+
+async def test_the_latency_proxy_delays_cuts_and_restores_a_link(nats_server):
+    proxy = LatencyProxy("127.0.0.1", nats_server.port, delay_s=0.005)
+    await proxy.start()
+    try:
+        conn = await nats.connect(proxy.url, allow_reconnect=False)
+        assert await conn.rtt() >= 0.010  # 2 x the one-way delay
+        # When cut: the live connection drops and a new one is reset without a byte
+        proxy.cut()
+        await wait_closed(conn)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            assert await reader.read(100) == b""
+        except ConnectionResetError:
+            pass
+        finally:
+            writer.close()
+        # When restored: connections work again, with the new delay
+        proxy.restore()
+        proxy.set_delay(0.0)
+        conn = await nats.connect(proxy.url, allow_reconnect=False)
+        assert await conn.rtt() < 0.010
+        await conn.close()
+    finally:
+        await proxy.stop()
+
+
+async def wait_closed(conn: Client, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if conn.is_closed:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("connection still open after the cut")
