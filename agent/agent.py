@@ -131,6 +131,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._doorbell = asyncio.Event()
+        self._rung: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: dict[str, Any] = {}
         self.free_cpu = 0
@@ -244,8 +245,11 @@ class Agent:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._slot_freed.wait(), self.settings.fetch_timeout_s)
             return False
+        # Classes whose doorbell rang go first (best fit among them): a fresh ticket is then one
+        # fetch away, instead of waiting out short pulls on empty classes ahead of it.
+        rung, self._rung = self._rung, set()
         self._doorbell.clear()
-        for klass in servable:
+        for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
             msg = await self._fetch_one(klass, ROUND_FETCH_S)
             if msg is None or self._stopping.is_set():
                 if msg is not None:
@@ -267,7 +271,8 @@ class Agent:
         """A core subscription on our classes' subjects: every published ticket wakes the loop."""
         assert self.broker is not None
 
-        async def ring(_msg: Msg) -> None:
+        async def ring(msg: Msg) -> None:
+            self._rung.add(self.names.class_of_subject(msg.subject))
             self._doorbell.set()
 
         for klass in self.classes():
