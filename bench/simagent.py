@@ -19,7 +19,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, decode, encode
+from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, decode
 from trainfleet.broker.settings import Settings
 
 
@@ -76,22 +76,16 @@ class SimAgent:
         now = time.time()
         claimed = record.evolve(status=JobStatus.CLAIMED, claimed_by=self.host_id, attempt=record.attempt + 1,
                                 claimed_at=now, heartbeat_at=now, started_at=now, ticket_seq=seq)
-        revision = await self._cas(ticket.job_id, claimed, entry.revision or 0)
+        revision = await self.broker.cas_record(claimed, entry.revision or 0)
         if revision is None:
             self.lost_cas += 1
             await msg.ack()
             return
         done = claimed.evolve(status=JobStatus.COMPLETED, finished_at=time.time())
-        if await self._cas(ticket.job_id, done, revision) is not None:
+        if await self.broker.cas_record(done, revision) is not None:
             self.completed.append(ticket.job_id)
         await msg.ack()
 
-    async def _cas(self, job_id: str, record: JobRecord, revision: int) -> int | None:
-        assert self.broker is not None
-        try:
-            return await self.broker.jobs.update(job_id, encode(record), last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
 
 
 async def run_agents(settings: Settings, count: int, total: int, *, bare: bool = False,
