@@ -119,6 +119,20 @@ async def test_sigterm_hands_a_running_job_back_at_once(fleet, broker, settings,
     assert rec.status == JobStatus.COMPLETED and rec.claimed_by == "a2" and rec.attempt == 2
 
 
+async def kill_mid_run_then_rescue(fleet, broker, settings, tmp_path, job_id: str):
+    """A real agent process starts the job and is SIGKILLed mid-run; an in-process agent comes up."""
+    victim = spawn_agent(settings, "victim", tmp_path)
+    try:
+        await wait_state(broker, job_id, "running", timeout_s=90, claimed_by="victim")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        victim.kill()
+    # The rescuer only gets the ticket after ack-wait (the lease)
+    fleet.start_agent("rescuer")
+    return (await wait_terminal(broker, [job_id], timeout_s=120))[job_id]
+
+
 @pytest.mark.slow
 async def test_sigkilled_agent_is_taken_over_after_the_lease(fleet, broker, settings, tmp_path):
     manifest = linreg_manifest(1, epochs=MEDIUM * 2)
@@ -126,19 +140,12 @@ async def test_sigkilled_agent_is_taken_over_after_the_lease(fleet, broker, sett
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
     audit = await KVAudit(broker).start()
-    victim = spawn_agent(settings, "victim", tmp_path)
     try:
-        await wait_state(broker, job_id, "running", timeout_s=90, claimed_by="victim")
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(10)
-        # The rescuer only gets the ticket after ack-wait (the lease) and takes the record over
-        fleet.start_agent("rescuer")
-        rec = (await wait_terminal(broker, [job_id], timeout_s=120))[job_id]
+        rec = await kill_mid_run_then_rescue(fleet, broker, settings, tmp_path, job_id)
         assert rec.status == JobStatus.COMPLETED and rec.claimed_by == "rescuer" and rec.attempt == 2
         assert audit.completions() == {(job_id, 1): 1}
         assert (await trainer_starts(broker, [job_id]))[job_id] == 2
     finally:
-        victim.kill()
         await audit.stop()
 
 
@@ -148,17 +155,9 @@ async def test_job_fails_when_its_attempts_are_spent(fleet, broker, settings, tm
     job_id = manifest.jobs[0].job_id
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
-    victim = spawn_agent(settings, "victim", tmp_path)
-    try:
-        await wait_state(broker, job_id, "running", timeout_s=90, claimed_by="victim")
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(10)
-        fleet.start_agent("rescuer")
-        rec = (await wait_terminal(broker, [job_id], timeout_s=120))[job_id]
-        assert rec.status == JobStatus.FAILED and "gave up after 1 attempts" in (rec.reason or "")
-        await wait_for(lambda: _no_tickets(broker), 20, what="the ticket to be removed")
-    finally:
-        victim.kill()
+    rec = await kill_mid_run_then_rescue(fleet, broker, settings, tmp_path, job_id)
+    assert rec.status == JobStatus.FAILED and "gave up after 1 attempts" in (rec.reason or "")
+    await wait_for(lambda: _no_tickets(broker), 20, what="the ticket to be removed")
 
 
 async def _no_tickets(broker) -> bool:

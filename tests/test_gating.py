@@ -185,7 +185,8 @@ async def test_an_ineligible_agent_naks_with_a_delay_never_in_a_hot_loop(fleet, 
     after = await broker.js.consumer_info(broker.names.jobs_stream, broker.names.consumer("cpu"))
     deliveries = after.delivered.consumer_seq - before.delivered.consumer_seq
     # Each NAK delays redelivery by nak_delay_s: at most one delivery per delay (+1 in flight)
-    assert 1 <= deliveries <= window_s / settings.nak_delay_s + 1
+    most = window_s / settings.nak_delay_s + 1
+    assert 0 < deliveries <= most, f"{deliveries} deliveries in {window_s}s"
 
 
 async def test_plan_warns_about_jobs_no_registered_host_can_ever_run(fleet, broker):
