@@ -40,9 +40,11 @@ from trainfleet.controller.store import (
     TicketRef,
     cas,
     get_record,
+    job_ids,
     load_records,
     load_workers,
     publish_ticket,
+    publish_tickets,
     resolve_job,
     scan_tickets,
 )
@@ -50,6 +52,8 @@ from trainfleet.controller.store import (
 log = logging.getLogger("trainfleet.controller")
 
 REQUEUEABLE = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.COMPLETED)
+# Record writes in flight during a sync.
+SYNC_WINDOW = 64
 
 
 @dataclass
@@ -141,23 +145,37 @@ class Controller:
 
     async def sync(self, manifest: Manifest) -> SyncReport:
         """Idempotent: new jobs become pending with a ticket; existing records keep their state
-        (only non-identity fields such as name, priority and host policy are refreshed)."""
+        (only non-identity fields such as name, priority and host policy are refreshed).
+
+        Record writes run SYNC_WINDOW at a time (each is an fsynced CAS, so one at a time is
+        bound by disk latency); tickets then go out pipelined, highest priority first."""
         self.manifest = manifest
         report = SyncReport()
-        # Tickets queue FIFO within a class: publish higher priority first.
-        for spec in sorted(manifest.jobs, key=lambda s: -s.priority):
-            fresh = self._new_record(manifest, spec)
-            try:
-                await self.b.jobs.create(spec.job_id, encode(fresh))
-            except nats.js.errors.KeyWrongLastSequenceError:
-                changed = await self._refresh(fresh)
-                (report.updated if changed else report.unchanged).append(spec.job_id)
-                continue
-            await publish_ticket(self.b, fresh, fresh.klass)
-            report.created.append(spec.job_id)
+        window = asyncio.Semaphore(SYNC_WINDOW)
+        fresh = [self._new_record(manifest, s) for s in sorted(manifest.jobs, key=lambda s: -s.priority)]
+
+        async def create(rec: JobRecord) -> bool:
+            async with window:
+                try:
+                    await self.b.jobs.create(rec.job_id, encode(rec))
+                    return True
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    return False
+
+        async def refresh(rec: JobRecord) -> bool:
+            async with window:
+                return await self._refresh(rec)
+
+        created = await asyncio.gather(*(create(r) for r in fresh))
+        new = [r for r, ok in zip(fresh, created, strict=True) if ok]
+        existing = [r for r, ok in zip(fresh, created, strict=True) if not ok]
+        changed = await asyncio.gather(*(refresh(r) for r in existing))
+        await publish_tickets(self.b, new)
+        report.created = [r.job_id for r in new]
+        report.updated = [r.job_id for r, c in zip(existing, changed, strict=True) if c]
+        report.unchanged = [r.job_id for r, c in zip(existing, changed, strict=True) if not c]
         wanted = {s.job_id for s in manifest.jobs}
-        records = await load_records(self.b)
-        report.not_in_manifest = sorted(k for k in records if k not in wanted)
+        report.not_in_manifest = sorted(await job_ids(self.b) - wanted)
         log.info("sync %s: %d new, %d updated, %d unchanged, %d only in KV", manifest.path,
                  len(report.created), len(report.updated), len(report.unchanged), len(report.not_in_manifest))
         return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -22,15 +23,15 @@ class Stored:
     revision: int
 
 
-async def kv_snapshot(kv: KeyValue, timeout_s: float = 10.0) -> list[KeyValue.Entry]:
-    """The latest entry of every live key.
+async def kv_snapshot(kv: KeyValue, timeout_s: float = 10.0, *, meta_only: bool = False) -> list[KeyValue.Entry]:
+    """The latest entry of every live key (``meta_only``: keys and revisions, no values).
 
     nats-py's watcher may emit its "initial values done" marker (None) before the initial
     values themselves, so the marker is not trusted: the snapshot ends at the entry with
     nothing pending after it, and a marker only ends it when the bucket is really empty."""
     if not (await kv.status()).values:
         return []
-    watcher = await kv.watchall()
+    watcher = await kv.watchall(meta_only=meta_only)
     entries: list[KeyValue.Entry] = []
     try:
         while True:
@@ -97,14 +98,35 @@ async def cas(broker: Broker, record: JobRecord, revision: int) -> int | None:
     return await broker.cas_record(record, revision)
 
 
-async def publish_ticket(broker: Broker, record: JobRecord, klass: str, *, dedupe_suffix: str = "") -> int:
-    """Publish a ticket for ``record`` on ``klass``; returns its stream sequence."""
-    names = broker.names
+def ticket_message(broker: Broker, record: JobRecord, klass: str,
+                   dedupe_suffix: str = "") -> tuple[str, bytes, dict[str, str]]:
+    """Subject, payload and headers of a ticket for ``record`` on ``klass``. The message id
+    lets JetStream drop a re-publish of the same ticket inside its duplicate window."""
     ticket = Ticket(job_id=record.job_id, generation=record.generation, klass=klass,
                     priority=record.spec.priority, published_at=time.time())
     msg_id = f"{record.job_id}.{record.generation}.{klass}{dedupe_suffix}"
-    ack = await broker.js.publish(names.jobs_subject(klass), encode(ticket), headers={"Nats-Msg-Id": msg_id})
+    return broker.names.jobs_subject(klass), encode(ticket), {"Nats-Msg-Id": msg_id}
+
+
+async def publish_ticket(broker: Broker, record: JobRecord, klass: str, *, dedupe_suffix: str = "") -> int:
+    """Publish a ticket for ``record`` on ``klass``; returns its stream sequence."""
+    subject, payload, headers = ticket_message(broker, record, klass, dedupe_suffix)
+    ack = await broker.js.publish(subject, payload, headers=headers)
     return ack.seq
+
+
+async def publish_tickets(broker: Broker, records: list[JobRecord]) -> None:
+    """Tickets for many records, pipelined: one connection keeps them in this order in the stream."""
+    futures = []
+    for record in records:
+        subject, payload, headers = ticket_message(broker, record, record.klass)
+        futures.append(await broker.js.publish_async(subject, payload, headers=headers))
+    await asyncio.gather(*futures)
+
+
+async def job_ids(broker: Broker) -> set[str]:
+    """Every live key of the jobs bucket, without reading the records."""
+    return {entry.key for entry in await kv_snapshot(broker.jobs, meta_only=True)}
 
 
 @dataclass(frozen=True)
