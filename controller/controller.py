@@ -222,8 +222,9 @@ class Controller:
             rec = stored.record
             have = live.get(rec.job_id, set())
             if rec.status == JobStatus.PENDING:
-                stats["grace"] += await self._grace(stored, now)
-                stats["republished"] += await self._ensure_tickets(rec.job_id, have)
+                granted = await self._grace(stored, now)
+                stats["grace"] += granted
+                stats["republished"] += await self._ensure_tickets(rec, have, changed=bool(granted))
             elif rec.status.held and rec.lease_expired(self.settings.lease_s * 2, now) \
                     and rec.ticket_seq not in seqs and not any(g == rec.generation for g, _ in have):
                 await publish_ticket(self.b, rec, rec.klass, dedupe_suffix=f".r{int(now)}")
@@ -273,12 +274,15 @@ class Controller:
         await cas(self.b, rec.evolve(offered=(*rec.offered, cpu)), stored.revision)
         return 1
 
-    async def _ensure_tickets(self, job_id: str, have: set[tuple[int, str]]) -> int:
-        stored = await get_record(self.b, job_id)
-        rec = stored.record
+    async def _ensure_tickets(self, loaded: JobRecord, have: set[tuple[int, str]], *, changed: bool) -> int:
+        """Publish the tickets a pending record lacks. The record just loaded decides whether to
+        look at all (most have their tickets); a possible repair is confirmed on a fresh read."""
+        if not changed and not _missing_classes(loaded, have):
+            return 0
+        rec = (await get_record(self.b, loaded.job_id)).record
         if rec.status != JobStatus.PENDING:
             return 0
-        missing = [k for k in (rec.offered or (rec.klass,)) if (rec.generation, k) not in have]
+        missing = _missing_classes(rec, have)
         for klass in missing:
             await publish_ticket(self.b, rec, klass, dedupe_suffix=f".r{int(time.time())}")
         return len(missing)
@@ -333,9 +337,14 @@ class Controller:
         return "reoffered"
 
     # -- operator actions ---------------------------------------------------
+    async def _resolve(self, ref: str) -> str:
+        """A job id from a name, id or prefix (reads every record: once per operation, not per retry)."""
+        return resolve_job(await load_records(self.b), ref).record.job_id
+
     async def cancel(self, ref: str) -> JobRecord:
+        job_id = await self._resolve(ref)
         for _ in range(10):
-            stored = resolve_job(await load_records(self.b), ref)
+            stored = await get_record(self.b, job_id)
             rec = stored.record
             if rec.status.terminal:
                 raise TrainfleetError(f"job {rec.spec.name} is already {rec.status.value}; nothing to cancel")
@@ -345,8 +354,9 @@ class Controller:
         raise TrainfleetError(f"job {ref}: record kept changing; try again")
 
     async def requeue(self, ref: str) -> JobRecord:
+        job_id = await self._resolve(ref)
         for _ in range(10):
-            stored = resolve_job(await load_records(self.b), ref)
+            stored = await get_record(self.b, job_id)
             rec = stored.record
             if rec.status not in REQUEUEABLE:
                 raise TrainfleetError(f"job {rec.spec.name} is {rec.status.value}; only failed, cancelled or "
@@ -382,6 +392,11 @@ class Controller:
             "workers": {"alive": sum(1 for w in workers if now - w.last_seen <= stale_after),
                         "stale": sum(1 for w in workers if now - w.last_seen > stale_after)},
         }
+
+
+def _missing_classes(rec: JobRecord, have: set[tuple[int, str]]) -> list[str]:
+    """Offered classes of this generation with no ticket in the stream."""
+    return [k for k in (rec.offered or (rec.klass,)) if (rec.generation, k) not in have]
 
 
 def _first_inversion(priorities: list[int]) -> int | None:

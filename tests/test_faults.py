@@ -57,16 +57,21 @@ def spawn_agent(settings, host_id: str, workdir: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-async def test_cancelling_a_running_job_stops_its_trainer_and_records_nothing(fleet, broker, settings):
+async def long_job_running(fleet, broker):
+    """One long job running on agent a1: (controller, agent, job id, trainer pid)."""
     manifest = linreg_manifest(1, epochs=LONG)
     job_id = manifest.jobs[0].job_id
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
     agent = fleet.start_agent("a1")
     await wait_state(broker, job_id, "running")
-    trainer = await wait_for(lambda: agent.running.get(job_id) and agent.running[job_id].trainer, 10)
-    await wait_for(lambda: trainer.pid is not None, 10)
-    pid = trainer.pid
+    pid = await wait_for(lambda: agent.running.get(job_id) and agent.running[job_id].trainer
+                         and agent.running[job_id].trainer.pid, 10, what="the trainer to start")
+    return ctl, agent, job_id, pid
+
+
+async def test_cancelling_a_running_job_stops_its_trainer_and_records_nothing(fleet, broker, settings):
+    ctl, agent, job_id, pid = await long_job_running(fleet, broker)
     # When the operator cancels it
     await ctl.cancel(job_id)
     # Then the trainer is gone within one heartbeat (+ the SIGTERM grace)
@@ -80,14 +85,7 @@ async def test_cancelling_a_running_job_stops_its_trainer_and_records_nothing(fl
 
 
 async def test_a_record_taken_over_elsewhere_fences_the_old_holder(fleet, broker, settings):
-    manifest = linreg_manifest(1, epochs=LONG)
-    job_id = manifest.jobs[0].job_id
-    ctl = await fleet.start_controller()
-    await ctl.sync(manifest)
-    agent = fleet.start_agent("a1")
-    await wait_state(broker, job_id, "running")
-    pid = await wait_for(lambda: agent.running.get(job_id) and agent.running[job_id].trainer
-                         and agent.running[job_id].trainer.pid, 10)
+    _, agent, job_id, pid = await long_job_running(fleet, broker)
     # Another agent takes the record over (as after a lapsed lease)
     stored = await get_record(broker, job_id)
     stolen = stored.record.evolve(claimed_by="intruder", attempt=stored.record.attempt + 1)
