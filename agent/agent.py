@@ -42,7 +42,7 @@ from trainfleet.agent import artifacts
 from trainfleet.agent.eligibility import ineligibility
 from trainfleet.agent.trainer import TrainerProcess, build_argv
 from trainfleet.broker import names as namesmod
-from trainfleet.broker.connection import Broker
+from trainfleet.broker.connection import WATCH_INACTIVE_S, Broker, ConsumerUnavailable, TicketPuller
 from trainfleet.broker.errors import SchemaError
 from trainfleet.broker.schema import (
     Capability,
@@ -63,9 +63,10 @@ TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.e
 
 
 PROGRESS_EVENT_INTERVAL_S = 0.2
-# Each class is asked with a pull request this short: a queued ticket comes back at once, an
-# empty class costs one round trip, so a round over many classes stays fast.
-ROUND_FETCH_S = 0.1
+# How long a pull on a class whose doorbell rang waits for the ticket (returns as soon as it lands).
+RUNG_WAIT_S = 0.1
+# After a failed pull (server restarting, consumer gone) the loop waits this long before the next.
+PULL_RETRY_S = 0.5
 
 
 class Verdict(enum.Enum):
@@ -133,7 +134,8 @@ class Agent:
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._subs: dict[str, Any] = {}
+        self._consumers: dict[str, str] = {}
+        self._puller: TicketPuller | None = None
         self.free_cpu = 0
         self.free_gpus: list[int] = []
         self.started_at = time.time()
@@ -190,6 +192,7 @@ class Agent:
                                            provision=True, wait_s=self.settings.connect_wait_s)
         await self._apply_host_policy()
         await self._ring_on_new_tickets()
+        self._puller = await TicketPuller(self.broker).start()
         log.info("agent %s serving %s", self.host_id, ", ".join(self.classes()))
         registry = asyncio.create_task(self._registry_loop())
         try:
@@ -250,7 +253,9 @@ class Agent:
         rung, self._rung = self._rung, set()
         self._doorbell.clear()
         for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
-            msg = await self._fetch_one(klass, ROUND_FETCH_S)
+            # A rung class's ticket may reach the doorbell a moment before the consumer can
+            # deliver it: wait briefly for it there; empty classes answer at once.
+            msg = await self._fetch_one(klass, RUNG_WAIT_S if klass in rung else 0.0)
             if msg is None or self._stopping.is_set():
                 if msg is not None:
                     await self._safe(msg.nak())
@@ -278,28 +283,20 @@ class Agent:
         for klass in self.classes():
             await self.broker.nc.subscribe(self.names.jobs_subject(klass), cb=ring)
 
-    async def _subscription(self, klass: str) -> Any:
-        sub = self._subs.get(klass)
-        if sub is None:
-            assert self.broker is not None
-            durable = await self.broker.ensure_consumer(klass)
-            sub = await self.broker.js.pull_subscribe_bind(durable=durable, stream=self.names.jobs_stream)
-            self._subs[klass] = sub
-        return sub
-
-    async def _fetch_one(self, klass: str, timeout: float) -> Msg | None:
+    async def _fetch_one(self, klass: str, wait_s: float = 0.0) -> Msg | None:
+        """The class's next ticket if one is waiting now (a no_wait pull: an empty class costs one
+        round trip, so a ticket published mid-round never waits out a pull on another class)."""
+        assert self.broker is not None
         try:
-            sub = await self._subscription(klass)
-            # Short pull requests plus an outer guard: a pull that the server
-            # forgot (restart, #986) can only cost one timeout, never a stall.
-            msgs = await asyncio.wait_for(sub.fetch(1, timeout=timeout), timeout + 5)
-            return msgs[0] if msgs else None
-        except nats.errors.TimeoutError:
-            return None
-        except (nats.js.errors.Error, *TRANSIENT) as exc:
+            durable = self._consumers.get(klass)
+            if durable is None:
+                durable = self._consumers[klass] = await self.broker.ensure_consumer(klass)
+            assert self._puller is not None
+            return await self._puller.pull(durable, wait_s)
+        except (ConsumerUnavailable, nats.js.errors.Error, *TRANSIENT) as exc:
             log.debug("fetch from %s failed: %r", klass, exc)
-            self._subs.pop(klass, None)
-            await asyncio.sleep(min(1.0, timeout))
+            self._consumers.pop(klass, None)
+            await asyncio.sleep(PULL_RETRY_S)
             return None
 
     # -- slots -------------------------------------------------------------
@@ -519,7 +516,7 @@ class Agent:
         assert self.broker is not None
         watcher = None
         try:
-            watcher = await self.broker.jobs.watch(job.job_id)
+            watcher = await self.broker.jobs.watch(job.job_id, inactive_threshold=WATCH_INACTIVE_S)
             async for entry in watcher:
                 if entry is None or entry.value is None or (entry.revision or 0) <= job.revision:
                     continue

@@ -82,7 +82,7 @@ def build_bundle(output_dir: str | os.PathLike, provenance: dict[str, Any], dest
     return Bundle(path=dest, sha256=hashing.digest.hexdigest(), size=hashing.size)
 
 
-def _store(broker: Broker) -> ObjectStoreClient:
+def object_store(broker: Broker) -> ObjectStoreClient:
     """The artifacts bucket through the pipelined transfer path (standard object-store format)."""
     chunk = min(ARTIFACT_CHUNK_BYTES, broker.nc.max_payload or ARTIFACT_CHUNK_BYTES)
     return ObjectStoreClient(broker.nc, broker.names.artifacts_bucket, chunk_bytes=chunk,
@@ -91,7 +91,7 @@ def _store(broker: Broker) -> ObjectStoreClient:
 
 async def upload(broker: Broker, bundle: Bundle) -> str:
     """Put the bundle under its sha256 unless an identical object is already stored."""
-    store = _store(broker)
+    store = object_store(broker)
     existing = await store.info(bundle.sha256)
     if existing is not None and existing.size == bundle.size:
         return bundle.sha256
@@ -111,7 +111,7 @@ async def download(broker: Broker, sha256: str, dest: str | os.PathLike) -> Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         # The sha256 is computed while the chunks stream to disk: no second pass over the file.
-        await _store(broker).get_file(sha256, dest, expect_sha256_hex=sha256)
+        await object_store(broker).get_file(sha256, dest, expect_sha256_hex=sha256)
     except ObjectNotFound as exc:
         raise ArtifactError(f"artifact {sha256} is not in the object store") from exc
     return dest

@@ -50,7 +50,7 @@ async def _put_rates(env, size: int) -> tuple[float, float]:
     started = time.perf_counter()
     await artifacts.upload(env.broker, Bundle(path=src, sha256=sha, size=size))
     big = size / 1e6 / (time.perf_counter() - started)
-    store = artifacts._store(env.broker)
+    store = artifacts.object_store(env.broker)
     started = time.perf_counter()
     await store.put_file("small-chunks", src, chunk_bytes=DEFAULT_CHUNK_BYTES)
     small = size / 1e6 / (time.perf_counter() - started)

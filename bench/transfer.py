@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from bench import ceiling
 from bench.env import Env, chunked_durable_copy_mb_s, fleet_env, make_file, plain_copy_mb_s, rss_mib
 from bench.report import Row, median
 from trainfleet.agent import artifacts
@@ -66,7 +67,7 @@ async def _timed(coro) -> float:
 
 async def fleet_transfer(broker: Broker, bundle: Bundle, dest: Path, reps: int) -> tuple[float, float, float]:
     """Median (plain copy, upload, download) MB/s; the three interleave so load hits all alike."""
-    store = artifacts._store(broker)
+    store = artifacts.object_store(broker)
     copies, ups, downs = [], [], []
     for _ in range(reps):
         copies.append(await asyncio.to_thread(plain_copy_mb_s, bundle.path, dest))
@@ -75,6 +76,23 @@ async def fleet_transfer(broker: Broker, bundle: Bundle, dest: Path, reps: int) 
         dest.unlink()
         await store.delete(bundle.sha256)  # so the next upload is not deduplicated away
     return median(copies), median(ups), median(downs)
+
+
+async def ceiling_transfer(broker: Broker, url: str, src: Path, dest: Path, reps: int) -> tuple[float, float]:
+    """Median (put, get) MB/s of the bare client in bench.ceiling: what the server alone can move."""
+    store = artifacts.object_store(broker)
+    size = src.stat().st_size
+    chunks = -(-size // ceiling.CHUNK)
+    puts, gets = [], []
+    for rep in range(reps):
+        subject = store.chunk_subject(f"ceiling{rep}{time.time_ns()}")
+        puts.append(size / 1e6 / await asyncio.to_thread(ceiling.raw_put, url, subject, src))
+        consumer = f"ceiling{rep}{time.time_ns()}"
+        await store._create_consumer(consumer, subject)
+        gets.append(size / 1e6 / await asyncio.to_thread(ceiling.raw_get, url, store.stream, consumer, chunks, dest))
+        dest.unlink()
+        await store._purge(subject)
+    return median(puts), median(gets)
 
 
 async def stock_transfer(broker: Broker, bundle: Bundle, dest: Path) -> tuple[float, float]:
@@ -103,6 +121,13 @@ async def _one_size(env: Env, broker: Broker, size: int, *, where: str, stock: b
         copy, up, down = await fleet_transfer(broker, bundle, env.workdir / "dl", reps)
     rows = _rows(where, size, up, down, copy, extra=f"median of {reps}; RSS peak +{rss.grew_mib:.0f} MiB")
     if not where:
+        c_up, c_down = await ceiling_transfer(broker, env.server.url, src, env.workdir / "dl", reps)
+        rows[0].note += f"; {up / c_up:.2f}x of the server ceiling"
+        rows[1].note += f"; {down / c_down:.2f}x of the server ceiling"
+        rows += [Row("artifacts", f"  server ceiling put {_label(size)}", c_up, "MB/s", copy, "plain copy + fsync",
+                     note="bare client, no hashing: nats-server's own limit"),
+                 Row("artifacts", f"  server ceiling get {_label(size)}", c_down, "MB/s", copy, "plain copy + fsync",
+                     note="bare client, no hashing, file fsynced")]
         chunk = artifacts.ARTIFACT_CHUNK_BYTES
         durable = await asyncio.to_thread(chunked_durable_copy_mb_s, src, env.workdir / "copy", chunk)
         rows.append(Row("artifacts", f"  copy with fsync per {chunk >> 20} MiB chunk, {_label(size)}", durable, "MB/s",

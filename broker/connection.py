@@ -9,6 +9,7 @@ running it twice (or from several processes at once) is harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,13 +20,29 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from trainfleet.broker.errors import BrokerError
 from trainfleet.broker.names import Names
-from trainfleet.broker.settings import Settings
+from trainfleet.broker.objstore import status_of
+from trainfleet.broker.settings import Settings, seconds_to_ns
+
+JS_API = "$JS.API"
+# A KV watcher's ordered consumer is removed by the server this long after its subscription
+# goes (nats-py's default is 5 minutes: a loop that snapshots the bucket every second would
+# keep hundreds of dead consumers alive until the stream's consumer limit refuses new ones).
+WATCH_INACTIVE_S = 10.0
+NO_WAIT_ONE = b'{"batch":1,"no_wait":true}'
+# A no_wait pull is answered within a round trip; no answer this long means the server is gone.
+PULL_TIMEOUT_S = 5.0
+
+
+class ConsumerUnavailable(BrokerError):
+    """A pull consumer is gone or was changed under us; ensure it again before the next pull."""
+
 
 log = logging.getLogger("trainfleet.broker")
 
@@ -198,7 +215,9 @@ class Broker:
                 await self.nc.flush(timeout=2)
             except (TimeoutError, nats.errors.Error, OSError):
                 pass
-            await self.nc.close()
+            # A server that vanished leaves a broken pipe to flush on close: nothing to save then.
+            with contextlib.suppress(OSError):
+                await self.nc.close()
 
 
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
@@ -237,3 +256,60 @@ async def provision_resources(js: JetStreamContext, settings: Settings) -> None:
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != 10058:
             raise
+
+
+class TicketPuller:
+    """Pulls one ticket at a time from the jobs stream's class consumers with ``no_wait`` requests:
+    answered at once either way, so an empty class costs one round trip and never a wait.
+
+    One inbox subscription serves every pull. JetStream delivers a message on the inbox under
+    the message's own subject (only status answers carry the inbox as subject), so answers
+    cannot be told apart by reply token: pulls run one at a time, and an answer that arrives
+    after its pull timed out is taken by the next pull (a late ticket is still a delivered
+    ticket, ack-pending on us; a late status is dropped)."""
+
+    def __init__(self, broker: Broker):
+        self.broker = broker
+        self.inbox = broker.nc.new_inbox()
+        self._answers: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sub: Any = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> TicketPuller:
+        async def answer(msg: Msg) -> None:
+            self._answers.put_nowait(msg)
+
+        self._sub = await self.broker.nc.subscribe(self.inbox, cb=answer)
+        return self
+
+    async def stop(self) -> None:
+        """Stop listening; tickets that still arrive are never acked and come back after ack-wait."""
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def pull(self, durable: str, wait_s: float = 0.0, timeout_s: float = PULL_TIMEOUT_S) -> Msg | None:
+        """The next ticket of consumer ``durable`` if one is waiting now (or, with ``wait_s``,
+        arrives within it), else None. Raises ConsumerUnavailable when the consumer is gone or
+        changed (ensure it again), and nats.errors.TimeoutError when the server does not answer
+        within ``wait_s + timeout_s``."""
+        async with self._lock:
+            while not self._answers.empty():
+                late = self._answers.get_nowait()
+                if status_of(late) is None:
+                    return late
+            subject = f"{JS_API}.CONSUMER.MSG.NEXT.{self.broker.names.jobs_stream}.{durable}"
+            body = NO_WAIT_ONE if wait_s <= 0 else b'{"batch":1,"expires":%d}' % seconds_to_ns(wait_s)
+            await self.broker.nc.publish(subject, body, reply=self.inbox)
+            try:
+                msg = await asyncio.wait_for(self._answers.get(), wait_s + timeout_s)
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        status = status_of(msg)
+        if status is None:
+            return msg
+        if status in ("404", "408"):  # nothing waiting / the request expired
+            return None
+        description = (msg.headers.get("Description") or "").split("\n")[0] if msg.headers else ""
+        raise ConsumerUnavailable(f"consumer {durable}: {status} {description}".strip())

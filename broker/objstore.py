@@ -29,10 +29,13 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import hashlib
 import io
+import logging
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,7 +49,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
+from trainfleet.broker.directget import DirectUnavailable, Endpoint, Pulled, pull_object, reply_fields
 from trainfleet.broker.errors import ArtifactError, BrokerError
+
+log = logging.getLogger("trainfleet.objstore")
 
 DEFAULT_API_PREFIX = "$JS.API"
 # The ADR's default; artifacts.py may choose bigger chunks (fewer fsyncs per byte).
@@ -55,6 +61,9 @@ DEFAULT_CHUNK_BYTES = 128 * 1024
 # 16 MiB covers the bandwidth-delay product of ~800 MB/s at 20 ms RTT; measured
 # through a 20 ms RTT proxy, 8 MiB gave ~215 MB/s, 16 MiB ~300, 32 MiB no more.
 DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024
+# Smaller objects are fetched on the client's own connection: a direct connection's set-up
+# (connect, handshake, a thread) costs more than it saves below a few chunks.
+DIRECT_MIN_BYTES = 4 << 20
 # Chunks a get may hand to its writer thread ahead of the disk.
 WRITE_QUEUE_CHUNKS = 4
 DEFAULT_TIMEOUT_S = 10.0
@@ -135,6 +144,18 @@ def _now_rfc3339() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _parse_rfc3339(stamp: str) -> datetime | None:
+    """The server's message time (RFC 3339 with nanoseconds, ``Z``) as an aware datetime."""
+    text = stamp.rstrip("Z")
+    if "." in text:
+        head, frac = text.split(".", 1)
+        text = f"{head}.{frac[:6]}"
+    try:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def encode_name(name: str) -> str:
     """The meta subject token for an object name: padded base64url, as every client writes it."""
     return base64.urlsafe_b64encode(name.encode()).decode()
@@ -156,18 +177,19 @@ def parse_digest(value: str) -> bytes | None:
         return None
 
 
-def _reply_fields(reply: str) -> tuple[int, int]:
-    """(consumer sequence, pending) from a JetStream delivery's reply subject (v1 or v2 form)."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[6]), int(tokens[8])
-    if len(tokens) >= 12:
-        return int(tokens[8]), int(tokens[10])
-    raise ValueError(f"not a JetStream delivery: {reply!r}")
-
-
-def _status(msg: Msg) -> str | None:
+def status_of(msg: Msg) -> str | None:
+    """A status message's code (``404``, ``503``…), or None for an ordinary message."""
     return msg.headers.get("Status") if msg.headers else None
+
+
+def completeness_problem(info: ObjectInfo, size: int, digest: Any) -> str | None:
+    """Why the bytes received are not the object ``info`` describes (None: they are)."""
+    if size != info.size:
+        return f"got {size} bytes, info says {info.size}"
+    if parse_digest(info.digest) != digest.digest():
+        return (f"digest mismatch: chunks hash to {digest_string(digest.digest())}, "
+                f"info says {info.digest or 'nothing'}")
+    return None
 
 
 class _AckWindow:
@@ -195,7 +217,7 @@ class _AckWindow:
         self._changed.set()
 
     def _problem(self, msg: Msg) -> str | None:
-        if _status(msg) == STATUS_NO_RESPONDERS:
+        if status_of(msg) == STATUS_NO_RESPONDERS:
             return f"no stream {self.stream} listens on the chunk subject (is the bucket provisioned?)"
         try:
             ack = msgspec.json.decode(msg.data)
@@ -295,7 +317,7 @@ class _ChunkSink:
         if self.done.done():
             return
         self.last_seen = time.monotonic()
-        status = _status(msg)
+        status = status_of(msg)
         if status == STATUS_HEARTBEAT:
             return
         if status is not None:
@@ -305,7 +327,7 @@ class _ChunkSink:
                       f"({status} {description}); the object is truncated or was replaced")
             return
         try:
-            seq, _pending = _reply_fields(msg.reply)
+            seq, _pending = reply_fields(msg.reply)
         except ValueError as exc:
             self.fail(str(exc))
             return
@@ -335,11 +357,9 @@ class _ChunkSink:
             return
         if self.done.done():
             return
-        if self.size != self.info.size:
-            self.fail(f"got {self.size} bytes, info says {self.info.size}")
-        elif parse_digest(self.info.digest) != self.digest.digest():
-            self.fail(f"digest mismatch: chunks hash to {digest_string(self.digest.digest())}, "
-                      f"info says {self.info.digest or 'nothing'}")
+        problem = completeness_problem(self.info, self.size, self.digest)
+        if problem:
+            self.fail(problem)
         else:
             self.done.set_result(None)
 
@@ -349,8 +369,12 @@ class ObjectStoreClient:
 
     def __init__(self, nc: Client, bucket: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  window_bytes: int = DEFAULT_WINDOW_BYTES, api_prefix: str = DEFAULT_API_PREFIX,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                 direct_min_bytes: int | None = DIRECT_MIN_BYTES):
         self.nc = nc
+        # Gets of objects this big or bigger use a connection of their own where the server
+        # allows it (see directget); None: never.
+        self.direct_min_bytes = direct_min_bytes
         self.bucket = bucket
         self.stream = f"OBJ_{bucket}"
         self.chunk_bytes = chunk_bytes
@@ -402,7 +426,12 @@ class ObjectStoreClient:
     # -- info ----------------------------------------------------------------
     async def info(self, name: str, *, show_deleted: bool = False) -> ObjectInfo | None:
         """The object's info, or None when it does not exist (or is deleted, unless asked)."""
-        resp = await self._api(f"STREAM.MSG.GET.{self.stream}", {"last_by_subj": self.meta_subject(name)})
+        info = await self._info_at(self.meta_subject(name), name)
+        return None if info is None or (info.deleted and not show_deleted) else info
+
+    async def _info_at(self, meta_subject: str, name: str) -> ObjectInfo | None:
+        """The latest info record on ``meta_subject`` (deleted ones too), or None when there is none."""
+        resp = await self._api(f"STREAM.MSG.GET.{self.stream}", {"last_by_subj": meta_subject})
         if "error" in resp:
             if resp["error"].get("err_code") == ERR_NO_MESSAGE:
                 return None
@@ -412,8 +441,6 @@ class ObjectStoreClient:
             info = msgspec.json.decode(base64.b64decode(message.get("data") or b""), type=ObjectInfo)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             raise ArtifactError(f"object {name!r}: unreadable info record: {exc}") from exc
-        if info.deleted and not show_deleted:
-            return None
         # ADR-20: the modification time is the info message's time.
         info.mtime = message.get("time") or info.mtime
         return info
@@ -529,24 +556,69 @@ class ObjectStoreClient:
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.part-")
         try:
             with os.fdopen(fd, "wb") as fh:
-                sink = await self._receive(info, fh)
+                got = await self._receive(info, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if expect_sha256_hex is not None and sink.digest.hexdigest() != expect_sha256_hex:
-                raise ArtifactError(f"object {name!r}: downloaded bytes hash to {sink.digest.hexdigest()}, "
+            if expect_sha256_hex is not None and got.digest.hexdigest() != expect_sha256_hex:
+                raise ArtifactError(f"object {name!r}: downloaded bytes hash to {got.digest.hexdigest()}, "
                                     f"not {expect_sha256_hex} (corrupt or tampered)")
             os.replace(tmp_name, dest)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
         if stats is not None:
-            stats.bytes, stats.chunks, stats.max_in_flight = sink.size, sink.received, sink.max_in_flight
+            stats.bytes, stats.chunks, stats.max_in_flight = got.size, got.chunks, got.max_in_flight
             stats.elapsed_s = time.perf_counter() - started
         return info
 
-    async def _receive(self, info: ObjectInfo, fh: BinaryIO) -> _ChunkSink:
-        """Pull every chunk of ``info`` through an ephemeral consumer into ``fh``."""
-        chunk_bytes = (info.options.max_chunk_size if info.options else 0) or self.chunk_bytes
+    async def _receive(self, info: ObjectInfo, fh: BinaryIO) -> Pulled:
+        """Pull every chunk of ``info`` through an ephemeral consumer into ``fh``: over a direct
+        connection where the server allows one, else through a subscription on this client."""
+        direct = self.direct_min_bytes is not None and info.chunks and info.size >= self.direct_min_bytes
+        endpoint = Endpoint.of(self.nc.connected_url) if direct else None
+        if endpoint is not None:
+            try:
+                return await self._receive_direct(info, fh, endpoint)
+            except DirectUnavailable as exc:
+                log.info("direct download of %r not possible (%s); using the client connection", info.name, exc)
+        return await self._receive_subscribed(info, fh)
+
+    def _chunk_bytes(self, info: ObjectInfo) -> int:
+        return (info.options.max_chunk_size if info.options else 0) or self.chunk_bytes
+
+    async def _receive_direct(self, info: ObjectInfo, fh: BinaryIO, endpoint: Endpoint) -> Pulled:
+        consumer = self._nuid.next().decode()
+        cancelled = threading.Event()
+        connections: list[Any] = []
+        await self._create_consumer(consumer, self.chunk_subject(info.nuid))
+        try:
+            pull = functools.partial(
+                pull_object, endpoint, f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}", name=info.name,
+                expected_size=info.size, chunks=info.chunks, fh=fh, window=self._window_chunks(self._chunk_bytes(info)),
+                idle_timeout_s=self.idle_timeout_s, cancelled=cancelled, on_connection=connections.append)
+            thread = asyncio.get_running_loop().run_in_executor(None, pull)
+            try:
+                got = await asyncio.shield(thread)
+            except asyncio.CancelledError:
+                cancelled.set()
+                for conn in connections:
+                    conn.abort()  # wakes the thread's blocking read
+                await asyncio.wait([thread])
+                raise
+        finally:
+            await self._delete_consumer(consumer)
+        problem = completeness_problem(info, got.size, got.digest)
+        if problem:
+            raise ArtifactError(f"object {info.name!r}: {problem}")
+        return got
+
+    async def _delete_consumer(self, consumer: str) -> None:
+        # Fire and forget (its inactive_threshold is the backstop): no round trip on the way out.
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(f"{self.api}.CONSUMER.DELETE.{self.stream}.{consumer}", reply=self.nc.new_inbox())
+
+    async def _receive_subscribed(self, info: ObjectInfo, fh: BinaryIO) -> Pulled:
+        chunk_bytes = self._chunk_bytes(info)
         inbox = self.nc.new_inbox()
         consumer = self._nuid.next().decode()
         next_subject = f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}"
@@ -567,7 +639,7 @@ class ObjectStoreClient:
             await sink.done
         finally:
             writer.close()
-        return sink
+        return Pulled(sink.size, sink.received, sink.digest, sink.max_in_flight)
 
     async def _pull_all(self, sink: _ChunkSink, consumer: str, inbox: str, window_bytes: int) -> None:
         sub = await self.nc.subscribe(inbox, cb=sink.on_msg, pending_bytes_limit=max(64 << 20, 4 * window_bytes))
@@ -577,10 +649,7 @@ class ObjectStoreClient:
                 await sink.top_up()
                 await self._await_sink(sink)
             finally:
-                # Fire and forget (its inactive_threshold is the backstop): no round trip on the way out.
-                with contextlib.suppress(nats.errors.Error):
-                    await self.nc.publish(f"{self.api}.CONSUMER.DELETE.{self.stream}.{consumer}",
-                                          reply=self.nc.new_inbox())
+                await self._delete_consumer(consumer)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -603,6 +672,57 @@ class ObjectStoreClient:
             except TimeoutError:
                 if time.monotonic() - sink.last_seen > self.idle_timeout_s:
                     sink.fail(f"no chunk for {self.idle_timeout_s:g}s after {sink.received} of {sink.info.chunks}")
+
+    # -- stray chunks --------------------------------------------------------
+    async def _subject_counts(self, subjects_filter: str) -> dict[str, int]:
+        """Messages per subject matching ``subjects_filter`` in the bucket's stream (all pages)."""
+        counts: dict[str, int] = {}
+        while True:
+            resp = await self._api(f"STREAM.INFO.{self.stream}",
+                                   {"subjects_filter": subjects_filter, "offset": len(counts)})
+            if "error" in resp:
+                raise self._api_error(resp, "listing the bucket's subjects")
+            page = (resp.get("state") or {}).get("subjects") or {}
+            counts.update(page)
+            if not page or len(counts) >= int(resp.get("total") or 0):
+                return counts
+
+    async def stray_chunks(self, older_than_s: float, now: datetime | None = None) -> dict[str, int]:
+        """Chunk sets no live object's info points at, whose newest chunk is older than
+        ``older_than_s`` (a put still under way has fresh chunks and no info yet): nuid → chunks.
+
+        They are what a put cut off mid-way (its process killed before it could purge) or a
+        replacement that died before purging the old version leaves behind."""
+        now = now or datetime.now(UTC)
+        prefix = f"$O.{self.bucket}.C."
+        chunk_sets = {subject[len(prefix):]: n for subject, n in
+                      (await self._subject_counts(prefix + ">")).items()}
+        if not chunk_sets:
+            return {}
+        live: set[str] = set()
+        for meta_subject in await self._subject_counts(f"$O.{self.bucket}.M.>"):
+            try:
+                info = await self._info_at(meta_subject, meta_subject)
+            except ArtifactError:
+                continue  # an unreadable info protects nothing
+            if info is not None and not info.deleted:
+                live.add(info.nuid)
+        stray: dict[str, int] = {}
+        for nuid, count in chunk_sets.items():
+            if nuid in live:
+                continue
+            resp = await self._api(f"STREAM.MSG.GET.{self.stream}", {"last_by_subj": prefix + nuid})
+            newest = _parse_rfc3339((resp.get("message") or {}).get("time") or "")
+            if newest is not None and (now - newest).total_seconds() >= older_than_s:
+                stray[nuid] = count
+        return stray
+
+    async def sweep_stray_chunks(self, older_than_s: float) -> dict[str, int]:
+        """Purge every stray chunk set (see :meth:`stray_chunks`); returns what was purged."""
+        stray = await self.stray_chunks(older_than_s)
+        for nuid in stray:
+            await self._purge(self.chunk_subject(nuid))
+        return stray
 
     # -- delete --------------------------------------------------------------
     async def delete(self, name: str) -> None:

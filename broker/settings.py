@@ -46,6 +46,10 @@ class Settings:
     logs_max_bytes_per_job: int = 4 * 1024 * 1024
     # A bundle larger than this is refused (the job fails with the reason): retrying won't shrink it.
     max_artifact_bytes: int = 8 * 1024**3
+    # The controller purges stray artifact chunks (an upload cut off mid-way) this often,
+    # once their newest chunk is this old (an upload still under way is never touched).
+    artifact_sweep_s: float = 3600.0
+    stray_chunk_age_s: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

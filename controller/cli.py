@@ -436,6 +436,28 @@ def cmd_artifacts_get(args: argparse.Namespace) -> int:
     return _run(args, run)
 
 
+def cmd_artifacts_sweep(args: argparse.Namespace) -> int:
+    async def run(broker: Broker) -> int:
+        from trainfleet.agent import artifacts
+
+        store = artifacts.object_store(broker)
+        older_than = args.older_than if args.older_than is not None else broker.settings.stray_chunk_age_s
+        if args.dry_run:
+            stray = await store.stray_chunks(older_than)
+        else:
+            stray = await store.sweep_stray_chunks(older_than)
+        if args.json:
+            _print_json({"dry_run": args.dry_run, "older_than_s": older_than, "chunk_sets": len(stray),
+                         "chunks": sum(stray.values()), "nuids": sorted(stray)})
+            return EXIT_OK
+        verb_text = "would purge" if args.dry_run else "purged"
+        print(f"{verb_text} {len(stray)} stray chunk set(s), {sum(stray.values())} chunk(s) "
+              f"(no object points at them; newest chunk older than {older_than:g}s)")
+        return EXIT_OK
+
+    return _run(args, run)
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     from trainfleet.tui.app import run_monitor
 
@@ -561,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help="directory to write the bundle into (default .)")
     p.add_argument("--extract", action="store_true", help="also extract it into OUT/<job name> (refusing unsafe "
                                                           "paths)")
+    _json_flag(p)
+
+    p = verb("sweep", cmd_artifacts_sweep, "purge stray chunks: what an upload cut off mid-way leaves in the object "
+             "store (the controller also does this every artifact_sweep_s)", parent=actions)
+    p.add_argument("--older-than", type=float, metavar="SECONDS",
+                   help="only chunk sets whose newest chunk is at least this old (default stray_chunk_age_s, "
+                        "3600: an upload still under way is never touched)")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be purged")
     _json_flag(p)
 
     verb("monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, "

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 
 from trainfleet.broker import names as namesmod
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import ManifestError, SchemaError, TrainfleetError
+from trainfleet.broker.errors import BrokerError, ManifestError, SchemaError, TrainfleetError
 from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus, Ticket, decode, encode
 from trainfleet.broker.settings import Settings
 from trainfleet.controller.manifest import Manifest, load_manifest, parse_manifest, ticket_class
@@ -107,12 +107,16 @@ class Controller:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopping.set)
         await self.start()
+        next_sweep = time.monotonic() + self.settings.artifact_sweep_s
         try:
             while not self._stopping.is_set():
                 try:
                     await self.reconcile()
                 except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     log.warning("reconcile failed (will retry): %r", exc)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.settings.artifact_sweep_s
+                    await self.sweep_artifacts()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.settings.reconcile_s)
         finally:
@@ -204,6 +208,19 @@ class Controller:
         if Path(file).is_file():
             self.manifest_path = file
         return report
+
+    async def sweep_artifacts(self) -> int:
+        """Purge stray artifact chunks (uploads cut off mid-way); returns the chunk sets purged."""
+        from trainfleet.agent import artifacts
+
+        try:
+            stray = await artifacts.object_store(self.b).sweep_stray_chunks(self.settings.stray_chunk_age_s)
+        except (TimeoutError, nats.errors.Error, BrokerError) as exc:
+            log.warning("artifact sweep failed (will retry): %r", exc)
+            return 0
+        if stray:
+            log.info("artifact sweep: purged %d stray chunk set(s), %d chunk(s)", len(stray), sum(stray.values()))
+        return len(stray)
 
     # -- reconcile ----------------------------------------------------------
     async def reconcile(self, now: float | None = None) -> dict[str, int]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
+import msgspec
+import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import AmbiguousJob, JobNotFound, SchemaError
+from trainfleet.broker.connection import WATCH_INACTIVE_S, Broker
+from trainfleet.broker.errors import AmbiguousJob, BrokerError, JobNotFound, SchemaError
 from trainfleet.broker.schema import JobRecord, Ticket, WorkerRecord, decode, encode
 
 log = logging.getLogger("trainfleet.controller")
@@ -31,7 +35,7 @@ async def kv_snapshot(kv: KeyValue, timeout_s: float = 10.0, *, meta_only: bool 
     nothing pending after it, and a marker only ends it when the bucket is really empty."""
     if not (await kv.status()).values:
         return []
-    watcher = await kv.watchall(meta_only=meta_only)
+    watcher = await kv.watchall(meta_only=meta_only, inactive_threshold=WATCH_INACTIVE_S)
     entries: list[KeyValue.Entry] = []
     try:
         while True:
@@ -135,8 +139,33 @@ class TicketRef:
     ticket: Ticket | None  # None: garbage
 
 
+# Tickets read per batched direct get (one request answers with up to this many messages).
+SCAN_BATCH = 1000
+
+
+def _ticket_ref(seq: int, data: bytes) -> TicketRef:
+    try:
+        return TicketRef(seq, decode(data or b"", Ticket))
+    except SchemaError:
+        return TicketRef(seq, None)
+
+
+def _batch_get_supported(broker: Broker) -> bool:
+    """Batched direct gets arrived in nats-server 2.11."""
+    try:
+        version = broker.nc.connected_server_version
+        return (version.major, version.minor) >= (2, 11)
+    except (AttributeError, ValueError, TypeError):
+        return False
+
+
 async def scan_tickets(broker: Broker) -> list[TicketRef]:
-    """Every message still in the jobs stream (unacked tickets), in order."""
+    """Every message still in the jobs stream (unacked tickets), in order.
+
+    Read with batched direct gets, SCAN_BATCH messages per request (a work-queue stream
+    admits no second consumer); one get per message on servers older than 2.11."""
+    if _batch_get_supported(broker):
+        return await _scan_batched(broker)
     names = broker.names
     out: list[TicketRef] = []
     seq = 1
@@ -145,9 +174,43 @@ async def scan_tickets(broker: Broker) -> list[TicketRef]:
             msg = await broker.js.get_msg(names.jobs_stream, seq=seq, subject=names.jobs_wildcard, next=True)
         except nats.js.errors.NotFoundError:
             return out
-        try:
-            ticket = decode(msg.data or b"", Ticket)
-        except SchemaError:
-            ticket = None
-        out.append(TicketRef(msg.seq or seq, ticket))
+        out.append(_ticket_ref(msg.seq or seq, msg.data or b""))
         seq = (msg.seq or seq) + 1
+
+
+async def _scan_batched(broker: Broker, timeout_s: float = 10.0) -> list[TicketRef]:
+    names = broker.names
+    inbox = broker.nc.new_inbox()
+    answers: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def answer(msg: Msg) -> None:
+        answers.put_nowait(msg)
+
+    sub = await broker.nc.subscribe(inbox, cb=answer)
+    out: list[TicketRef] = []
+    seq = 1
+    try:
+        while True:
+            body = msgspec.json.encode({"seq": seq, "batch": SCAN_BATCH, "next_by_subj": names.jobs_wildcard})
+            await broker.nc.publish(f"$JS.API.DIRECT.GET.{names.jobs_stream}", body, reply=inbox)
+            got = 0
+            while True:
+                try:
+                    msg = await asyncio.wait_for(answers.get(), timeout_s)
+                except TimeoutError:
+                    raise nats.errors.TimeoutError from None
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status is not None:
+                    if status not in ("204", "404"):  # 204: end of batch; 404: nothing (more) to read
+                        raise BrokerError(f"reading the ticket stream: {status} {headers.get('Description', '')}")
+                    break
+                seq = int(headers["Nats-Sequence"])
+                out.append(_ticket_ref(seq, msg.data))
+                got += 1
+                seq += 1
+            if status != "204" or got == 0:
+                return out
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()

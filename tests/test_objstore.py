@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -41,9 +44,11 @@ async def stock(nc: Client) -> ObjectStore:
     return await nc.jetstream().create_object_store(BUCKET, config=api.ObjectStoreConfig(bucket=BUCKET))
 
 
-@pytest.fixture
-def store(nc: Client, stock: ObjectStore) -> ObjectStoreClient:
-    return ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK)
+@pytest.fixture(params=["direct", "subscribed"])
+def store(request, nc: Client, stock: ObjectStore) -> ObjectStoreClient:
+    """Every test runs both get paths: the direct connection and the client's own subscription."""
+    return ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK,
+                             direct_min_bytes=0 if request.param == "direct" else None)
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -179,23 +184,24 @@ def assert_nothing_left(dest: Path) -> None:
     assert list(dest.parent.iterdir()) == []
 
 
+async def assert_get_refused(store: ObjectStoreClient, tmp_path: Path, match: str, **kwargs) -> None:
+    """Getting "obj" fails with an ArtifactError matching ``match`` and leaves no file behind."""
+    dest = tmp_path / "dl" / "obj"
+    dest.parent.mkdir()
+    with pytest.raises(ArtifactError, match=match):
+        await store.get_file("obj", dest, **kwargs)
+    assert_nothing_left(dest)
+
+
 async def test_a_digest_mismatch_is_an_artifact_error_and_leaves_no_file(nc, store, tmp_path):
     await store.put_bytes("obj", payload(2 * CHUNK + 5))
     await _republish_info(nc, store, "obj", digest="SHA-256=" + "A" * 43 + "=")
-    dest = tmp_path / "dl" / "obj"
-    dest.parent.mkdir()
-    with pytest.raises(ArtifactError, match="digest mismatch"):
-        await store.get_file("obj", dest)
-    assert_nothing_left(dest)
+    await assert_get_refused(store, tmp_path, "digest mismatch")
 
 
 async def test_a_wrong_content_address_is_refused_and_leaves_no_file(store, tmp_path):
     await store.put_bytes("obj", b"bytes")
-    dest = tmp_path / "dl" / "obj"
-    dest.parent.mkdir()
-    with pytest.raises(ArtifactError, match="hash to"):
-        await store.get_file("obj", dest, expect_sha256_hex="0" * 64)
-    assert_nothing_left(dest)
+    await assert_get_refused(store, tmp_path, "hash to", expect_sha256_hex="0" * 64)
 
 
 @pytest.mark.parametrize("lost", ["first", "middle", "last"])
@@ -214,21 +220,13 @@ async def test_a_truncated_chunk_stream_is_an_artifact_error_and_leaves_no_file(
         seqs.append(seq)
     assert len(seqs) == 4
     await js.delete_msg(store.stream, {"first": seqs[0], "middle": seqs[2], "last": seqs[-1]}[lost])
-    dest = tmp_path / "dl" / "obj"
-    dest.parent.mkdir()
-    with pytest.raises(ArtifactError, match="3 of 4 chunks"):
-        await store.get_file("obj", dest)
-    assert_nothing_left(dest)
+    await assert_get_refused(store, tmp_path, "3 of 4 chunks")
 
 
 async def test_an_info_that_understates_the_size_is_refused(nc, store, tmp_path):
     await store.put_bytes("obj", payload(2 * CHUNK))
     await _republish_info(nc, store, "obj", size=CHUNK)
-    dest = tmp_path / "dl" / "obj"
-    dest.parent.mkdir()
-    with pytest.raises(ArtifactError, match="more than the recorded"):
-        await store.get_file("obj", dest)
-    assert_nothing_left(dest)
+    await assert_get_refused(store, tmp_path, "more than the recorded")
 
 
 async def test_a_missing_object_is_a_clear_error(store, tmp_path):
@@ -276,7 +274,7 @@ async def test_an_upload_whose_bytes_do_not_match_the_bundle_id_is_refused_and_r
     path.write_bytes(b"tampered")
     with pytest.raises(ArtifactError, match="changed on disk"):
         await artifacts.upload(broker, bundle)
-    assert await artifacts._store(broker).info(bundle.sha256) is None
+    assert await artifacts.object_store(broker).info(bundle.sha256) is None
 
 
 async def test_the_latency_proxy_delays_cuts_and_restores_a_link(nats_server):
@@ -311,3 +309,85 @@ async def wait_closed(conn: Client, timeout_s: float = 10.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("connection still open after the cut")
+
+
+async def test_a_get_falls_back_to_the_client_connection_when_no_direct_one_can_be_made(
+        nc, store, tmp_path, monkeypatch, caplog):
+    # Given a direct endpoint nobody listens on (as when the server wants TLS or refuses us)
+    from trainfleet.broker import objstore
+    from trainfleet.broker.directget import Endpoint
+    from trainfleet.broker.server import free_port
+
+    monkeypatch.setattr(objstore.Endpoint, "of", staticmethod(lambda url: Endpoint("127.0.0.1", free_port())))
+    caplog.set_level(logging.INFO, logger="trainfleet.objstore")
+    data = payload(5 * CHUNK + 1)
+    await store.put_bytes("obj", data)
+    dest = tmp_path / "obj"
+    got = TransferStats()
+    await store.get_file("obj", dest, stats=got)
+    assert dest.read_bytes() == data and got.chunks == 6
+    assert ("not possible" in caplog.text) == (store.direct_min_bytes is not None)
+
+
+async def test_a_cancelled_direct_get_stops_its_thread_and_leaves_no_file(nc, tmp_path, monkeypatch):
+    # Given a direct get onto a slow disk (10 ms per chunk), cancelled once the first chunk is written
+    from trainfleet.broker import objstore
+
+    js = nc.jetstream()
+    await js.create_object_store(BUCKET, config=api.ObjectStoreConfig(bucket=BUCKET))
+    store = ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0)
+    await store.put_bytes("big", payload(200 * CHUNK))
+    first_write = threading.Event()
+    outcome: list[str] = []
+    real_pull = objstore.pull_object
+
+    class SlowFile:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            first_write.set()
+            time.sleep(0.01)
+            return self.fh.write(data)
+
+    def watched_pull(*args, **kwargs):
+        try:
+            real_pull(*args, **{**kwargs, "fh": SlowFile(kwargs["fh"])})
+            outcome.append("finished")
+        except ArtifactError as exc:
+            outcome.append(str(exc))
+            raise
+
+    monkeypatch.setattr(objstore, "pull_object", watched_pull)
+    dest = tmp_path / "dl" / "big"
+    dest.parent.mkdir()
+    task = asyncio.create_task(store.get_file("big", dest))
+    assert await asyncio.to_thread(first_write.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Then the thread had already stopped, on the cancel, not at the end of the object
+    assert len(outcome) == 1 and "cancelled" in outcome[0]
+    assert_nothing_left(dest)
+
+
+async def test_a_direct_get_authenticates_like_the_client_it_came_from(tmp_path, caplog):
+    # Given a server that wants a user and password, and a client that gave them in its URL
+    server = EmbeddedServer(tmp_path / "nats", extra_config="authorization {\n user: fleet\n password: s3cret\n}")
+    await asyncio.to_thread(server.start)
+    try:
+        conn = await nats.connect(f"nats://fleet:s3cret@127.0.0.1:{server.port}")
+        try:
+            await conn.jetstream().create_object_store(BUCKET, config=api.ObjectStoreConfig(bucket=BUCKET))
+            store = ObjectStoreClient(conn, BUCKET, chunk_bytes=CHUNK, direct_min_bytes=0)
+            data = payload(3 * CHUNK + 5)
+            await store.put_bytes("obj", data)
+            caplog.set_level(logging.INFO, logger="trainfleet.objstore")
+            await store.get_file("obj", tmp_path / "obj")
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+    # Then the direct connection was let in (no fallback) and the bytes are right
+    assert (tmp_path / "obj").read_bytes() == data
+    assert "not possible" not in caplog.text

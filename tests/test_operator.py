@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import msgspec
@@ -334,3 +335,86 @@ async def test_job_detail_has_record_history_and_provenance(broker, tmp_path):
     assert [t["status"] for t in detail["history"]] == ["pending", "completed"]
     assert detail["provenance"] == {"job": {"name": "done"}, "attempt": 1} and detail["provenance_error"] is None
     assert (await ops.job_detail(broker, "done", provenance=False))["provenance"] is None
+
+
+UPLOADER = """
+import asyncio, sys
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.settings import Settings
+from trainfleet.agent import artifacts
+
+async def main():
+    broker = await Broker.connect(Settings(url=sys.argv[1]))
+    store = artifacts.object_store(broker)
+    store.window_bytes = 1 << 20  # a slow, steady upload: easy to cut off mid-way
+    await store.put_file("cut-off", sys.argv[2])
+
+asyncio.run(main())
+"""
+
+
+async def stored_chunk_sets(broker) -> dict[str, int]:
+    store = artifacts.object_store(broker)
+    prefix = f"$O.{store.bucket}.C."
+    return {s[len(prefix):]: n for s, n in (await store._subject_counts(prefix + ">")).items()}
+
+
+async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_nothing_else(broker, settings,
+                                                                                             tmp_path):
+    # Given a stored artifact, and an upload whose process is SIGKILLed after some chunks are in
+    kept = make_bundle(tmp_path, "kept", b"k" * 300_000, {"job_id": "kept"})
+    await artifacts.upload(broker, kept)
+    store = artifacts.object_store(broker)
+    kept_nuid = (await store.info(kept.sha256)).nuid
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(256 << 20))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", UPLOADER, settings.url, str(big))
+    try:
+        await wait_for(lambda: _upload_under_way(broker, kept_nuid), 60, interval_s=0.01,
+                       what="the upload to store chunks")
+    finally:
+        proc.kill()
+        await proc.wait()
+    sets = await stored_chunk_sets(broker)
+    cut = {nuid: n for nuid, n in sets.items() if nuid != kept_nuid}
+    assert len(cut) == 1 and kept_nuid in sets and await store.info("cut-off") is None
+    # When the sweep runs: chunks younger than the age limit are left alone (an upload may be under way)
+    assert await store.sweep_stray_chunks(older_than_s=3600) == {}
+    assert await stored_chunk_sets(broker) == sets
+    # ... and once they are old enough, exactly the cut-off upload's chunks go
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "trainfleet.controller.cli", "artifacts", "sweep", "--older-than", "0", "--json",
+        env={**os.environ, "NATS_URL": settings.url}, stdout=asyncio.subprocess.PIPE)
+    out, _ = await cli.communicate()
+    report = json.loads(out)
+    assert cli.returncode == 0
+    assert (report["chunk_sets"], report["chunks"], report["nuids"]) == (1, *cut.values(), list(cut))
+    assert await stored_chunk_sets(broker) == {kept_nuid: sets[kept_nuid]}
+    # Then the stored artifact still downloads, verified
+    dest = await artifacts.download(broker, kept.sha256, tmp_path / "dl" / "kept.tar.zst")
+    assert dest.read_bytes() == kept.path.read_bytes()
+
+
+async def _upload_under_way(broker, kept_nuid: str) -> bool:
+    return any(n >= 3 for nuid, n in (await stored_chunk_sets(broker)).items() if nuid != kept_nuid)
+
+
+async def test_the_controller_sweeps_stray_chunks_on_its_own(broker, settings):
+    # Given chunks no info points at (as a cut-off upload leaves them)
+    store = artifacts.object_store(broker)
+    for _ in range(3):
+        await broker.js.publish(store.chunk_subject("strayNUID"), b"s" * 1000)
+    assert await stored_chunk_sets(broker) == {"strayNUID": 3}
+    # When a controller runs with a short sweep cadence and age limit
+    ctl = Controller(settings.with_(artifact_sweep_s=0.2, stray_chunk_age_s=0.0), handle_signals=False)
+    task = asyncio.create_task(ctl.run())
+    try:
+        # Then they are purged without anyone asking
+        await wait_for(lambda: _no_chunk_sets(broker), 30, what="the controller to purge the stray chunks")
+    finally:
+        ctl.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def _no_chunk_sets(broker) -> bool:
+    return not await stored_chunk_sets(broker)

@@ -26,7 +26,7 @@ from textual.coordinate import Coordinate
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Label, RichLog
 
-from trainfleet.broker.connection import Broker
+from trainfleet.broker.connection import WATCH_INACTIVE_S, Broker
 from trainfleet.broker.errors import SchemaError, TrainfleetError
 from trainfleet.broker.schema import JobRecord, decode
 from trainfleet.broker.settings import Settings
@@ -165,7 +165,7 @@ class MonitorApp(App[None]):
     @work(group="jobs", exclusive=True)
     async def watch_jobs(self) -> None:
         assert self.broker is not None
-        watcher = await self.broker.jobs.watchall()
+        watcher = await self.broker.jobs.watchall(inactive_threshold=WATCH_INACTIVE_S)
         try:
             async for entry in watcher:
                 if entry is None:

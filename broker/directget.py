@@ -1,0 +1,251 @@
+"""Object-store gets over a dedicated blocking connection, off the event loop.
+
+nats-py reads the socket 32 KiB per event-loop turn and copies every payload
+several times on its way to a subscription callback; for a large object that,
+not the server, sets the pace (measured: 0.3-0.7x of what nats-server can send
+on loopback). A get instead opens one plain connection of its own to the server
+the client is connected to, and a worker thread asks the chunk consumer for
+batches (``no_wait``, at most ``window`` chunks ahead), reads each payload
+into one reused buffer, hashes it and writes it to the file, checking order
+and size as it goes. The event loop only waits for the thread.
+
+Only what this path can do safely is attempted: plain ``nats://`` servers,
+authenticated by the user/password or token in the URL. When the server wants
+TLS or refuses the connection, :class:`DirectUnavailable` is raised before any
+byte is written and the caller falls back to the subscription path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+from urllib.parse import ParseResult
+
+from trainfleet.broker.errors import ArtifactError
+
+DEFAULT_PORT = 4222
+INBOX = "_TF_DIRECT.chunks"
+SETUP_TIMEOUT_S = 5.0
+READ_BUFFER_BYTES = 4 << 20
+STATUS_HEARTBEAT = b"100"
+
+
+def reply_fields(reply: str) -> tuple[int, int]:
+    """(consumer sequence, pending) from a JetStream delivery's reply subject (v1 or v2 form)."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[6]), int(tokens[8])
+    if len(tokens) >= 12:
+        return int(tokens[8]), int(tokens[10])
+    raise ValueError(f"not a JetStream delivery: {reply!r}")
+
+
+class DirectUnavailable(Exception):
+    """The direct path cannot be used here (TLS, auth refused, unreachable): use the normal one."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    user: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def of(cls, url: ParseResult | None) -> Endpoint | None:
+        """The plain-TCP endpoint of the client's current server, or None when it is not one."""
+        if url is None or url.scheme not in ("nats", "") or not url.hostname:
+            return None
+        return cls(url.hostname, url.port or DEFAULT_PORT, url.username, url.password)
+
+    def connect_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True,
+                                "protocol": 1, "lang": "python", "version": "trainfleet-direct",
+                                "name": "trainfleet-artifact-get"}
+        if self.user and self.password is not None:
+            opts.update(user=self.user, **{"pass": self.password})
+        elif self.user:
+            opts["auth_token"] = self.user
+        return opts
+
+
+@dataclass
+class Pulled:
+    size: int
+    chunks: int
+    digest: Any  # hashlib sha256 object
+    max_in_flight: int
+
+
+class DirectConnection:
+    """One blocking NATS connection: handshake, then line-by-line reads of what the server sends."""
+
+    def __init__(self, endpoint: Endpoint, idle_timeout_s: float):
+        try:
+            self.sock = socket.create_connection((endpoint.host, endpoint.port), timeout=SETUP_TIMEOUT_S)
+        except OSError as exc:
+            raise DirectUnavailable(f"cannot reach {endpoint.host}:{endpoint.port}: {exc}") from exc
+        # Small requests go out at once (Nagle plus delayed acks would add ~40 ms to each).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb", buffering=READ_BUFFER_BYTES)
+        try:
+            self._handshake(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        self.sock.settimeout(idle_timeout_s)
+
+    def _handshake(self, endpoint: Endpoint) -> None:
+        try:
+            line = self.reader.readline()
+            if not line.startswith(b"INFO "):
+                raise DirectUnavailable(f"unexpected greeting {line[:60]!r}")
+            info = json.loads(line[5:])
+            if info.get("tls_required"):
+                raise DirectUnavailable("the server wants TLS")
+            self.max_payload = int(info.get("max_payload") or 1 << 20)
+            self.send(b"CONNECT " + json.dumps(endpoint.connect_options()).encode() + b"\r\nPING\r\n")
+            line = self.reader.readline()
+        except (OSError, ValueError) as exc:
+            raise DirectUnavailable(f"handshake failed: {exc}") from exc
+        if not line.startswith(b"PONG"):
+            raise DirectUnavailable(f"server refused the connection: {line.decode(errors='replace').strip()}")
+
+    def send(self, *parts: bytes | memoryview) -> None:
+        for part in parts:
+            self.sock.sendall(part)
+
+    def abort(self) -> None:
+        """From another thread: end the connection, waking a read blocked on it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.abort()
+        self.reader.close()
+        self.sock.close()
+
+
+def pull_object(endpoint: Endpoint, next_subject: str, *, name: str, expected_size: int, chunks: int,
+                fh: BinaryIO, window: int, idle_timeout_s: float, cancelled: threading.Event,
+                on_connection: Any = None) -> Pulled:
+    """Pull ``chunks`` chunks through the consumer behind ``next_subject`` into ``fh``, hashing them.
+
+    Raises DirectUnavailable before anything is written when the connection cannot be made,
+    ArtifactError for a missing, out-of-order or oversized chunk or a silent server.
+    ``on_connection(conn)`` is called once connected, so a canceller can close it.
+    """
+    conn = DirectConnection(endpoint, idle_timeout_s)
+    if on_connection is not None:
+        on_connection(conn)
+    try:
+        return _Puller(conn, next_subject, name, expected_size, chunks, fh, window, cancelled).run()
+    except TimeoutError:
+        raise ArtifactError(f"object {name!r}: no chunk for {idle_timeout_s:g}s") from None
+    except (OSError, ValueError) as exc:
+        if cancelled.is_set():
+            raise ArtifactError(f"object {name!r}: download cancelled") from exc
+        raise ArtifactError(f"object {name!r}: connection failed mid-download: {exc}") from exc
+    finally:
+        conn.close()
+
+
+class _Puller:
+    def __init__(self, conn: DirectConnection, next_subject: str, name: str, expected_size: int, chunks: int,
+                 fh: BinaryIO, window: int, cancelled: threading.Event):
+        self.conn = conn
+        self.next_subject = next_subject.encode()
+        self.name = name
+        self.expected_size = expected_size
+        self.chunks = chunks
+        self.fh = fh
+        self.window = max(1, window)
+        self.cancelled = cancelled
+        self.buffer = memoryview(bytearray(conn.max_payload + 2))
+        self.digest = hashlib.sha256()
+        self.received = self.requested = self.size = self.max_in_flight = 0
+
+    def fail(self, message: str) -> ArtifactError:
+        return ArtifactError(f"object {self.name!r}: {message}")
+
+    def ask(self) -> None:
+        """Keep up to ``window`` chunks requested ahead, in half-window batches."""
+        in_flight = self.requested - self.received
+        want = min(self.window - in_flight, self.chunks - self.requested)
+        if want > 0 and (want >= self.window // 2 or self.requested + want == self.chunks):
+            body = b'{"batch":%d,"no_wait":true}' % want
+            self.conn.send(b"PUB %s %s %d\r\n%s\r\n" % (self.next_subject, INBOX.encode(), len(body), body))
+            self.requested += want
+            self.max_in_flight = max(self.max_in_flight, self.requested - self.received)
+
+    def run(self) -> Pulled:
+        self.conn.send(f"SUB {INBOX} 1\r\n".encode())
+        self.ask()
+        while self.received < self.chunks:
+            if self.cancelled.is_set():
+                raise self.fail("download cancelled")
+            payload = self.next_chunk()
+            self.received += 1
+            self.size += len(payload)
+            if self.size > self.expected_size:
+                raise self.fail(f"chunks hold more than the recorded {self.expected_size} bytes")
+            self.digest.update(payload)
+            self.fh.write(payload)
+            self.ask()
+        return Pulled(self.size, self.received, self.digest, self.max_in_flight)
+
+    def next_chunk(self) -> memoryview:
+        """The next chunk's payload (valid until the next call); statuses and pings handled here."""
+        reader = self.conn.reader
+        while True:
+            line = reader.readline()
+            if not line:
+                raise self.fail(f"server closed the connection after {self.received} of {self.chunks} chunks")
+            op = line[:4]
+            if op == b"MSG ":
+                fields = line.split()
+                if len(fields) != 5:
+                    raise self.fail(f"unexpected delivery {line[:120]!r}")
+                size = int(fields[4])
+                self._check_sequence(fields[3])
+                return self._read_payload(size, 0)
+            if op == b"HMSG":
+                fields = line.split()
+                header_size, total = int(fields[-2]), int(fields[-1])
+                if len(fields) == 6:  # a chunk that carries headers
+                    self._check_sequence(fields[3])
+                    return self._read_payload(total, header_size)
+                status = self._status(bytes(self._read_payload(total, 0)[:header_size]))
+                if status.startswith(STATUS_HEARTBEAT):
+                    continue
+                raise self.fail(f"chunk stream ended after {self.received} of {self.chunks} chunks "
+                                f"({status.decode(errors='replace')}); the object is truncated or was replaced")
+            if op == b"PING":
+                self.conn.send(b"PONG\r\n")
+            elif op == b"-ERR":
+                raise self.fail(f"server error: {line.decode(errors='replace').strip()}")
+            # INFO updates, +OK and PONG need nothing.
+
+    def _read_payload(self, total: int, skip: int) -> memoryview:
+        if total + 2 > len(self.buffer):
+            raise self.fail(f"a {total}-byte message exceeds the server's max_payload")
+        view = self.buffer[:total + 2]
+        if self.conn.reader.readinto(view) != total + 2:
+            raise self.fail("connection closed inside a chunk")
+        return view[skip:total]
+
+    def _check_sequence(self, reply: bytes) -> None:
+        seq, _pending = reply_fields(reply.decode())
+        if seq != self.received + 1:
+            raise self.fail(f"chunk {self.received + 1} missing (got consumer sequence {seq})")
+
+    @staticmethod
+    def _status(header: bytes) -> bytes:
+        parts = header.split(b"\r\n", 1)[0].split()
+        return b" ".join(parts[1:]) if len(parts) > 1 else b"?"
