@@ -122,6 +122,8 @@ async def kill_mid_run_then_rescue(fleet, broker, settings, tmp_path, job_id: st
     victim = spawn_agent(settings, "victim", tmp_path)
     try:
         await wait_state(broker, job_id, "running", timeout_s=90, claimed_by="victim")
+        # The record says running a moment before the trainer is spawned: kill only once it trains.
+        await wait_for(lambda: _started_once(broker, job_id), 30, what="the victim's trainer to start")
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
@@ -129,6 +131,10 @@ async def kill_mid_run_then_rescue(fleet, broker, settings, tmp_path, job_id: st
     # The rescuer only gets the ticket after ack-wait (the lease)
     fleet.start_agent("rescuer")
     return (await wait_terminal(broker, [job_id], timeout_s=120))[job_id]
+
+
+async def _started_once(broker, job_id: str) -> bool:
+    return (await trainer_starts(broker, [job_id])).get(job_id) == 1
 
 
 @pytest.mark.slow
