@@ -29,7 +29,7 @@ from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ArtifactError, BrokerError, SchemaError
 from trainfleet.broker.schema import JobRecord, JobStatus, WorkerRecord, decode
-from trainfleet.controller.store import Stored, get_record, load_records, load_workers, resolve_job
+from trainfleet.controller.store import Stored, get_record, key_history, load_records, load_workers, resolve_job
 
 log = logging.getLogger("trainfleet.controller")
 
@@ -117,10 +117,7 @@ def _transition_key(rec: JobRecord) -> tuple[Any, ...]:
 async def job_history(broker: Broker, job_id: str) -> tuple[list[Transition], bool]:
     """The state transitions among the revisions the jobs KV keeps (oldest first), and whether
     older revisions were already dropped (the bucket keeps the last ten of each key)."""
-    try:
-        entries = await broker.jobs.history(job_id)
-    except nats.js.errors.NoKeysError:
-        return [], False
+    entries = await key_history(broker, broker.jobs, job_id)
     out: list[Transition] = []
     last: tuple[Any, ...] | None = None
     for entry in entries:

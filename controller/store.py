@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
@@ -178,8 +179,15 @@ async def scan_tickets(broker: Broker) -> list[TicketRef]:
         seq = (msg.seq or seq) + 1
 
 
-async def _scan_batched(broker: Broker, timeout_s: float = 10.0) -> list[TicketRef]:
-    names = broker.names
+async def _scan_batched(broker: Broker) -> list[TicketRef]:
+    return [_ticket_ref(seq, data) async for seq, _, data in
+            direct_scan(broker, broker.names.jobs_stream, broker.names.jobs_wildcard)]
+
+
+async def direct_scan(broker: Broker, stream: str, subject: str, *, batch: int = SCAN_BATCH,
+                      timeout_s: float = 10.0) -> AsyncIterator[tuple[int, dict[str, str], bytes]]:
+    """(sequence, headers, data) of every message of ``stream`` on ``subject``, oldest first,
+    read with batched direct gets (nats-server >= 2.11; the stream must allow direct gets)."""
     inbox = broker.nc.new_inbox()
     answers: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -187,12 +195,11 @@ async def _scan_batched(broker: Broker, timeout_s: float = 10.0) -> list[TicketR
         answers.put_nowait(msg)
 
     sub = await broker.nc.subscribe(inbox, cb=answer)
-    out: list[TicketRef] = []
     seq = 1
     try:
         while True:
-            body = msgspec.json.encode({"seq": seq, "batch": SCAN_BATCH, "next_by_subj": names.jobs_wildcard})
-            await broker.nc.publish(f"$JS.API.DIRECT.GET.{names.jobs_stream}", body, reply=inbox)
+            body = msgspec.json.encode({"seq": seq, "batch": batch, "next_by_subj": subject})
+            await broker.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
             got = 0
             while True:
                 try:
@@ -203,14 +210,40 @@ async def _scan_batched(broker: Broker, timeout_s: float = 10.0) -> list[TicketR
                 status = headers.get("Status")
                 if status is not None:
                     if status not in ("204", "404"):  # 204: end of batch; 404: nothing (more) to read
-                        raise BrokerError(f"reading the ticket stream: {status} {headers.get('Description', '')}")
+                        raise BrokerError(f"reading {stream}: {status} {headers.get('Description', '')}")
                     break
                 seq = int(headers["Nats-Sequence"])
-                out.append(_ticket_ref(seq, msg.data))
+                yield seq, headers, msg.data
                 got += 1
                 seq += 1
             if status != "204" or got == 0:
-                return out
+                return
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
+
+
+def _kv_operation(headers: dict[str, str]) -> str | None:
+    """DEL or PURGE for a delete mark (a server-placed expiry marker counts as a purge), else None."""
+    if "KV-Operation" in headers:
+        return headers["KV-Operation"]
+    return "PURGE" if "Nats-Marker-Reason" in headers else None
+
+
+async def key_history(broker: Broker, kv: KeyValue, key: str) -> list[KeyValue.Entry]:
+    """Every revision the bucket keeps of ``key``, oldest first ([] when it has none).
+
+    nats-py's ``history()`` can end before the first revision (its "no more" marker races
+    the deliveries), so the revisions (a few: the bucket's history) are read one get each."""
+    stream, subject = kv._stream, f"{kv._pre}{key}"  # the bucket's stream and the key's subject
+    entries: list[KeyValue.Entry] = []
+    seq = 1
+    while True:
+        try:
+            msg = await broker.js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return entries
+        seq = msg.seq or seq
+        entries.append(KeyValue.Entry(bucket=kv._name, key=key, value=msg.data, revision=seq, delta=None,
+                                      created=None, operation=_kv_operation(msg.headers or {})))
+        seq += 1

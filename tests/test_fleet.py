@@ -10,7 +10,7 @@ import nats.js.errors
 from trainfleet.agent import artifacts
 from trainfleet.broker.schema import JobRecord, JobStatus, decode
 from trainfleet.controller.manifest import parse_manifest
-from trainfleet.controller.store import scan_tickets
+from trainfleet.controller.store import key_history, scan_tickets
 
 from .conftest import REPO, KVAudit, gbm_jobs, gbm_manifest, records, wait_for, wait_terminal
 
@@ -18,7 +18,7 @@ from .conftest import REPO, KVAudit, gbm_jobs, gbm_manifest, records, wait_for, 
 async def status_history(broker, job_id: str) -> list[tuple[str, str | None, int]]:
     """(status, claimed_by, attempt) for every revision the KV keeps of a job."""
     out = []
-    for entry in await broker.jobs.history(job_id):
+    for entry in await key_history(broker, broker.jobs, job_id):
         rec: JobRecord = decode(entry.value, JobRecord)
         out.append((rec.status.value, rec.claimed_by, rec.attempt))
     return out

@@ -16,12 +16,13 @@ import pytest
 from nats.micro.service import ServiceVerb, control_subject
 
 from trainfleet.agent import artifacts
+from trainfleet.broker.connection import JOBS_KV_HISTORY
 from trainfleet.broker.errors import ArtifactError, BrokerError, TrainfleetError
-from trainfleet.broker.schema import JobRecord, JobStatus, ProgressEvent, encode
+from trainfleet.broker.schema import JobRecord, JobStatus, ProgressEvent, decode, encode
 from trainfleet.controller import ops
 from trainfleet.controller.controller import Controller
 from trainfleet.controller.service import ENDPOINT_DOCS, request
-from trainfleet.controller.store import get_record
+from trainfleet.controller.store import get_record, key_history
 
 from .conftest import gbm_jobs, gbm_manifest, wait_for, wait_terminal
 
@@ -168,6 +169,22 @@ async def test_history_says_when_older_revisions_were_dropped(broker):
         rec = await write(broker, rec, heartbeat_at=float(beat))
     history, truncated = await ops.job_history(broker, rec.job_id)
     assert [t.status for t in history] == ["running"] and truncated
+
+
+async def test_key_history_reads_every_kept_revision_and_marks_deletes(broker):
+    # Read from the stream, not through nats-py's history(): its "done" marker can beat the
+    # revisions, which once returned no history at all for a job with ten kept revisions.
+    rec = await put_record(broker)
+    for beat in range(12):
+        rec = await write(broker, rec, heartbeat_at=float(beat))
+    await broker.jobs.delete(rec.job_id)
+    entries = await key_history(broker, broker.jobs, rec.job_id)
+    assert len(entries) == JOBS_KV_HISTORY
+    assert [e.operation for e in entries] == [None] * (JOBS_KV_HISTORY - 1) + ["DEL"]
+    assert [e.revision for e in entries] == sorted(e.revision for e in entries)
+    assert decode(entries[-2].value, JobRecord).heartbeat_at == 11.0
+    assert await key_history(broker, broker.jobs, "no-such-job") == []
+    assert await ops.job_history(broker, "no-such-job") == ([], False)
 
 
 # -- logs and events ------------------------------------------------------------------
