@@ -58,8 +58,14 @@ from trainfleet.broker.settings import Settings
 
 log = logging.getLogger("trainfleet.agent")
 
-TRANSIENT = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
-             nats.errors.ConnectionReconnectingError, asyncio.TimeoutError, OSError)
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    asyncio.TimeoutError,
+    OSError,
+)
 
 
 PROGRESS_EVENT_INTERVAL_S = 0.2
@@ -120,8 +126,9 @@ class AgentOptions:
 class Agent:
     """One agent process: serves every class its host can, one job per slot."""
 
-    def __init__(self, settings: Settings, options: AgentOptions = AgentOptions(),
-                 capability: Capability | None = None):
+    def __init__(
+        self, settings: Settings, options: AgentOptions = AgentOptions(), capability: Capability | None = None
+    ):
         self.settings = settings
         self.options = options
         self.names = settings.names
@@ -188,8 +195,9 @@ class Agent:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-        self.broker = await Broker.connect(self.settings, name=f"trainfleet-agent-{self.host_id}",
-                                           provision=True, wait_s=self.settings.connect_wait_s)
+        self.broker = await Broker.connect(
+            self.settings, name=f"trainfleet-agent-{self.host_id}", provision=True, wait_s=self.settings.connect_wait_s
+        )
         await self._apply_host_policy()
         await self._ring_on_new_tickets()
         self._puller = await TicketPuller(self.broker).start()
@@ -208,19 +216,20 @@ class Agent:
 
         assert self.broker is not None and self.capability is not None
         try:
-            policy = await request(self.broker.nc, self.names, "hostpolicy", {"host_id": self.host_id},
-                                   timeout_s=3.0)
+            policy = await request(self.broker.nc, self.names, "hostpolicy", {"host_id": self.host_id}, timeout_s=3.0)
         except Exception as exc:  # no controller yet, or an older one: flags and detection rule
             log.info("no host policy from a controller (%s); using local settings", exc)
             return
         if not policy:
             return
-        self.capability = apply_overrides(self.capability, max_cores=policy.get("max_cores"),
-                                          max_ram_gib=policy.get("max_ram_gib"),
-                                          max_vram_gib=policy.get("max_vram_gib"))
+        self.capability = apply_overrides(
+            self.capability,
+            max_cores=policy.get("max_cores"),
+            max_ram_gib=policy.get("max_ram_gib"),
+            max_vram_gib=policy.get("max_vram_gib"),
+        )
         opts = self.options
-        cpu_slots = min(opts.cpu_slots, policy["cpu_slots"]) if policy.get("cpu_slots") is not None \
-            else opts.cpu_slots
+        cpu_slots = min(opts.cpu_slots, policy["cpu_slots"]) if policy.get("cpu_slots") is not None else opts.cpu_slots
         gpu_slots = policy.get("gpu_slots")
         if opts.gpu_slots is not None:
             gpu_slots = opts.gpu_slots if gpu_slots is None else min(gpu_slots, opts.gpu_slots)
@@ -347,8 +356,7 @@ class Agent:
             await self._event(job, "finished", outcome.value)
             log.info("job %s (%s) %s on %s", job.job_id[:12], job.record.spec.name, outcome.value, self.host_id)
         except Exception:
-            log.exception("job %s failed in the agent; the lease will lapse and another agent retries",
-                          job.job_id[:12])
+            log.exception("job %s failed in the agent; the lease will lapse and another agent retries", job.job_id[:12])
         finally:
             self.running.pop(job.job_id, None)
             self._release_slot(job.slot)
@@ -419,9 +427,13 @@ class Agent:
             await self._decline(msg, record, revision, reasons)
             return True
         if record.attempt >= record.max_attempts:
-            failed = record.evolve(status=JobStatus.FAILED, finished_at=time.time(), claimed_by=None,
-                                   reason=f"gave up after {record.attempt} attempts (max_attempts="
-                                          f"{record.max_attempts}); last error: {record.last_error or 'none'}")
+            failed = record.evolve(
+                status=JobStatus.FAILED,
+                finished_at=time.time(),
+                claimed_by=None,
+                reason=f"gave up after {record.attempt} attempts (max_attempts="
+                f"{record.max_attempts}); last error: {record.last_error or 'none'}",
+            )
             if await self._cas(record.job_id, failed, revision) is None:
                 return False
             await self._safe(msg.ack())
@@ -431,9 +443,17 @@ class Agent:
             await self._safe(msg.nak(delay=1.0))
             return True
         now = time.time()
-        claimed = record.evolve(status=JobStatus.CLAIMED, claimed_by=self.host_id, attempt=record.attempt + 1,
-                                claimed_at=now, heartbeat_at=now, ticket_seq=seq, reason=None,
-                                started_at=None, progress={})
+        claimed = record.evolve(
+            status=JobStatus.CLAIMED,
+            claimed_by=self.host_id,
+            attempt=record.attempt + 1,
+            claimed_at=now,
+            heartbeat_at=now,
+            ticket_seq=seq,
+            reason=None,
+            started_at=None,
+            progress={},
+        )
         new_rev = await self._cas(record.job_id, claimed, revision)
         if new_rev is None:
             self._release_slot(slot)
@@ -481,13 +501,18 @@ class Agent:
         await self._safe(job.msg.in_progress())
         env = self._trainer_env(job)
         device = "cpu" if job.slot == "cpu" else f"{job.slot} {env['CUDA_VISIBLE_DEVICES']}"
-        running = job.record.evolve(status=JobStatus.RUNNING, started_at=time.time(), heartbeat_at=time.time(),
-                                    device=device)
+        running = job.record.evolve(
+            status=JobStatus.RUNNING, started_at=time.time(), heartbeat_at=time.time(), device=device
+        )
         if not await self._write_held(job, running):
             return
-        trainer = TrainerProcess(job.record.spec, job.workdir / "output", env=env,
-                                 on_output=lambda stream, line: self._ship_log(job, stream, line),
-                                 on_progress=lambda event: self._on_progress(job, event))
+        trainer = TrainerProcess(
+            job.record.spec,
+            job.workdir / "output",
+            env=env,
+            on_output=lambda stream, line: self._ship_log(job, stream, line),
+            on_progress=lambda event: self._on_progress(job, event),
+        )
         job.trainer = trainer
         try:
             await trainer.start()
@@ -534,8 +559,12 @@ class Agent:
 
     def _still_ours(self, job: JobRun, record: JobRecord) -> bool:
         mine = job.record
-        return (record.status.held and record.claimed_by == self.host_id and record.attempt == mine.attempt
-                and record.generation == mine.generation)
+        return (
+            record.status.held
+            and record.claimed_by == self.host_id
+            and record.attempt == mine.attempt
+            and record.generation == mine.generation
+        )
 
     async def _write_held(self, job: JobRun, record: JobRecord, patience_s: float | None = None) -> bool:
         """CAS a record we hold. A conflicting write that leaves it ours (a reload editing the
@@ -595,10 +624,15 @@ class Agent:
         if job.log_bytes >= limit:
             line = b"[trainfleet: log truncated at %d bytes]\n" % limit
         with contextlib.suppress(*TRANSIENT, nats.errors.Error):
-            await self.broker.nc.publish(self.names.logs_subject(job.job_id), line,
-                                         headers={"Trainfleet-Stream": stream,
-                                                  "Trainfleet-Attempt": str(job.record.attempt),
-                                                  "Trainfleet-Generation": str(job.record.generation)})
+            await self.broker.nc.publish(
+                self.names.logs_subject(job.job_id),
+                line,
+                headers={
+                    "Trainfleet-Stream": stream,
+                    "Trainfleet-Attempt": str(job.record.attempt),
+                    "Trainfleet-Generation": str(job.record.generation),
+                },
+            )
 
     async def _on_progress(self, job: JobRun, event: dict[str, Any]) -> None:
         job.progress = {k: event.get(k) for k in ("step", "total", "metrics") if k in event}
@@ -608,17 +642,34 @@ class Agent:
         if not last and now - job.last_event < PROGRESS_EVENT_INTERVAL_S:
             return
         job.last_event = now
-        await self._publish_event(job, ProgressEvent(
-            job_id=job.job_id, step=event.get("step"), total=event.get("total"),
-            metrics=event.get("metrics") or {}, at=event.get("at") or time.time(), attempt=job.record.attempt,
-            generation=job.record.generation))
+        await self._publish_event(
+            job,
+            ProgressEvent(
+                job_id=job.job_id,
+                step=event.get("step"),
+                total=event.get("total"),
+                metrics=event.get("metrics") or {},
+                at=event.get("at") or time.time(),
+                attempt=job.record.attempt,
+                generation=job.record.generation,
+            ),
+        )
 
     async def _event(self, job: JobRun, kind: str, outcome: str | None = None) -> None:
         """Lifecycle marks are flushed: they must reach the stream even if we die right after."""
         assert self.broker is not None
-        await self._publish_event(job, ProgressEvent(job_id=job.job_id, kind=kind, at=time.time(),
-                                                     host=self.host_id, attempt=job.record.attempt,
-                                                     generation=job.record.generation, outcome=outcome))
+        await self._publish_event(
+            job,
+            ProgressEvent(
+                job_id=job.job_id,
+                kind=kind,
+                at=time.time(),
+                host=self.host_id,
+                attempt=job.record.attempt,
+                generation=job.record.generation,
+                outcome=outcome,
+            ),
+        )
         with contextlib.suppress(*TRANSIENT, nats.errors.Error):
             await self.broker.nc.flush(timeout=2)
 
@@ -636,12 +687,18 @@ class Agent:
         if job.exit_code == 0:
             return await self._complete(job)
         error = job.trainer.error_tail() if job.trainer else ""
-        return await self._fail(job, error or f"trainer exited with {job.exit_code}",
-                                reason=f"trainer exited with {job.exit_code}")
+        return await self._fail(
+            job, error or f"trainer exited with {job.exit_code}", reason=f"trainer exited with {job.exit_code}"
+        )
 
     async def _fail(self, job: JobRun, error: str, reason: str | None = None) -> Outcome:
-        failed = job.record.evolve(status=JobStatus.FAILED, finished_at=time.time(), metrics=self._metrics(job),
-                                   last_error=error, reason=reason or error.splitlines()[0][:200])
+        failed = job.record.evolve(
+            status=JobStatus.FAILED,
+            finished_at=time.time(),
+            metrics=self._metrics(job),
+            last_error=error,
+            reason=reason or error.splitlines()[0][:200],
+        )
         if not await self._write_held(job, failed):
             return await self._fenced(job)
         await self._safe(job.msg.ack())
@@ -650,24 +707,38 @@ class Agent:
     async def _complete(self, job: JobRun) -> Outcome:
         assert self.broker is not None
         try:
-            bundle = await asyncio.to_thread(artifacts.build_bundle, job.workdir / "output",
-                                             self._provenance(job), job.workdir / "bundle.tar.zst")
+            bundle = await asyncio.to_thread(
+                artifacts.build_bundle, job.workdir / "output", self._provenance(job), job.workdir / "bundle.tar.zst"
+            )
             if bundle.size > self.settings.max_artifact_bytes:
-                return await self._fail(job, f"artifact bundle is {bundle.size} bytes, over max_artifact_bytes "
-                                             f"{self.settings.max_artifact_bytes}: write less into the output dir "
-                                             "or raise TRAINFLEET_MAX_ARTIFACT_BYTES")
+                return await self._fail(
+                    job,
+                    f"artifact bundle is {bundle.size} bytes, over max_artifact_bytes "
+                    f"{self.settings.max_artifact_bytes}: write less into the output dir "
+                    "or raise TRAINFLEET_MAX_ARTIFACT_BYTES",
+                )
             await artifacts.upload(self.broker, bundle)
         except Exception as exc:  # any upload failure leaves the job retryable
             log.warning("job %s: artifact upload failed: %r; handing back for retry", job.job_id[:12], exc)
-            retry = job.record.evolve(status=JobStatus.PENDING, claimed_by=None, ticket_seq=None,
-                                      last_error=f"artifact upload failed: {exc!r}")
+            retry = job.record.evolve(
+                status=JobStatus.PENDING,
+                claimed_by=None,
+                ticket_seq=None,
+                last_error=f"artifact upload failed: {exc!r}",
+            )
             if await self._write_held(job, retry):
                 await self._safe(job.msg.nak(delay=self.settings.nak_delay_s))
                 return Outcome.RETRY
             return await self._fenced(job)
-        done = job.record.evolve(status=JobStatus.COMPLETED, finished_at=time.time(), artifact=bundle.sha256,
-                                 artifact_bytes=bundle.size, metrics=self._metrics(job), last_error=None,
-                                 reason=None)
+        done = job.record.evolve(
+            status=JobStatus.COMPLETED,
+            finished_at=time.time(),
+            artifact=bundle.sha256,
+            artifact_bytes=bundle.size,
+            metrics=self._metrics(job),
+            last_error=None,
+            reason=None,
+        )
         if not await self._write_held(job, done):
             return await self._fenced(job)
         await self._safe(job.msg.ack())
@@ -685,8 +756,13 @@ class Agent:
         return Outcome.FENCED
 
     async def _hand_back(self, job: JobRun) -> Outcome:
-        back = job.record.evolve(status=JobStatus.PENDING, claimed_by=None, ticket_seq=None, progress={},
-                                 reason=f"handed back by {self.host_id} at shutdown")
+        back = job.record.evolve(
+            status=JobStatus.PENDING,
+            claimed_by=None,
+            ticket_seq=None,
+            progress={},
+            reason=f"handed back by {self.host_id} at shutdown",
+        )
         if await self._write_held(job, back):
             await self._safe(job.msg.nak())
             return Outcome.HANDED_BACK
@@ -714,16 +790,27 @@ class Agent:
             "attempt": rec.attempt,
             "generation": rec.generation,
             "argv": build_argv(rec.spec, Path("OUT")),
-            "timings": {"claimed_at": rec.claimed_at, "started_at": rec.started_at, "finished_at": time.time(),
-                        "duration_s": time.time() - (rec.started_at or time.time())},
+            "timings": {
+                "claimed_at": rec.claimed_at,
+                "started_at": rec.started_at,
+                "finished_at": time.time(),
+                "duration_s": time.time() - (rec.started_at or time.time()),
+            },
         }
 
     # -- registry and shutdown ----------------------------------------------
     def worker_record(self) -> WorkerRecord:
         assert self.capability is not None
-        return WorkerRecord(host_id=self.host_id, capability=self.capability, classes=tuple(self.classes()),
-                            current_jobs=tuple(self.running), state="busy" if self.running else "idle",
-                            started_at=self.started_at, last_seen=time.time(), pid=os.getpid())
+        return WorkerRecord(
+            host_id=self.host_id,
+            capability=self.capability,
+            classes=tuple(self.classes()),
+            current_jobs=tuple(self.running),
+            state="busy" if self.running else "idle",
+            started_at=self.started_at,
+            last_seen=time.time(),
+            pid=os.getpid(),
+        )
 
     async def _register(self) -> None:
         assert self.broker is not None

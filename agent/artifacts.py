@@ -85,8 +85,9 @@ def build_bundle(output_dir: str | os.PathLike, provenance: dict[str, Any], dest
 def object_store(broker: Broker) -> ObjectStoreClient:
     """The artifacts bucket through the pipelined transfer path (standard object-store format)."""
     chunk = min(ARTIFACT_CHUNK_BYTES, broker.nc.max_payload or ARTIFACT_CHUNK_BYTES)
-    return ObjectStoreClient(broker.nc, broker.names.artifacts_bucket, chunk_bytes=chunk,
-                             window_bytes=ARTIFACT_WINDOW_BYTES)
+    return ObjectStoreClient(
+        broker.nc, broker.names.artifacts_bucket, chunk_bytes=chunk, window_bytes=ARTIFACT_WINDOW_BYTES
+    )
 
 
 async def upload(broker: Broker, bundle: Bundle) -> str:
@@ -100,8 +101,10 @@ async def upload(broker: Broker, bundle: Bundle) -> str:
     if info.size != bundle.size or stored is None or stored.hex() != bundle.sha256:
         # The file changed between bundling and upload: never leave bytes under a name they don't hash to.
         await store.delete(bundle.sha256)
-        raise ArtifactError(f"artifact {bundle.sha256}: uploaded {info.size} bytes hashing to "
-                            f"{stored.hex() if stored else '?'}, expected {bundle.size} bytes (bundle changed on disk)")
+        raise ArtifactError(
+            f"artifact {bundle.sha256}: uploaded {info.size} bytes hashing to "
+            f"{stored.hex() if stored else '?'}, expected {bundle.size} bytes (bundle changed on disk)"
+        )
     return bundle.sha256
 
 

@@ -764,9 +764,7 @@ def _resolve_commit() -> str:
     return code_commit()
 
 
-def refresh_gpus(
-    cap: Capability, *, env: Mapping[str, str] | None = None, nvml: Any | None = None
-) -> Capability:
+def refresh_gpus(cap: Capability, *, env: Mapping[str, str] | None = None, nvml: Any | None = None) -> Capability:
     """Re-read free VRAM for ``cap.gpus`` (the claim-time check).
 
     GPUs are matched by UUID, or by visible index when the UUID is unknown. Free

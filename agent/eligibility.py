@@ -41,8 +41,13 @@ def _host_reasons(spec: JobSpec, host_id: str, excluded: dict[str, str]) -> list
     return reasons
 
 
-def ineligibility(spec: JobSpec, cap: Capability, *, record: JobRecord | None = None,
-                  has_module: Callable[[str], bool] = module_available) -> list[str]:
+def ineligibility(
+    spec: JobSpec,
+    cap: Capability,
+    *,
+    record: JobRecord | None = None,
+    has_module: Callable[[str], bool] = module_available,
+) -> list[str]:
     """Reasons ``cap`` cannot run ``spec`` (empty: eligible)."""
     c = spec.constraints
     reasons = _gpu_reasons(spec, cap)

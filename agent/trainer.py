@@ -55,8 +55,15 @@ def build_argv(spec: JobSpec, output_dir: Path, python: str = sys.executable) ->
 class TrainerProcess:
     """One trainer subprocess: start, relay output and progress, stop."""
 
-    def __init__(self, spec: JobSpec, output_dir: Path, *, env: dict[str, str] | None = None,
-                 on_output: OutputCallback | None = None, on_progress: ProgressCallback | None = None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        output_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        on_output: OutputCallback | None = None,
+        on_progress: ProgressCallback | None = None,
+    ):
         self.spec = spec
         self.output_dir = output_dir
         self.extra_env = env or {}
@@ -76,18 +83,26 @@ class TrainerProcess:
         read_fd, write_fd = os.pipe()
         env = dict(os.environ)
         env.update(self.extra_env)
-        env.update({
-            "TRAINFLEET_JOB_ID": self.spec.job_id,
-            "TRAINFLEET_OUTPUT_DIR": str(self.output_dir),
-            "TRAINFLEET_PROGRESS_FD": str(write_fd),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "TRAINFLEET_JOB_ID": self.spec.job_id,
+                "TRAINFLEET_OUTPUT_DIR": str(self.output_dir),
+                "TRAINFLEET_PROGRESS_FD": str(write_fd),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *build_argv(self.spec, self.output_dir), env=env, pass_fds=(write_fd,),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, cwd=str(self.output_dir),
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                *build_argv(self.spec, self.output_dir),
+                env=env,
+                pass_fds=(write_fd,),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                cwd=str(self.output_dir),
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
         except OSError:
             os.close(read_fd)
             raise
@@ -111,7 +126,8 @@ class TrainerProcess:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0))
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
         try:
             while line := await reader.readline():
                 # Malformed lines are skipped: a trainer's garbage must not break supervision.

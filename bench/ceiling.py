@@ -56,13 +56,13 @@ class RawConnection(DirectConnection):
             fields = line.split()
             if fields[0] == b"MSG":
                 size = int(fields[-1])
-                self.reader.readinto(into[:size + 2])
+                self.reader.readinto(into[: size + 2])
                 return size, b""
             if fields[0] == b"HMSG":
                 header_size, size = int(fields[-2]), int(fields[-1])
                 raw = self.reader.read(size + 2)
                 status = raw[:header_size].split(b"\r\n")[0].split()[1:2]
-                into[:size - header_size] = raw[header_size:size]
+                into[: size - header_size] = raw[header_size:size]
                 return size - header_size, status[0] if status else b"?"
 
     def close(self, reading_thread: threading.Thread | None = None) -> None:  # type: ignore[override]

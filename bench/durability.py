@@ -69,8 +69,22 @@ async def run(publishes: int, put_bytes: int) -> list[Row]:
     return [
         Row("durability", "sync publishes/s, sequential (always)", seq_a, "msg/s", seq_d, base),
         Row("durability", "sync publishes/s, 64 in flight (always)", pipe_a, "msg/s", pipe_d, base),
-        Row("durability", f"object put {mib} MiB, 1 MiB chunks (always)", big_a, "MB/s", big_d, base,
-            note="the artifact path's setting"),
-        Row("durability", f"object put {mib} MiB, 128 KiB chunks (always)", small_a, "MB/s", small_d, base,
-            note="ADR default chunk size"),
+        Row(
+            "durability",
+            f"object put {mib} MiB, 1 MiB chunks (always)",
+            big_a,
+            "MB/s",
+            big_d,
+            base,
+            note="the artifact path's setting",
+        ),
+        Row(
+            "durability",
+            f"object put {mib} MiB, 128 KiB chunks (always)",
+            small_a,
+            "MB/s",
+            small_d,
+            base,
+            note="ADR default chunk size",
+        ),
     ]

@@ -64,22 +64,40 @@ async def fleet_env(*, sync_always: bool = True, root: Path | None = None, **set
 
 def bench_capability(host_id: str) -> Capability:
     """A plain CPU host, so benchmarks never depend on what this machine has."""
-    return Capability(host_id=host_id, cores_physical=2, cores_logical=2, cores_usable=2.0, ram_total_gib=16.0,
-                      ram_available_gib=12.0, python=platform.python_version(), platform="bench",
-                      cuda_reason="no CUDA: benchmark host")
+    return Capability(
+        host_id=host_id,
+        cores_physical=2,
+        cores_logical=2,
+        cores_usable=2.0,
+        ram_total_gib=16.0,
+        ram_available_gib=12.0,
+        python=platform.python_version(),
+        platform="bench",
+        cuda_reason="no CUDA: benchmark host",
+    )
 
 
 def noop_spec(index: int, nonce: str, *, name: str = "bench") -> JobSpec:
     job_id = hashlib.sha256(f"{nonce}:{index}".encode()).hexdigest()
-    return JobSpec(job_id=job_id, name=f"{name}-{index}", model="noop", mode="run", hyper={}, data={}, seed=index,
-                   command=("{python}", "-c", NOOP_TRAINER))
+    return JobSpec(
+        job_id=job_id,
+        name=f"{name}-{index}",
+        model="noop",
+        mode="run",
+        hyper={},
+        data={},
+        seed=index,
+        command=("{python}", "-c", NOOP_TRAINER),
+    )
 
 
 async def create_jobs(broker: Broker, specs: list[JobSpec], *, concurrency: int = 32) -> list[JobRecord]:
     """Pending records plus one ticket each, written the way the controller writes them."""
     now = time.time()
-    records = [JobRecord(job_id=s.job_id, spec=s, klass="cpu", offered=("cpu",), created_at=now, updated_at=now,
-                         queued_at=now) for s in specs]
+    records = [
+        JobRecord(job_id=s.job_id, spec=s, klass="cpu", offered=("cpu",), created_at=now, updated_at=now, queued_at=now)
+        for s in specs
+    ]
     sem = asyncio.Semaphore(concurrency)
 
     async def one(rec: JobRecord) -> None:
@@ -95,8 +113,11 @@ async def publish_ticket(broker: Broker, record: JobRecord) -> float:
     """Publish the record's ticket; returns the wall time it was sent."""
     sent = time.time()
     ticket = Ticket(job_id=record.job_id, generation=record.generation, klass=record.klass, published_at=sent)
-    await broker.js.publish(broker.names.jobs_subject(record.klass), encode(ticket),
-                            headers={"Nats-Msg-Id": f"{record.job_id}.{record.generation}.{record.klass}"})
+    await broker.js.publish(
+        broker.names.jobs_subject(record.klass),
+        encode(ticket),
+        headers={"Nats-Msg-Id": f"{record.job_id}.{record.generation}.{record.klass}"},
+    )
     return sent
 
 
@@ -155,8 +176,9 @@ def machine_facts() -> dict[str, Any]:
     import psutil
 
     try:
-        version = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True,
-                                 timeout=10).stdout.strip()
+        version = subprocess.run(
+            [nats_server_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except OSError as exc:
         version = f"unknown ({exc})"
     disk = shutil.disk_usage(tempfile.gettempdir())

@@ -55,22 +55,33 @@ async def _watch_job(env: Env, record: JobRecord, timeout_s: float = 60.0) -> Sa
         with contextlib.suppress(Exception):
             await watcher.stop()
     started = float(current.metrics.get("t_start", "nan"))
-    return Sample(claimed_s=seen.get(JobStatus.CLAIMED, seen[JobStatus.COMPLETED]) - sent,
-                  started_s=started - sent, completed_s=seen[JobStatus.COMPLETED] - sent)
+    return Sample(
+        claimed_s=seen.get(JobStatus.CLAIMED, seen[JobStatus.COMPLETED]) - sent,
+        started_s=started - sent,
+        completed_s=seen[JobStatus.COMPLETED] - sent,
+    )
 
 
 async def fleet_samples(env: Env, count: int) -> list[Sample]:
-    agent = Agent(env.settings, AgentOptions(host_id="bench-agent", handle_signals=False,
-                                             workdir=str(env.workdir / "agent")),
-                  capability=bench_capability("bench-agent"))
+    agent = Agent(
+        env.settings,
+        AgentOptions(host_id="bench-agent", handle_signals=False, workdir=str(env.workdir / "agent")),
+        capability=bench_capability("bench-agent"),
+    )
     task = asyncio.create_task(agent.run())
     nonce = uuid.uuid4().hex
     samples = []
     try:
         for i in range(count + 1):
             spec = noop_spec(i, nonce)
-            record = JobRecord(job_id=spec.job_id, spec=spec, klass="cpu", offered=("cpu",),
-                               created_at=time.time(), queued_at=time.time())
+            record = JobRecord(
+                job_id=spec.job_id,
+                spec=spec,
+                klass="cpu",
+                offered=("cpu",),
+                created_at=time.time(),
+                queued_at=time.time(),
+            )
             await env.broker.jobs.create(spec.job_id, encode(record))
             # A random gap over a whole poll cycle (one long-poll per class the agent
             # serves) so arrivals do not phase-lock with it.
@@ -87,8 +98,14 @@ async def fleet_samples(env: Env, count: int) -> list[Sample]:
 async def bare_delivery(env: Env, count: int) -> list[float]:
     """Publish → a waiting pull fetch returns it, on a bare work-queue stream (no KV, no agent)."""
     js = env.broker.js
-    await js.add_stream(api.StreamConfig(name="BENCH_BARE", subjects=["bench.bare"],
-                                         retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE))
+    await js.add_stream(
+        api.StreamConfig(
+            name="BENCH_BARE",
+            subjects=["bench.bare"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+        )
+    )
     sub = await js.pull_subscribe("bench.bare", durable="bare", stream="BENCH_BARE")
     out = []
     for _ in range(count):
@@ -110,8 +127,9 @@ async def direct_trainer(count: int) -> tuple[list[float], list[float]]:
         for i in range(count):
             out = Path(tmp) / str(i)
             sent = time.time()
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", NOOP_TRAINER, "--mode", "run",
-                                                        "--seed", str(i), "--out", str(out))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", NOOP_TRAINER, "--mode", "run", "--seed", str(i), "--out", str(out)
+            )
             await proc.wait()
             totals.append(time.time() - sent)
             starts.append(json.loads((out / "metrics.json").read_text())["t_start"] - sent)
@@ -132,13 +150,39 @@ async def run(samples: int) -> list[Row]:
     completed = [s.completed_s for s in fleet]
     rows = []
     for pct in (50, 99):
-        rows.append(Row("fleet", f"ticket → claimed p{pct}", _ms(claimed, pct), "ms", _ms(bare, pct),
-                        "bare JetStream publish → fetch", note=f"n={len(claimed)}"))
+        rows.append(
+            Row(
+                "fleet",
+                f"ticket → claimed p{pct}",
+                _ms(claimed, pct),
+                "ms",
+                _ms(bare, pct),
+                "bare JetStream publish → fetch",
+                note=f"n={len(claimed)}",
+            )
+        )
     for pct in (50, 99):
-        rows.append(Row("fleet", f"ticket → trainer start p{pct}", _ms(started, pct), "ms", _ms(direct_start, pct),
-                        "spawn → start, trainer run directly"))
+        rows.append(
+            Row(
+                "fleet",
+                f"ticket → trainer start p{pct}",
+                _ms(started, pct),
+                "ms",
+                _ms(direct_start, pct),
+                "spawn → start, trainer run directly",
+            )
+        )
     mean_fleet = sum(completed) / len(completed) * 1000
     mean_direct = sum(direct_total) / len(direct_total) * 1000
-    rows.append(Row("fleet", "job end to end (ticket → completed), mean", mean_fleet, "ms", mean_direct,
-                    "same trainer run directly", note=f"overhead {mean_fleet - mean_direct:.0f} ms/job"))
+    rows.append(
+        Row(
+            "fleet",
+            "job end to end (ticket → completed), mean",
+            mean_fleet,
+            "ms",
+            mean_direct,
+            "same trainer run directly",
+            note=f"overhead {mean_fleet - mean_direct:.0f} ms/job",
+        )
+    )
     return rows

@@ -40,34 +40,72 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(latency_samples=3, ks=(1, 10, 100), throughput_jobs=100,
-                     sync_sizes=(50,), artifact_sizes=(1 * MIB, 8 * MIB), stock_max=8 * MIB, artifact_reps=1,
-                     rtt_sizes=(4 * MIB,), rtt_stock_size=0, durability_publishes=100, durability_put=4 * MIB,
-                     scale_jobs=300, scale_agents=20),
-    "default": Profile(latency_samples=50, ks=(1, 10, 100), throughput_jobs=1000,
-                       sync_sizes=(1000, 10000), artifact_sizes=(1 * MIB, 100 * MIB), stock_max=100 * MIB,
-                       artifact_reps=3, rtt_sizes=(100 * MIB,), rtt_stock_size=16 * MIB,
-                       durability_publishes=2000, durability_put=64 * MIB, scale_jobs=100_000, scale_agents=200),
+    "quick": Profile(
+        latency_samples=3,
+        ks=(1, 10, 100),
+        throughput_jobs=100,
+        sync_sizes=(50,),
+        artifact_sizes=(1 * MIB, 8 * MIB),
+        stock_max=8 * MIB,
+        artifact_reps=1,
+        rtt_sizes=(4 * MIB,),
+        rtt_stock_size=0,
+        durability_publishes=100,
+        durability_put=4 * MIB,
+        scale_jobs=300,
+        scale_agents=20,
+    ),
+    "default": Profile(
+        latency_samples=50,
+        ks=(1, 10, 100),
+        throughput_jobs=1000,
+        sync_sizes=(1000, 10000),
+        artifact_sizes=(1 * MIB, 100 * MIB),
+        stock_max=100 * MIB,
+        artifact_reps=3,
+        rtt_sizes=(100 * MIB,),
+        rtt_stock_size=16 * MIB,
+        durability_publishes=2000,
+        durability_put=64 * MIB,
+        scale_jobs=100_000,
+        scale_agents=200,
+    ),
 }
-PROFILES["full"] = Profile(**{**PROFILES["default"].__dict__, "artifact_sizes": (1 * MIB, 100 * MIB, 1 << 30),
-                              "rtt_sizes": (100 * MIB, 1 << 30)})
+PROFILES["full"] = Profile(
+    **{
+        **PROFILES["default"].__dict__,
+        "artifact_sizes": (1 * MIB, 100 * MIB, 1 << 30),
+        "rtt_sizes": (100 * MIB, 1 << 30),
+    }
+)
 
 Bench = Callable[[Profile], Coroutine[Any, Any, list[Row]]]
 BENCHES: dict[str, tuple[str, Bench]] = {
-    "fleet": ("ticket → claimed / trainer start latency and per-job overhead (real Agent)",
-              lambda p: fleet.run(p.latency_samples)),
-    "throughput": ("claim → complete throughput, K simulated agents",
-                   lambda p: throughput.run(list(p.ks), p.throughput_jobs)),
+    "fleet": (
+        "ticket → claimed / trainer start latency and per-job overhead (real Agent)",
+        lambda p: fleet.run(p.latency_samples),
+    ),
+    "throughput": (
+        "claim → complete throughput, K simulated agents",
+        lambda p: throughput.run(list(p.ks), p.throughput_jobs),
+    ),
     "sync": ("manifest sync time", lambda p: sync.run(list(p.sync_sizes))),
-    "artifacts": ("artifact upload/download vs plain copy",
-                  lambda p: transfer.run(list(p.artifact_sizes), stock_max=p.stock_max, reps=p.artifact_reps)),
-    "rtt": ("artifact transfer through a 20 ms RTT proxy",
-            lambda p: transfer.run_rtt(list(p.rtt_sizes), rtt_s=0.020, stock_size=p.rtt_stock_size,
-                                       reps=p.artifact_reps)),
-    "durability": ("sync_interval always vs default",
-                   lambda p: durability.run(p.durability_publishes, p.durability_put)),
-    "scale": ("100k-job manifest, hundreds of agents (runs with --full or --only scale)",
-              lambda p: scale.run(p.scale_jobs, p.scale_agents)),
+    "artifacts": (
+        "artifact upload/download vs plain copy",
+        lambda p: transfer.run(list(p.artifact_sizes), stock_max=p.stock_max, reps=p.artifact_reps),
+    ),
+    "rtt": (
+        "artifact transfer through a 20 ms RTT proxy",
+        lambda p: transfer.run_rtt(list(p.rtt_sizes), rtt_s=0.020, stock_size=p.rtt_stock_size, reps=p.artifact_reps),
+    ),
+    "durability": (
+        "sync_interval always vs default",
+        lambda p: durability.run(p.durability_publishes, p.durability_put),
+    ),
+    "scale": (
+        "100k-job manifest, hundreds of agents (runs with --full or --only scale)",
+        lambda p: scale.run(p.scale_jobs, p.scale_agents),
+    ),
 }
 DEFAULT_SET = [name for name in BENCHES if name != "scale"]
 
@@ -77,8 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run, well under a minute)")
     size.add_argument("--full", action="store_true", help="adds 1 GiB artifacts and the 100k-job scale run")
-    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), metavar="NAME",
-                        help=f"run only these: {', '.join(BENCHES)}")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(BENCHES), metavar="NAME", help=f"run only these: {', '.join(BENCHES)}"
+    )
     parser.add_argument("--scale-jobs", type=int, help="jobs in the scale run (default 100000)")
     parser.add_argument("--scale-agents", type=int, help="simulated agents in the scale run (default 200)")
     parser.add_argument("--json", type=Path, help="also write facts and rows as JSON here")
@@ -95,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts()
     print("trainfleet benchmarks: " + ", ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
     if facts["load_avg_1m"] > 0.5 * (facts["cpus"] or 1):
-        print(f"warning: load average {facts['load_avg_1m']} — other work on this machine skews the figures",
-              flush=True)
+        print(
+            f"warning: load average {facts['load_avg_1m']} — other work on this machine skews the figures", flush=True
+        )
     rows: list[Row] = []
     started = time.perf_counter()
     for name in names:
@@ -110,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== results ({time.perf_counter() - started:.0f} s; ratio = measured / baseline)\n", flush=True)
     print(format_table(rows), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "profile": profile.__dict__,
-                                         "rows": [r.to_dict() for r in rows]}, indent=2))
+        args.json.write_text(
+            json.dumps({"facts": facts, "profile": profile.__dict__, "rows": [r.to_dict() for r in rows]}, indent=2)
+        )
     return 0
 
 

@@ -57,22 +57,36 @@ async def controller_role(url: str, jobs: int) -> dict:
         reconcile_s = time.perf_counter() - started
     finally:
         await broker.close()
-    return {"parse_s": parse_s, "sync_s": sync_s, "created": len(report.created), "reconcile_s": reconcile_s,
-            "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "parse_s": parse_s,
+        "sync_s": sync_s,
+        "created": len(report.created),
+        "reconcile_s": reconcile_s,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 async def agents_role(url: str, agents: int, jobs: int) -> dict:
     before = rss_mib()
     elapsed, sims = await run_agents(Settings(url=url), agents, jobs)
     done = Counter(job for a in sims for job in a.completed)
-    return {"elapsed_s": elapsed, "agents": agents, "completed": sum(done.values()), "unique": len(done),
-            "doubled": sum(1 for n in done.values() if n > 1), "dup_tickets": sum(a.dropped for a in sims),
-            "lost_cas": sum(a.lost_cas for a in sims), "rss_before_mib": before, "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "elapsed_s": elapsed,
+        "agents": agents,
+        "completed": sum(done.values()),
+        "unique": len(done),
+        "doubled": sum(1 for n in done.values() if n > 1),
+        "dup_tickets": sum(a.dropped for a in sims),
+        "lost_cas": sum(a.lost_cas for a in sims),
+        "rss_before_mib": before,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def _role(args: list[str], out: Path, timeout_s: float) -> dict:
-    subprocess.run([sys.executable, "-m", "bench.scale", *args, "--json", str(out)], cwd=REPO, check=True,
-                   timeout=timeout_s)
+    subprocess.run(
+        [sys.executable, "-m", "bench.scale", *args, "--json", str(out)], cwd=REPO, check=True, timeout=timeout_s
+    )
     return json.loads(out.read_text())
 
 
@@ -89,11 +103,16 @@ async def run(jobs: int, agents: int, *, timeout_s: float = 3600) -> list[Row]:
     async with fleet_env() as env:
         await env.broker.ensure_consumer("cpu")
         url = env.server.url
-        ctl = await asyncio.to_thread(_role, ["controller", "--url", url, "--jobs", str(jobs)],
-                                      env.workdir / "controller.json", timeout_s)
+        ctl = await asyncio.to_thread(
+            _role, ["controller", "--url", url, "--jobs", str(jobs)], env.workdir / "controller.json", timeout_s
+        )
         server_after_sync = rss_mib(env.server.proc.pid)
-        ag = await asyncio.to_thread(_role, ["agents", "--url", url, "--agents", str(agents), "--jobs", str(jobs)],
-                                     env.workdir / "agents.json", timeout_s)
+        ag = await asyncio.to_thread(
+            _role,
+            ["agents", "--url", url, "--agents", str(agents), "--jobs", str(jobs)],
+            env.workdir / "agents.json",
+            timeout_s,
+        )
         server_peak = rss_mib(env.server.proc.pid)
         await _verify(env.broker, jobs)
     if ag["unique"] != jobs or ag["doubled"]:
@@ -101,19 +120,49 @@ async def run(jobs: int, agents: int, *, timeout_s: float = 3600) -> list[Row]:
     label = f"{jobs // 1000}k" if jobs >= 1000 else str(jobs)
     per_agent = (ag["peak_rss_mib"] - ag["rss_before_mib"]) / agents
     return [
-        Row("scale", f"scale: manifest sync, {label} jobs", ctl["parse_s"] + ctl["sync_s"], "s",
-            note=f"parse {ctl['parse_s']:.1f} s + sync {ctl['sync_s']:.1f} s ({jobs / ctl['sync_s']:.0f} jobs/s)"),
-        Row("scale", f"scale: one reconcile pass, {label} pending jobs", ctl["reconcile_s"], "s",
-            note="every record and every queued ticket read once"),
+        Row(
+            "scale",
+            f"scale: manifest sync, {label} jobs",
+            ctl["parse_s"] + ctl["sync_s"],
+            "s",
+            note=f"parse {ctl['parse_s']:.1f} s + sync {ctl['sync_s']:.1f} s ({jobs / ctl['sync_s']:.0f} jobs/s)",
+        ),
+        Row(
+            "scale",
+            f"scale: one reconcile pass, {label} pending jobs",
+            ctl["reconcile_s"],
+            "s",
+            note="every record and every queued ticket read once",
+        ),
         Row("scale", f"scale: controller peak RSS ({label} jobs)", ctl["peak_rss_mib"], "MiB"),
-        Row("scale", f"scale: {agents} agents' process peak RSS", ag["peak_rss_mib"], "MiB",
-            note=f"{agents} connections in one process, ~{per_agent:.2f} MiB per agent"),
-        Row("scale", f"scale: claim → complete, {agents} agents, {label} backlog", jobs / ag["elapsed_s"], "jobs/s",
-            note=f"drained in {ag['elapsed_s']:.0f} s"),
-        Row("scale", "scale: jobs lost / doubled", 0, "jobs",
-            note=f"{jobs} completed, all attempt 1, {ag['dup_tickets']} duplicate tickets dropped"),
-        Row("scale", "scale: nats-server RSS after sync / peak", server_after_sync, "MiB",
-            note=f"peak {server_peak:.0f} MiB"),
+        Row(
+            "scale",
+            f"scale: {agents} agents' process peak RSS",
+            ag["peak_rss_mib"],
+            "MiB",
+            note=f"{agents} connections in one process, ~{per_agent:.2f} MiB per agent",
+        ),
+        Row(
+            "scale",
+            f"scale: claim → complete, {agents} agents, {label} backlog",
+            jobs / ag["elapsed_s"],
+            "jobs/s",
+            note=f"drained in {ag['elapsed_s']:.0f} s",
+        ),
+        Row(
+            "scale",
+            "scale: jobs lost / doubled",
+            0,
+            "jobs",
+            note=f"{jobs} completed, all attempt 1, {ag['dup_tickets']} duplicate tickets dropped",
+        ),
+        Row(
+            "scale",
+            "scale: nats-server RSS after sync / peak",
+            server_after_sync,
+            "MiB",
+            note=f"peak {server_peak:.0f} MiB",
+        ),
     ]
 
 

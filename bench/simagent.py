@@ -74,8 +74,15 @@ class SimAgent:
             await msg.ack()
             return
         now = time.time()
-        claimed = record.evolve(status=JobStatus.CLAIMED, claimed_by=self.host_id, attempt=record.attempt + 1,
-                                claimed_at=now, heartbeat_at=now, started_at=now, ticket_seq=seq)
+        claimed = record.evolve(
+            status=JobStatus.CLAIMED,
+            claimed_by=self.host_id,
+            attempt=record.attempt + 1,
+            claimed_at=now,
+            heartbeat_at=now,
+            started_at=now,
+            ticket_seq=seq,
+        )
         revision = await self.broker.cas_record(claimed, entry.revision or 0)
         if revision is None:
             self.lost_cas += 1
@@ -87,9 +94,9 @@ class SimAgent:
         await msg.ack()
 
 
-
-async def run_agents(settings: Settings, count: int, total: int, *, bare: bool = False,
-                     connect_concurrency: int = 50) -> tuple[float, list[SimAgent]]:
+async def run_agents(
+    settings: Settings, count: int, total: int, *, bare: bool = False, connect_concurrency: int = 50
+) -> tuple[float, list[SimAgent]]:
     """Connect ``count`` simulated agents, then time how long they take to finish ``total`` tickets."""
     agents = [SimAgent(settings, f"sim-{i:04d}", bare=bare) for i in range(count)]
     sem = asyncio.Semaphore(connect_concurrency)

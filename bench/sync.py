@@ -32,8 +32,10 @@ def manifest_text(jobs: int, nonce: str | None = None) -> str:
     """A manifest of ``jobs`` distinct no-op jobs (the nonce makes every run's ids new)."""
     parts = [MODEL % (nonce or uuid.uuid4().hex)]
     for i in range(jobs):
-        parts.append(f'[[jobs]]\nname = "job-{i}"\nmodel = "noop"\nmode = "run"\nseed = {i}\n'
-                     f"hyper = {{ lr = {0.001 * (i % 7 + 1):.3f} }}\npriority = {i % 5}\n")
+        parts.append(
+            f'[[jobs]]\nname = "job-{i}"\nmodel = "noop"\nmode = "run"\nseed = {i}\n'
+            f"hyper = {{ lr = {0.001 * (i % 7 + 1):.3f} }}\npriority = {i % 5}\n"
+        )
     return "\n".join(parts)
 
 
@@ -60,8 +62,12 @@ async def raw_writes(manifest: Manifest) -> float:
     """The floor: the same records and tickets written one after another."""
     async with fleet_env() as env:
         now = time.time()
-        records = [JobRecord(job_id=s.job_id, spec=s, klass="cpu", offered=("cpu",), created_at=now,
-                             updated_at=now, queued_at=now) for s in manifest.jobs]
+        records = [
+            JobRecord(
+                job_id=s.job_id, spec=s, klass="cpu", offered=("cpu",), created_at=now, updated_at=now, queued_at=now
+            )
+            for s in manifest.jobs
+        ]
         started = time.perf_counter()
         for rec in records:
             await env.broker.jobs.create(rec.job_id, encode(rec))
@@ -79,8 +85,26 @@ async def run(sizes: list[int]) -> list[Row]:
         first, again = await controller_sync({}, manifest)
         floor = await raw_writes(manifest)
         label = f"{n // 1000}k" if n >= 1000 else str(n)
-        rows.append(Row("sync", f"manifest sync, {label} new jobs", parse_s + first, "s", floor,
-                        "same KV creates + tickets, raw", note=f"parse {parse_s:.2f} s + sync {first:.2f} s"))
-        rows.append(Row("sync", f"manifest re-sync, {label} unchanged jobs", again, "s", floor,
-                        "same KV creates + tickets, raw", note="idempotent: 0 created, 0 updated"))
+        rows.append(
+            Row(
+                "sync",
+                f"manifest sync, {label} new jobs",
+                parse_s + first,
+                "s",
+                floor,
+                "same KV creates + tickets, raw",
+                note=f"parse {parse_s:.2f} s + sync {first:.2f} s",
+            )
+        )
+        rows.append(
+            Row(
+                "sync",
+                f"manifest re-sync, {label} unchanged jobs",
+                again,
+                "s",
+                floor,
+                "same KV creates + tickets, raw",
+                note="idempotent: 0 created, 0 updated",
+            )
+        )
     return rows

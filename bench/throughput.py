@@ -45,6 +45,15 @@ async def run(ks: list[int], jobs: int) -> list[Row]:
             await env.broker.ensure_consumer("cpu")
             bare = await _bare(env, jobs, k)
             rate, dropped = await _fleet(env, jobs, k)
-        rows.append(Row("throughput", f"claim → complete, K={k} agents", rate, "jobs/s", bare,
-                        "bare fetch+ack, same K", note=f"{jobs} jobs, 0 lost, 0 doubled, {dropped} dup tickets"))
+        rows.append(
+            Row(
+                "throughput",
+                f"claim → complete, K={k} agents",
+                rate,
+                "jobs/s",
+                bare,
+                "bare fetch+ack, same K",
+                note=f"{jobs} jobs, 0 lost, 0 doubled, {dropped} dup tickets",
+            )
+        )
     return rows

@@ -109,8 +109,10 @@ async def stock_transfer(broker: Broker, bundle: Bundle, dest: Path) -> tuple[fl
 
 def _rows(where: str, size: int, up: float, down: float, copy: float, extra: str = "") -> list[Row]:
     label = f"{_label(size)}{where}"
-    return [Row("artifacts", f"artifact upload {label}", up, "MB/s", copy, "plain copy + fsync", note=extra),
-            Row("artifacts", f"artifact download {label}", down, "MB/s", copy, "plain copy + fsync", note=extra)]
+    return [
+        Row("artifacts", f"artifact upload {label}", up, "MB/s", copy, "plain copy + fsync", note=extra),
+        Row("artifacts", f"artifact download {label}", down, "MB/s", copy, "plain copy + fsync", note=extra),
+    ]
 
 
 async def _one_size(env: Env, broker: Broker, size: int, *, where: str, stock: bool, reps: int) -> list[Row]:
@@ -124,20 +126,61 @@ async def _one_size(env: Env, broker: Broker, size: int, *, where: str, stock: b
         c_up, c_down = await ceiling_transfer(broker, env.server.url, src, env.workdir / "dl", reps)
         rows[0].note += f"; {up / c_up:.2f}x of the server ceiling"
         rows[1].note += f"; {down / c_down:.2f}x of the server ceiling"
-        rows += [Row("artifacts", f"  server ceiling put {_label(size)}", c_up, "MB/s", copy, "plain copy + fsync",
-                     note="bare client, no hashing: nats-server's own limit"),
-                 Row("artifacts", f"  server ceiling get {_label(size)}", c_down, "MB/s", copy, "plain copy + fsync",
-                     note="bare client, no hashing, file fsynced")]
+        rows += [
+            Row(
+                "artifacts",
+                f"  server ceiling put {_label(size)}",
+                c_up,
+                "MB/s",
+                copy,
+                "plain copy + fsync",
+                note="bare client, no hashing: nats-server's own limit",
+            ),
+            Row(
+                "artifacts",
+                f"  server ceiling get {_label(size)}",
+                c_down,
+                "MB/s",
+                copy,
+                "plain copy + fsync",
+                note="bare client, no hashing, file fsynced",
+            ),
+        ]
         chunk = artifacts.ARTIFACT_CHUNK_BYTES
         durable = await asyncio.to_thread(chunked_durable_copy_mb_s, src, env.workdir / "copy", chunk)
-        rows.append(Row("artifacts", f"  copy with fsync per {chunk >> 20} MiB chunk, {_label(size)}", durable, "MB/s",
-                        copy, "plain copy + fsync", note="the disk's floor under a sync_interval: always put"))
+        rows.append(
+            Row(
+                "artifacts",
+                f"  copy with fsync per {chunk >> 20} MiB chunk, {_label(size)}",
+                durable,
+                "MB/s",
+                copy,
+                "plain copy + fsync",
+                note="the disk's floor under a sync_interval: always put",
+            )
+        )
     if stock:
         s_up, s_down = await stock_transfer(broker, bundle, env.workdir / "dl")
-        rows += [Row("artifacts", f"  stock nats-py put {_label(size)}{where}", s_up, "MB/s", copy,
-                     "plain copy + fsync", note="before: one pub-ack per 128 KiB chunk"),
-                 Row("artifacts", f"  stock nats-py get {_label(size)}{where}", s_down, "MB/s", copy,
-                     "plain copy + fsync", note="before: get(writeinto=file)")]
+        rows += [
+            Row(
+                "artifacts",
+                f"  stock nats-py put {_label(size)}{where}",
+                s_up,
+                "MB/s",
+                copy,
+                "plain copy + fsync",
+                note="before: one pub-ack per 128 KiB chunk",
+            ),
+            Row(
+                "artifacts",
+                f"  stock nats-py get {_label(size)}{where}",
+                s_down,
+                "MB/s",
+                copy,
+                "plain copy + fsync",
+                note="before: get(writeinto=file)",
+            ),
+        ]
     src.unlink()
     return rows
 
@@ -172,9 +215,17 @@ async def run_rtt(sizes: list[int], *, rtt_s: float, stock_size: int, reps: int)
 async def proxy_process(port: int, delay_s: float) -> AsyncIterator[str]:
     """A LatencyProxy in its own process, so its byte shuffling does not share our GIL and loop
     (a real network costs the endpoints nothing); yields the URL to connect through."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.proxy", "127.0.0.1", str(port),
-                                                "--delay-s", str(delay_s), stdout=asyncio.subprocess.PIPE,
-                                                cwd=Path(__file__).resolve().parent.parent)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.proxy",
+        "127.0.0.1",
+        str(port),
+        "--delay-s",
+        str(delay_s),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -190,7 +241,23 @@ async def _stock_rtt(env: Env, slow: Broker, size: int, where: str) -> list[Row]
     copy = await asyncio.to_thread(plain_copy_mb_s, src, env.workdir / "copy")
     up, down = await stock_transfer(slow, Bundle(path=src, sha256=sha, size=size), env.workdir / "dl")
     src.unlink()
-    return [Row("artifacts", f"  stock nats-py put {_label(size)}{where}", up, "MB/s", copy, "plain copy + fsync",
-                note="before"),
-            Row("artifacts", f"  stock nats-py get {_label(size)}{where}", down, "MB/s", copy,
-                "plain copy + fsync", note="before")]
+    return [
+        Row(
+            "artifacts",
+            f"  stock nats-py put {_label(size)}{where}",
+            up,
+            "MB/s",
+            copy,
+            "plain copy + fsync",
+            note="before",
+        ),
+        Row(
+            "artifacts",
+            f"  stock nats-py get {_label(size)}{where}",
+            down,
+            "MB/s",
+            copy,
+            "plain copy + fsync",
+            note="before",
+        ),
+    ]

@@ -55,7 +55,8 @@ async def _reachable(servers: list[str], timeout_s: float) -> bool:
         parts = urlsplit(url if "://" in url else f"nats://{url}")
         try:
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), timeout_s)
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), timeout_s
+            )
         except (TimeoutError, OSError):
             continue
         writer.close()
@@ -68,15 +69,19 @@ async def wait_reachable(servers: list[str], wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while not await _reachable(servers, 2.0):
         if time.monotonic() >= deadline:
-            raise BrokerError(f"cannot connect to NATS at {','.join(servers)}: no server is listening"
-                              + (f" (waited {wait_s:g}s)" if wait_s else ""))
+            raise BrokerError(
+                f"cannot connect to NATS at {','.join(servers)}: no server is listening"
+                + (f" (waited {wait_s:g}s)" if wait_s else "")
+            )
         await asyncio.sleep(1.0)
 
 
-async def connect_nats(settings: Settings, *, name: str = "trainfleet", connect_timeout_s: float = 5.0,
-                       wait_s: float = 0.0, **options: Any) -> Client:
+async def connect_nats(
+    settings: Settings, *, name: str = "trainfleet", connect_timeout_s: float = 5.0, wait_s: float = 0.0, **options: Any
+) -> Client:
     """Open a NATS connection that keeps reconnecting forever once up (servers restart, links
     drop). Long-running processes pass ``wait_s`` to wait for a server that is still starting."""
+
     async def on_error(exc: Exception) -> None:
         log.debug("nats error: %s", exc)
 
@@ -169,8 +174,15 @@ class Broker:
         return self.settings.names
 
     @classmethod
-    async def connect(cls, settings: Settings, *, name: str = "trainfleet", provision: bool = False,
-                      wait_s: float = 0.0, **options: Any) -> Broker:
+    async def connect(
+        cls,
+        settings: Settings,
+        *,
+        name: str = "trainfleet",
+        provision: bool = False,
+        wait_s: float = 0.0,
+        **options: Any,
+    ) -> Broker:
         nc = await connect_nats(settings, name=name, wait_s=wait_s, **options)
         try:
             js = nc.jetstream(timeout=10.0)
@@ -236,11 +248,21 @@ async def provision_resources(js: JetStreamContext, settings: Settings) -> None:
     await _ensure_stream(js, jobs_stream_config(names, settings))
     await _ensure_stream(js, logs_stream_config(names, settings))
     kv_specs = [
-        api.KeyValueConfig(bucket=names.jobs_bucket, history=JOBS_KV_HISTORY, storage=api.StorageType.FILE,
-                           replicas=settings.replicas, description="trainfleet job records"),
-        api.KeyValueConfig(bucket=names.workers_bucket, history=1, ttl=settings.worker_ttl_s,
-                           storage=api.StorageType.FILE, replicas=settings.replicas,
-                           description="trainfleet worker registry"),
+        api.KeyValueConfig(
+            bucket=names.jobs_bucket,
+            history=JOBS_KV_HISTORY,
+            storage=api.StorageType.FILE,
+            replicas=settings.replicas,
+            description="trainfleet job records",
+        ),
+        api.KeyValueConfig(
+            bucket=names.workers_bucket,
+            history=1,
+            ttl=settings.worker_ttl_s,
+            storage=api.StorageType.FILE,
+            replicas=settings.replicas,
+            description="trainfleet worker registry",
+        ),
     ]
     for kv in kv_specs:
         try:
@@ -250,9 +272,15 @@ async def provision_resources(js: JetStreamContext, settings: Settings) -> None:
                 raise
             log.debug("bucket %s exists with another config; keeping it", kv.bucket)
     try:
-        await js.create_object_store(names.artifacts_bucket, config=api.ObjectStoreConfig(
-            bucket=names.artifacts_bucket, storage=api.StorageType.FILE, replicas=settings.replicas,
-            description="trainfleet artifact bundles by sha256"))
+        await js.create_object_store(
+            names.artifacts_bucket,
+            config=api.ObjectStoreConfig(
+                bucket=names.artifacts_bucket,
+                storage=api.StorageType.FILE,
+                replicas=settings.replicas,
+                description="trainfleet artifact bundles by sha256",
+            ),
+        )
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != 10058:
             raise

@@ -63,9 +63,16 @@ class Endpoint:
         return cls(url.hostname, url.port or DEFAULT_PORT, url.username, url.password)
 
     def connect_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True,
-                                "protocol": 1, "lang": "python", "version": "trainfleet-direct",
-                                "name": "trainfleet-artifact-get"}
+        opts: dict[str, Any] = {
+            "verbose": False,
+            "pedantic": False,
+            "headers": True,
+            "no_responders": True,
+            "protocol": 1,
+            "lang": "python",
+            "version": "trainfleet-direct",
+            "name": "trainfleet-artifact-get",
+        }
         if self.user and self.password is not None:
             opts.update(user=self.user, **{"pass": self.password})
         elif self.user:
@@ -132,9 +139,19 @@ class DirectConnection:
         self.sock.close()
 
 
-def pull_object(endpoint: Endpoint, next_subject: str, *, name: str, expected_size: int, chunks: int,
-                fh: BinaryIO, window: int, idle_timeout_s: float, cancelled: threading.Event,
-                on_connection: Any = None) -> Pulled:
+def pull_object(
+    endpoint: Endpoint,
+    next_subject: str,
+    *,
+    name: str,
+    expected_size: int,
+    chunks: int,
+    fh: BinaryIO,
+    window: int,
+    idle_timeout_s: float,
+    cancelled: threading.Event,
+    on_connection: Any = None,
+) -> Pulled:
     """Pull ``chunks`` chunks through the consumer behind ``next_subject`` into ``fh``, hashing them.
 
     Raises DirectUnavailable before anything is written when the connection cannot be made,
@@ -157,8 +174,17 @@ def pull_object(endpoint: Endpoint, next_subject: str, *, name: str, expected_si
 
 
 class _Puller:
-    def __init__(self, conn: DirectConnection, next_subject: str, name: str, expected_size: int, chunks: int,
-                 fh: BinaryIO, window: int, cancelled: threading.Event):
+    def __init__(
+        self,
+        conn: DirectConnection,
+        next_subject: str,
+        name: str,
+        expected_size: int,
+        chunks: int,
+        fh: BinaryIO,
+        window: int,
+        cancelled: threading.Event,
+    ):
         self.conn = conn
         self.next_subject = next_subject.encode()
         self.name = name
@@ -224,8 +250,10 @@ class _Puller:
                 status = self._status(bytes(self._read_payload(total, 0)[:header_size]))
                 if status.startswith(STATUS_HEARTBEAT):
                     continue
-                raise self.fail(f"chunk stream ended after {self.received} of {self.chunks} chunks "
-                                f"({status.decode(errors='replace')}); the object is truncated or was replaced")
+                raise self.fail(
+                    f"chunk stream ended after {self.received} of {self.chunks} chunks "
+                    f"({status.decode(errors='replace')}); the object is truncated or was replaced"
+                )
             if op == b"PING":
                 self.conn.send(b"PONG\r\n")
             elif op == b"-ERR":
@@ -235,7 +263,7 @@ class _Puller:
     def _read_payload(self, total: int, skip: int) -> memoryview:
         if total + 2 > len(self.buffer):
             raise self.fail(f"a {total}-byte message exceeds the server's max_payload")
-        view = self.buffer[:total + 2]
+        view = self.buffer[: total + 2]
         if self.conn.reader.readinto(view) != total + 2:
             raise self.fail("connection closed inside a chunk")
         return view[skip:total]

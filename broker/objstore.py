@@ -112,8 +112,14 @@ class ObjectInfo(msgspec.Struct, kw_only=True):
     def to_json(self) -> bytes:
         # size and chunks are always written: stock readers treat a missing size
         # as "has chunks" and would wait for chunks that never come.
-        out: dict[str, Any] = {"name": self.name, "bucket": self.bucket, "nuid": self.nuid, "size": self.size,
-                               "chunks": self.chunks, "mtime": self.mtime or _now_rfc3339()}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "bucket": self.bucket,
+            "nuid": self.nuid,
+            "size": self.size,
+            "chunks": self.chunks,
+            "mtime": self.mtime or _now_rfc3339(),
+        }
         if self.digest:
             out["digest"] = self.digest
         if self.deleted:
@@ -169,7 +175,7 @@ def parse_digest(value: str) -> bytes | None:
     """The raw sha256 of a ``SHA-256=`` digest (either case of the prefix), or None if absent/garbled."""
     if not value.upper().startswith(DIGEST_PREFIX):
         return None
-    text = value[len(DIGEST_PREFIX):]
+    text = value[len(DIGEST_PREFIX) :]
     try:
         # Some writers drop the padding; restore it before decoding.
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -187,8 +193,7 @@ def completeness_problem(info: ObjectInfo, size: int, digest: Any) -> str | None
     if size != info.size:
         return f"got {size} bytes, info says {info.size}"
     if parse_digest(info.digest) != digest.digest():
-        return (f"digest mismatch: chunks hash to {digest_string(digest.digest())}, "
-                f"info says {info.digest or 'nothing'}")
+        return f"digest mismatch: chunks hash to {digest_string(digest.digest())}, info says {info.digest or 'nothing'}"
     return None
 
 
@@ -237,8 +242,9 @@ class _AckWindow:
             try:
                 await asyncio.wait_for(self._changed.wait(), self.timeout_s)
             except TimeoutError:
-                raise ArtifactError(f"no pub-ack from {self.stream} for {self.timeout_s:g}s "
-                                    f"({self.in_flight} chunks outstanding)") from None
+                raise ArtifactError(
+                    f"no pub-ack from {self.stream} for {self.timeout_s:g}s ({self.in_flight} chunks outstanding)"
+                ) from None
         if self.error is not None:
             raise self.error
 
@@ -323,8 +329,10 @@ class _ChunkSink:
         if status is not None:
             # 404/408/409: the consumer has nothing more although chunks are missing.
             description = msg.headers.get("Description", "") if msg.headers else ""
-            self.fail(f"chunk stream ended after {self.received} of {self.info.chunks} chunks "
-                      f"({status} {description}); the object is truncated or was replaced")
+            self.fail(
+                f"chunk stream ended after {self.received} of {self.info.chunks} chunks "
+                f"({status} {description}); the object is truncated or was replaced"
+            )
             return
         try:
             seq, _pending = reply_fields(msg.reply)
@@ -367,10 +375,18 @@ class _ChunkSink:
 class ObjectStoreClient:
     """Put and get files in one object-store bucket over an existing NATS connection."""
 
-    def __init__(self, nc: Client, bucket: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 window_bytes: int = DEFAULT_WINDOW_BYTES, api_prefix: str = DEFAULT_API_PREFIX,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-                 direct_min_bytes: int | None = DIRECT_MIN_BYTES):
+    def __init__(
+        self,
+        nc: Client,
+        bucket: str,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        api_prefix: str = DEFAULT_API_PREFIX,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        direct_min_bytes: int | None = DIRECT_MIN_BYTES,
+    ):
         self.nc = nc
         # Gets of objects this big or bigger use a connection of their own where the server
         # allows it (see directget); None: never.
@@ -446,8 +462,14 @@ class ObjectStoreClient:
         return info
 
     # -- put -----------------------------------------------------------------
-    async def put_file(self, name: str, path: str | os.PathLike[str], *, chunk_bytes: int | None = None,
-                       stats: TransferStats | None = None) -> ObjectInfo:
+    async def put_file(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        chunk_bytes: int | None = None,
+        stats: TransferStats | None = None,
+    ) -> ObjectInfo:
         """Store the file at ``path`` as object ``name``, replacing any previous version."""
         with open(path, "rb") as fh:
             return await self.put_stream(name, fh, chunk_bytes=chunk_bytes, stats=stats)
@@ -456,8 +478,9 @@ class ObjectStoreClient:
         """Store ``data`` as object ``name`` (small objects and tests)."""
         return await self.put_stream(name, io.BytesIO(data), chunk_bytes=chunk_bytes)
 
-    async def put_stream(self, name: str, reader: BinaryIO, *, chunk_bytes: int | None = None,
-                         stats: TransferStats | None = None) -> ObjectInfo:
+    async def put_stream(
+        self, name: str, reader: BinaryIO, *, chunk_bytes: int | None = None, stats: TransferStats | None = None
+    ) -> ObjectInfo:
         """Store everything ``reader`` yields as object ``name``: chunks pipelined, then the info."""
         chunk_bytes = chunk_bytes or self.chunk_bytes
         if chunk_bytes > self.nc.max_payload:
@@ -472,9 +495,16 @@ class ObjectStoreClient:
         try:
             size, chunks = await self._send_chunks(reader, subject, chunk_bytes, window, digest)
             old = await previous
-            info = ObjectInfo(name=name, bucket=self.bucket, nuid=nuid, size=size, chunks=chunks,
-                              digest=digest_string(digest.digest()), mtime=_now_rfc3339(),
-                              options=ObjectOptions(max_chunk_size=chunk_bytes))
+            info = ObjectInfo(
+                name=name,
+                bucket=self.bucket,
+                nuid=nuid,
+                size=size,
+                chunks=chunks,
+                digest=digest_string(digest.digest()),
+                mtime=_now_rfc3339(),
+                options=ObjectOptions(max_chunk_size=chunk_bytes),
+            )
             await self._publish_info(info)
         except BaseException as exc:
             await asyncio.wait([previous])
@@ -492,8 +522,9 @@ class ObjectStoreClient:
             stats.elapsed_s = time.perf_counter() - started
         return info
 
-    async def _send_chunks(self, reader: BinaryIO, subject: str, chunk_bytes: int, window: _AckWindow,
-                           digest: Any) -> tuple[int, int]:
+    async def _send_chunks(
+        self, reader: BinaryIO, subject: str, chunk_bytes: int, window: _AckWindow, digest: Any
+    ) -> tuple[int, int]:
         def read_chunk() -> bytes:
             data = reader.read(chunk_bytes)
             digest.update(data)
@@ -523,8 +554,9 @@ class ObjectStoreClient:
 
     async def _publish_info(self, info: ObjectInfo) -> None:
         try:
-            msg = await self.nc.request(self.meta_subject(info.name), info.to_json(), timeout=self.timeout_s,
-                                        headers=ROLLUP_HEADERS)
+            msg = await self.nc.request(
+                self.meta_subject(info.name), info.to_json(), timeout=self.timeout_s, headers=ROLLUP_HEADERS
+            )
         except nats.errors.NoRespondersError as exc:
             raise ArtifactError(f"object store bucket {self.bucket!r} does not exist (provision it first)") from exc
         except nats.errors.TimeoutError as exc:
@@ -537,8 +569,14 @@ class ObjectStoreClient:
             raise self._api_error(ack if isinstance(ack, dict) else {}, f"storing the info of {info.name!r}")
 
     # -- get -----------------------------------------------------------------
-    async def get_file(self, name: str, dest: str | os.PathLike[str], *, expect_sha256_hex: str | None = None,
-                       stats: TransferStats | None = None) -> ObjectInfo:
+    async def get_file(
+        self,
+        name: str,
+        dest: str | os.PathLike[str],
+        *,
+        expect_sha256_hex: str | None = None,
+        stats: TransferStats | None = None,
+    ) -> ObjectInfo:
         """Write object ``name`` to ``dest`` (atomically, via a temp file beside it).
 
         Size, chunk count and the object's digest are verified, and with
@@ -560,8 +598,10 @@ class ObjectStoreClient:
                 fh.flush()
                 os.fsync(fh.fileno())
             if expect_sha256_hex is not None and got.digest.hexdigest() != expect_sha256_hex:
-                raise ArtifactError(f"object {name!r}: downloaded bytes hash to {got.digest.hexdigest()}, "
-                                    f"not {expect_sha256_hex} (corrupt or tampered)")
+                raise ArtifactError(
+                    f"object {name!r}: downloaded bytes hash to {got.digest.hexdigest()}, "
+                    f"not {expect_sha256_hex} (corrupt or tampered)"
+                )
             os.replace(tmp_name, dest)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -593,9 +633,18 @@ class ObjectStoreClient:
         await self._create_consumer(consumer, self.chunk_subject(info.nuid))
         try:
             pull = functools.partial(
-                pull_object, endpoint, f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}", name=info.name,
-                expected_size=info.size, chunks=info.chunks, fh=fh, window=self._window_chunks(self._chunk_bytes(info)),
-                idle_timeout_s=self.idle_timeout_s, cancelled=cancelled, on_connection=connections.append)
+                pull_object,
+                endpoint,
+                f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}",
+                name=info.name,
+                expected_size=info.size,
+                chunks=info.chunks,
+                fh=fh,
+                window=self._window_chunks(self._chunk_bytes(info)),
+                idle_timeout_s=self.idle_timeout_s,
+                cancelled=cancelled,
+                on_connection=connections.append,
+            )
             thread = asyncio.get_running_loop().run_in_executor(None, pull)
             try:
                 got = await asyncio.shield(thread)
@@ -655,11 +704,19 @@ class ObjectStoreClient:
                 await sub.unsubscribe()
 
     async def _create_consumer(self, name: str, subject: str) -> None:
-        config = {"name": name, "filter_subject": subject, "deliver_policy": "all", "ack_policy": "none",
-                  "replay_policy": "instant", "mem_storage": True, "num_replicas": 1,
-                  "inactive_threshold": int(self.idle_timeout_s * 1e9)}
-        resp = await self._api(f"CONSUMER.CREATE.{self.stream}.{name}",
-                               {"stream_name": self.stream, "config": config, "action": "create"})
+        config = {
+            "name": name,
+            "filter_subject": subject,
+            "deliver_policy": "all",
+            "ack_policy": "none",
+            "replay_policy": "instant",
+            "mem_storage": True,
+            "num_replicas": 1,
+            "inactive_threshold": int(self.idle_timeout_s * 1e9),
+        }
+        resp = await self._api(
+            f"CONSUMER.CREATE.{self.stream}.{name}", {"stream_name": self.stream, "config": config, "action": "create"}
+        )
         if "error" in resp:
             raise self._api_error(resp, "creating a consumer for the chunks")
 
@@ -678,8 +735,9 @@ class ObjectStoreClient:
         """Messages per subject matching ``subjects_filter`` in the bucket's stream (all pages)."""
         counts: dict[str, int] = {}
         while True:
-            resp = await self._api(f"STREAM.INFO.{self.stream}",
-                                   {"subjects_filter": subjects_filter, "offset": len(counts)})
+            resp = await self._api(
+                f"STREAM.INFO.{self.stream}", {"subjects_filter": subjects_filter, "offset": len(counts)}
+            )
             if "error" in resp:
                 raise self._api_error(resp, "listing the bucket's subjects")
             page = (resp.get("state") or {}).get("subjects") or {}
@@ -695,8 +753,7 @@ class ObjectStoreClient:
         replacement that died before purging the old version leaves behind."""
         now = now or datetime.now(UTC)
         prefix = f"$O.{self.bucket}.C."
-        chunk_sets = {subject[len(prefix):]: n for subject, n in
-                      (await self._subject_counts(prefix + ">")).items()}
+        chunk_sets = {subject[len(prefix) :]: n for subject, n in (await self._subject_counts(prefix + ">")).items()}
         if not chunk_sets:
             return {}
         live: set[str] = set()

@@ -39,8 +39,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def server_config(port: int, store_dir: Path, *, host: str = "127.0.0.1", sync_always: bool = True,
-                  extra: str = "") -> str:
+def server_config(
+    port: int, store_dir: Path, *, host: str = "127.0.0.1", sync_always: bool = True, extra: str = ""
+) -> str:
     sync = "\n    sync_interval: always" if sync_always else ""
     return (
         f"listen: {host}:{port}\n"
@@ -58,8 +59,15 @@ class EmbeddedServer:
     ``port`` is kept across restarts so clients reconnect to the same URL.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, *, port: int | None = None, host: str = "127.0.0.1",
-                 sync_always: bool = True, extra_config: str = ""):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        sync_always: bool = True,
+        extra_config: str = "",
+    ):
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
@@ -78,11 +86,23 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 15.0) -> EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "nats-server.conf"
-        conf.write_text(server_config(self.port, self.data_dir / "jetstream", host=self.host,
-                                      sync_always=self.sync_always, extra=self.extra_config))
+        conf.write_text(
+            server_config(
+                self.port,
+                self.data_dir / "jetstream",
+                host=self.host,
+                sync_always=self.sync_always,
+                extra=self.extra_config,
+            )
+        )
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self._wait_ready(timeout_s)
         return self
@@ -99,8 +119,7 @@ class EmbeddedServer:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise ServerStartError(f"nats-server did not listen on {self.url} within {timeout_s}s; "
-                               f"see {self.log_path}")
+        raise ServerStartError(f"nats-server did not listen on {self.url} within {timeout_s}s; see {self.log_path}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
         if self.proc is None:

@@ -81,11 +81,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return EXIT_OK
     from trainfleet.controller.manifest import ticket_class
 
-    print(f"{args.manifest}: {len(manifest.jobs)} job(s), {len(manifest.models)} model(s), "
-          f"{len(manifest.hosts)} host polic(ies)")
+    print(
+        f"{args.manifest}: {len(manifest.jobs)} job(s), {len(manifest.models)} model(s), "
+        f"{len(manifest.hosts)} host polic(ies)"
+    )
     for spec in manifest.jobs:
-        print(f"  {spec.job_id[:12]}  {spec.name:<28} {spec.model}/{spec.mode:<12} seed={spec.seed:<4} "
-              f"prio={spec.priority:<3} class={ticket_class(spec)}")
+        print(
+            f"  {spec.job_id[:12]}  {spec.name:<28} {spec.model}/{spec.mode:<12} seed={spec.seed:<4} "
+            f"prio={spec.priority:<3} class={ticket_class(spec)}"
+        )
     return EXIT_OK
 
 
@@ -101,8 +105,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from trainfleet.agent.capability import apply_overrides, detect, render_text
 
     cap = detect(args.host_id, probe_torch=not args.no_torch_probe)
-    cap = apply_overrides(cap, max_cores=args.max_cores, max_ram_gib=args.max_ram_gib,
-                          max_vram_gib=args.max_vram_gib)
+    cap = apply_overrides(cap, max_cores=args.max_cores, max_ram_gib=args.max_ram_gib, max_vram_gib=args.max_vram_gib)
     if args.detect:
         if args.json:
             _print_json(msgspec.to_builtins(cap))
@@ -111,8 +114,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return EXIT_OK
     from trainfleet.agent.agent import Agent, AgentOptions
 
-    options = AgentOptions(host_id=cap.host_id, cpu_slots=args.cpu_slots, gpu_slots=args.gpu_slots,
-                           serve_cpu=not args.no_cpu, workdir=args.workdir)
+    options = AgentOptions(
+        host_id=cap.host_id,
+        cpu_slots=args.cpu_slots,
+        gpu_slots=args.gpu_slots,
+        serve_cpu=not args.no_cpu,
+        workdir=args.workdir,
+    )
     asyncio.run(Agent(settings_from(args), options, capability=cap).run())
     return EXIT_OK
 
@@ -160,8 +168,10 @@ def _print_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
     if args.json:
         _print_json(report)
     else:
-        print(f"{len(report['created'])} new, {len(report['updated'])} updated, "
-              f"{len(report['unchanged'])} unchanged, {len(report['not_in_manifest'])} only in the fleet")
+        print(
+            f"{len(report['created'])} new, {len(report['updated'])} updated, "
+            f"{len(report['unchanged'])} unchanged, {len(report['not_in_manifest'])} only in the fleet"
+        )
     return EXIT_OK
 
 
@@ -217,8 +227,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(f"{'ID':<12}  {'NAME':<28} {'STATE':<10} {'HOST':<12} {'TRY':>3} {'PRIO':>4}  {'PROGRESS':<16} METRIC")
         for r in rows:
             metric = view.fmt_metrics(r["metric"] or (r["progress"] or {}).get("metrics") or {}, 2)
-            print(f"{r['job_id'][:12]}  {r['name']:<28} {r['state']:<10} {r['host'] or '-':<12} "
-                  f"{r['attempts']:>3} {r['priority']:>4}  {_row_progress(r):<16} {metric}".rstrip())
+            print(
+                f"{r['job_id'][:12]}  {r['name']:<28} {r['state']:<10} {r['host'] or '-':<12} "
+                f"{r['attempts']:>3} {r['priority']:>4}  {_row_progress(r):<16} {metric}".rstrip()
+            )
         if not rows:
             print("(no jobs" + (" match" if args.state or args.model or args.host else "") + ")", file=sys.stderr)
         return EXIT_OK
@@ -230,8 +242,10 @@ def _print_history(data: dict[str, Any]) -> None:
     note = "; older revisions already dropped" if data["history_truncated"] else ""
     print(f"history (revisions the jobs KV keeps, heartbeats collapsed{note}):")
     for t in data["history"]:
-        print(f"  rev {t['revision']:<6} {view.fmt_time(t['at'])}  {t['status']:<10} {t['host'] or '-':<12} "
-              f"attempt {t['attempt']}  gen {t['generation']}" + (f"  {t['reason']}" if t["reason"] else ""))
+        print(
+            f"  rev {t['revision']:<6} {view.fmt_time(t['at'])}  {t['status']:<10} {t['host'] or '-':<12} "
+            f"attempt {t['attempt']}  gen {t['generation']}" + (f"  {t['reason']}" if t["reason"] else "")
+        )
 
 
 def _print_provenance(prov: dict[str, Any]) -> None:
@@ -239,15 +253,19 @@ def _print_provenance(prov: dict[str, Any]) -> None:
     timings = prov.get("timings") or {}
     gpus = ", ".join(g.get("name", "?") for g in host.get("gpus") or []) or "none"
     print("provenance (from the bundle):")
-    print(f"  {'host':<11} {host.get('host_id', '-')}  {host.get('platform', '')}  "
-          f"{host.get('cores_usable', '?')} cores  {host.get('ram_total_gib', '?')} GiB  GPU: {gpus}")
+    print(
+        f"  {'host':<11} {host.get('host_id', '-')}  {host.get('platform', '')}  "
+        f"{host.get('cores_usable', '?')} cores  {host.get('ram_total_gib', '?')} GiB  GPU: {gpus}"
+    )
     print(f"  {'code':<11} {prov.get('code_commit') or '-'}")
     versions = prov.get("versions") or {}
     print(f"  {'versions':<11} " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"  {'attempt':<11} {prov.get('attempt', '-')} (generation {prov.get('generation', '-')})")
     dur = timings.get("duration_s")
-    print(f"  {'timings':<11} started {view.fmt_time(timings.get('started_at'))}, finished "
-          f"{view.fmt_time(timings.get('finished_at'))}" + (f" ({view.fmt_duration(dur)})" if dur else ""))
+    print(
+        f"  {'timings':<11} started {view.fmt_time(timings.get('started_at'))}, finished "
+        f"{view.fmt_time(timings.get('finished_at'))}" + (f" ({view.fmt_duration(dur)})" if dur else "")
+    )
     if prov.get("argv"):
         print(f"  {'argv':<11} {' '.join(map(str, prov['argv']))}")
 
@@ -256,12 +274,17 @@ def _print_detail(data: dict[str, Any], rec: JobRecord) -> None:
     spec = rec.spec
     print(f"{spec.name}  ({rec.job_id})")
     host = f" on {rec.claimed_by}" if rec.claimed_by else ""
-    print(f"  {'state':<11} {rec.status.value}{host}  (attempt {rec.attempt} of {rec.max_attempts}, "
-          f"generation {rec.generation}, revision {data['revision']})")
+    print(
+        f"  {'state':<11} {rec.status.value}{host}  (attempt {rec.attempt} of {rec.max_attempts}, "
+        f"generation {rec.generation}, revision {data['revision']})"
+    )
     print(f"  {'model':<11} {spec.model}/{spec.mode}  seed={spec.seed}  priority={spec.priority}  class={rec.klass}")
     print(f"  {'hyper':<11} {json.dumps(spec.hyper, sort_keys=True)}")
-    needs = [f"{k}={','.join(v) if isinstance(v, list) else v}"
-             for k, v in msgspec.to_builtins(spec.constraints).items() if v]
+    needs = [
+        f"{k}={','.join(v) if isinstance(v, list) else v}"
+        for k, v in msgspec.to_builtins(spec.constraints).items()
+        if v
+    ]
     needs += [f"requires={','.join(spec.requires)}"] if spec.requires else []
     if needs:
         print(f"  {'needs':<11} {'  '.join(needs)}")
@@ -274,9 +297,11 @@ def _print_detail(data: dict[str, Any], rec: JobRecord) -> None:
         print(f"  {'metrics':<11} {view.fmt_metrics(ordered)}")
     if rec.artifact:
         print(f"  {'artifact':<11} {rec.artifact}  ({view.fmt_bytes(rec.artifact_bytes)})")
-    print(f"  {'times':<11} created {view.fmt_time(rec.created_at)}, started {view.fmt_time(rec.started_at)}, "
-          f"finished {view.fmt_time(rec.finished_at)}"
-          + (f" ({view.fmt_duration(view.duration(rec))})" if rec.started_at else ""))
+    print(
+        f"  {'times':<11} created {view.fmt_time(rec.created_at)}, started {view.fmt_time(rec.started_at)}, "
+        f"finished {view.fmt_time(rec.finished_at)}"
+        + (f" ({view.fmt_duration(view.duration(rec))})" if rec.started_at else "")
+    )
     for host_id, why in sorted(rec.excluded_hosts.items()):
         print(f"  {'excluded':<11} {host_id}: {why}")
     if rec.reason:
@@ -319,8 +344,10 @@ def cmd_workers(args: argparse.Namespace) -> int:
             cap = w["capability"]
             seen = f"{w['age_s']:>5.0f}s" + ("" if w["alive"] else " stale")
             jobs = ",".join(j[:12] for j in w["current_jobs"]) or "-"
-            print(f"{w['host_id']:<16} {w['state']:<6} {cap['cores_usable']:>5g} {cap['ram_available_gib']:>8.1f} "
-                  f"{len(cap['gpus']):>4} {seen:>6}  {jobs:<14} {','.join(w['classes'])}")
+            print(
+                f"{w['host_id']:<16} {w['state']:<6} {cap['cores_usable']:>5g} {cap['ram_available_gib']:>8.1f} "
+                f"{len(cap['gpus']):>4} {seen:>6}  {jobs:<14} {','.join(w['classes'])}"
+            )
         if not workers:
             print("(no workers registered)", file=sys.stderr)
         return EXIT_OK
@@ -425,8 +452,15 @@ def cmd_artifacts_get(args: argparse.Namespace) -> int:
         bundle = await artifacts.download(broker, artifact, out / f"{artifact}.tar.zst")
         target = artifacts.extract(bundle, out / name) if args.extract else None
         if args.json:
-            _print_json({"artifact": artifact, "path": str(bundle), "bytes": bundle.stat().st_size,
-                         "verified": True, "extracted": str(target) if target else None})
+            _print_json(
+                {
+                    "artifact": artifact,
+                    "path": str(bundle),
+                    "bytes": bundle.stat().st_size,
+                    "verified": True,
+                    "extracted": str(target) if target else None,
+                }
+            )
             return EXIT_OK
         print(f"downloaded {bundle} ({bundle.stat().st_size} bytes, sha256 verified)")
         if target:
@@ -447,12 +481,21 @@ def cmd_artifacts_sweep(args: argparse.Namespace) -> int:
         else:
             stray = await store.sweep_stray_chunks(older_than)
         if args.json:
-            _print_json({"dry_run": args.dry_run, "older_than_s": older_than, "chunk_sets": len(stray),
-                         "chunks": sum(stray.values()), "nuids": sorted(stray)})
+            _print_json(
+                {
+                    "dry_run": args.dry_run,
+                    "older_than_s": older_than,
+                    "chunk_sets": len(stray),
+                    "chunks": sum(stray.values()),
+                    "nuids": sorted(stray),
+                }
+            )
             return EXIT_OK
         verb_text = "would purge" if args.dry_run else "purged"
-        print(f"{verb_text} {len(stray)} stray chunk set(s), {sum(stray.values())} chunk(s) "
-              f"(no object points at them; newest chunk older than {older_than:g}s)")
+        print(
+            f"{verb_text} {len(stray)} stray chunk set(s), {sum(stray.values())} chunk(s) "
+            f"(no object points at them; newest chunk older than {older_than:g}s)"
+        )
         return EXIT_OK
 
     return _run(args, run)
@@ -484,32 +527,41 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 JOB_HELP = "job name, full id, or unique id prefix (4+ characters)"
-EPILOG = ("exit codes: 0 ok, 1 failed (jobs or the operation), 2 bad usage or invalid manifest, "
-          "3 NATS unreachable / not provisioned / no controller answering, 4 no such job or ambiguous prefix, "
-          "5 artifact missing, corrupt or unsafe")
+EPILOG = (
+    "exit codes: 0 ok, 1 failed (jobs or the operation), 2 bad usage or invalid manifest, "
+    "3 NATS unreachable / not provisioned / no controller answering, 4 no such job or ambiguous prefix, "
+    "5 artifact missing, corrupt or unsafe"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="trainfleet", description="Train every model in a manifest at most once, across a fleet of "
-        "unlike machines, over NATS JetStream.", epilog=EPILOG)
+        prog="trainfleet",
+        description="Train every model in a manifest at most once, across a fleet of "
+        "unlike machines, over NATS JetStream.",
+        epilog=EPILOG,
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str,
-             parent: Any = sub) -> argparse.ArgumentParser:
+    def verb(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str, parent: Any = sub
+    ) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help, epilog=EPILOG)
         _common(p)
         p.set_defaults(fn=fn)
         return p
 
     # -- running a fleet --
-    p = verb("up", cmd_up, "run a whole local fleet (embedded nats-server, controller, agents) on a manifest "
-             "and show progress until every job is done")
+    p = verb(
+        "up",
+        cmd_up,
+        "run a whole local fleet (embedded nats-server, controller, agents) on a manifest "
+        "and show progress until every job is done",
+    )
     p.add_argument("manifest")
     p.add_argument("--agents", type=int, default=2, help="local agents to start (default 2)")
     p.add_argument("--keep", action="store_true", help="leave the fleet running after the jobs finish")
-    p.add_argument("--data-dir", help="where the embedded server and agents keep state "
-                                      "(default .trainfleet/up-<time>)")
+    p.add_argument("--data-dir", help="where the embedded server and agents keep state (default .trainfleet/up-<time>)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long (default 1800)")
     p.add_argument("--no-live", action="store_true", help="print progress lines instead of a live table")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
@@ -532,8 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ram-gib", type=float, help="offer at most this much RAM")
     p.add_argument("--max-vram-gib", type=float, help="offer at most this much VRAM per GPU")
     p.add_argument("--workdir", help="where trainer outputs are written (default: a temp dir)")
-    p.add_argument("--no-torch-probe", action="store_true",
-                   help="skip the torch/CUDA cross-check subprocess (faster start; torch jobs still need torch)")
+    p.add_argument(
+        "--no-torch-probe",
+        action="store_true",
+        help="skip the torch/CUDA cross-check subprocess (faster start; torch jobs still need torch)",
+    )
 
     verb("provision", cmd_provision, "create or update every stream, bucket and object store (idempotent)")
 
@@ -571,37 +626,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", action="store_true", help="interleave progress and lifecycle events")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = sub.add_parser("artifacts", help="list artifacts, or download one verified by sha256",
-                       description="list artifacts, or download one verified by sha256", epilog=EPILOG)
+    p = sub.add_parser(
+        "artifacts",
+        help="list artifacts, or download one verified by sha256",
+        description="list artifacts, or download one verified by sha256",
+        epilog=EPILOG,
+    )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = verb("list", cmd_artifacts_list, "jobs with artifacts, and stored bundles no record points at (orphans)",
-             parent=actions)
+    p = verb(
+        "list",
+        cmd_artifacts_list,
+        "jobs with artifacts, and stored bundles no record points at (orphans)",
+        parent=actions,
+    )
     _json_flag(p)
-    p = verb("get", cmd_artifacts_get, "download a job's bundle (verified by sha256), optionally extract it",
-             parent=actions)
+    p = verb(
+        "get", cmd_artifacts_get, "download a job's bundle (verified by sha256), optionally extract it", parent=actions
+    )
     p.add_argument("job", help=JOB_HELP + "; or a stored artifact's full sha256")
     p.add_argument("--out", default=".", help="directory to write the bundle into (default .)")
-    p.add_argument("--extract", action="store_true", help="also extract it into OUT/<job name> (refusing unsafe "
-                                                          "paths)")
+    p.add_argument("--extract", action="store_true", help="also extract it into OUT/<job name> (refusing unsafe paths)")
     _json_flag(p)
 
-    p = verb("sweep", cmd_artifacts_sweep, "purge stray chunks: what an upload cut off mid-way leaves in the object "
-             "store (the controller also does this every artifact_sweep_s)", parent=actions)
-    p.add_argument("--older-than", type=float, metavar="SECONDS",
-                   help="only chunk sets whose newest chunk is at least this old (default stray_chunk_age_s, "
-                        "3600: an upload still under way is never touched)")
+    p = verb(
+        "sweep",
+        cmd_artifacts_sweep,
+        "purge stray chunks: what an upload cut off mid-way leaves in the object "
+        "store (the controller also does this every artifact_sweep_s)",
+        parent=actions,
+    )
+    p.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="only chunk sets whose newest chunk is at least this old (default stray_chunk_age_s, "
+        "3600: an upload still under way is never touched)",
+    )
     p.add_argument("--dry-run", action="store_true", help="only report what would be purged")
     _json_flag(p)
 
-    verb("monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, "
-                                 "l logs)")
+    verb("monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, l logs)")
 
-    p = verb("explain", cmd_explain, "for every registered worker: can it run JOB, and if not exactly which "
-             "constraint fails (exit 0 when a live worker can run it now, 1 when none can)")
+    p = verb(
+        "explain",
+        cmd_explain,
+        "for every registered worker: can it run JOB, and if not exactly which "
+        "constraint fails (exit 0 when a live worker can run it now, 1 when none can)",
+    )
     p.add_argument("job", help=JOB_HELP)
     _json_flag(p)
-    p = verb("plan", cmd_plan, "before syncing: which registered hosts could ever take each job of MANIFEST, "
-             "with a warning for every job none can")
+    p = verb(
+        "plan",
+        cmd_plan,
+        "before syncing: which registered hosts could ever take each job of MANIFEST, "
+        "with a warning for every job none can",
+    )
     p.add_argument("manifest")
     p.add_argument("--check", action="store_true", help="exit 1 when some job can never run")
     _json_flag(p)

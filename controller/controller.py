@@ -90,12 +90,14 @@ class Controller:
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
-        self.broker = await Broker.connect(self.settings, name="trainfleet-controller", provision=True,
-                                           wait_s=self.settings.connect_wait_s)
+        self.broker = await Broker.connect(
+            self.settings, name="trainfleet-controller", provision=True, wait_s=self.settings.connect_wait_s
+        )
         if self.manifest_path:
             await self.sync(load_manifest(self.manifest_path))
         self._advisory_sub = await self.broker.nc.subscribe(
-            self.names.max_deliveries_advisory(), queue=self.names.ctl_queue_group, cb=self._on_max_deliveries)
+            self.names.max_deliveries_advisory(), queue=self.names.ctl_queue_group, cb=self._on_max_deliveries
+        )
         from trainfleet.controller.service import start_service
 
         self._service = await start_service(self)
@@ -143,9 +145,17 @@ class Controller:
     def _new_record(self, manifest: Manifest, spec: JobSpec) -> JobRecord:
         now = time.time()
         klass = ticket_class(spec)
-        return JobRecord(job_id=spec.job_id, spec=spec, klass=klass, offered=(klass,), created_at=now,
-                         updated_at=now, queued_at=now, excluded_hosts=excluded_hosts(manifest, spec),
-                         max_attempts=manifest.settings.max_attempts or self.settings.max_attempts)
+        return JobRecord(
+            job_id=spec.job_id,
+            spec=spec,
+            klass=klass,
+            offered=(klass,),
+            created_at=now,
+            updated_at=now,
+            queued_at=now,
+            excluded_hosts=excluded_hosts(manifest, spec),
+            max_attempts=manifest.settings.max_attempts or self.settings.max_attempts,
+        )
 
     async def sync(self, manifest: Manifest) -> SyncReport:
         """Idempotent: new jobs become pending with a ticket; existing records keep their state
@@ -180,19 +190,27 @@ class Controller:
         report.unchanged = [r.job_id for r, c in zip(existing, changed, strict=True) if not c]
         wanted = {s.job_id for s in manifest.jobs}
         report.not_in_manifest = sorted(await job_ids(self.b) - wanted)
-        log.info("sync %s: %d new, %d updated, %d unchanged, %d only in KV", manifest.path,
-                 len(report.created), len(report.updated), len(report.unchanged), len(report.not_in_manifest))
+        log.info(
+            "sync %s: %d new, %d updated, %d unchanged, %d only in KV",
+            manifest.path,
+            len(report.created),
+            len(report.updated),
+            len(report.unchanged),
+            len(report.not_in_manifest),
+        )
         return report
 
     async def _refresh(self, fresh: JobRecord) -> bool:
         for _ in range(10):
             stored = await get_record(self.b, fresh.job_id)
             rec = stored.record
-            if rec.spec == fresh.spec and rec.excluded_hosts == fresh.excluded_hosts \
-                    and rec.max_attempts == fresh.max_attempts:
+            if (
+                rec.spec == fresh.spec
+                and rec.excluded_hosts == fresh.excluded_hosts
+                and rec.max_attempts == fresh.max_attempts
+            ):
                 return False
-            updated = rec.evolve(spec=fresh.spec, excluded_hosts=fresh.excluded_hosts,
-                                 max_attempts=fresh.max_attempts)
+            updated = rec.evolve(spec=fresh.spec, excluded_hosts=fresh.excluded_hosts, max_attempts=fresh.max_attempts)
             if await cas(self.b, updated, stored.revision) is not None:
                 return True
         raise TrainfleetError(f"job {fresh.job_id}: record kept changing during sync")
@@ -242,8 +260,12 @@ class Controller:
                 granted = await self._grace(stored, now)
                 stats["grace"] += granted
                 stats["republished"] += await self._ensure_tickets(rec, have, changed=bool(granted))
-            elif rec.status.held and rec.lease_expired(self.settings.lease_s * 2, now) \
-                    and rec.ticket_seq not in seqs and not any(g == rec.generation for g, _ in have):
+            elif (
+                rec.status.held
+                and rec.lease_expired(self.settings.lease_s * 2, now)
+                and rec.ticket_seq not in seqs
+                and not any(g == rec.generation for g, _ in have)
+            ):
                 await publish_ticket(self.b, rec, rec.klass, dedupe_suffix=f".r{int(now)}")
                 stats["takeover_tickets"] += 1
         if any(stats.values()):
@@ -260,8 +282,12 @@ class Controller:
         by_class: dict[str, list[TicketRef]] = {}
         for ref in tickets:
             stored = records.get(ref.ticket.job_id) if ref.ticket else None
-            if ref.ticket is not None and stored is not None and stored.record.status == JobStatus.PENDING \
-                    and stored.record.generation == ref.ticket.generation:
+            if (
+                ref.ticket is not None
+                and stored is not None
+                and stored.record.status == JobStatus.PENDING
+                and stored.record.generation == ref.ticket.generation
+            ):
                 by_class.setdefault(ref.ticket.klass, []).append(ref)
         moved = 0
         for klass, queue in by_class.items():
@@ -342,11 +368,17 @@ class Controller:
         # Deliveries also count NAKs (ineligible agents, early redeliveries): only spent attempts
         # fail a job; otherwise a fresh ticket re-offers it (a lapsed holder is then taken over).
         if rec.attempt >= rec.max_attempts:
-            reason = (f"ticket delivered {deliveries} times without completing (max_deliver "
-                      f"{self.settings.max_deliver}) after {rec.attempt} attempt(s); last error: "
-                      f"{rec.last_error or 'none'}")
-            if await cas(self.b, rec.evolve(status=JobStatus.FAILED, finished_at=time.time(), reason=reason),
-                         stored.revision) is not None:
+            reason = (
+                f"ticket delivered {deliveries} times without completing (max_deliver "
+                f"{self.settings.max_deliver}) after {rec.attempt} attempt(s); last error: "
+                f"{rec.last_error or 'none'}"
+            )
+            if (
+                await cas(
+                    self.b, rec.evolve(status=JobStatus.FAILED, finished_at=time.time(), reason=reason), stored.revision
+                )
+                is not None
+            ):
                 log.warning("job %s failed: %s", rec.job_id[:12], reason)
                 return "failed"
             return "raced"
@@ -376,14 +408,30 @@ class Controller:
             stored = await get_record(self.b, job_id)
             rec = stored.record
             if rec.status not in REQUEUEABLE:
-                raise TrainfleetError(f"job {rec.spec.name} is {rec.status.value}; only failed, cancelled or "
-                                      "completed jobs can be requeued")
+                raise TrainfleetError(
+                    f"job {rec.spec.name} is {rec.status.value}; only failed, cancelled or "
+                    "completed jobs can be requeued"
+                )
             now = time.time()
-            fresh = rec.evolve(status=JobStatus.PENDING, generation=rec.generation + 1, attempt=0, claimed_by=None,
-                               claimed_at=None, heartbeat_at=None, started_at=None, finished_at=None,
-                               ticket_seq=None, reason="requeued by operator", offered=(rec.klass,),
-                               queued_at=now, progress={}, artifact=None, artifact_bytes=None, metrics={},
-                               device=None)
+            fresh = rec.evolve(
+                status=JobStatus.PENDING,
+                generation=rec.generation + 1,
+                attempt=0,
+                claimed_by=None,
+                claimed_at=None,
+                heartbeat_at=None,
+                started_at=None,
+                finished_at=None,
+                ticket_seq=None,
+                reason="requeued by operator",
+                offered=(rec.klass,),
+                queued_at=now,
+                progress={},
+                artifact=None,
+                artifact_bytes=None,
+                metrics={},
+                device=None,
+            )
             if await cas(self.b, fresh, stored.revision) is not None:
                 await publish_ticket(self.b, fresh, fresh.klass)
                 return fresh
@@ -406,8 +454,10 @@ class Controller:
         return {
             "jobs": {s.value: counts.get(s.value, 0) for s in JobStatus},
             "total": len(records),
-            "workers": {"alive": sum(1 for w in workers if now - w.last_seen <= stale_after),
-                        "stale": sum(1 for w in workers if now - w.last_seen > stale_after)},
+            "workers": {
+                "alive": sum(1 for w in workers if now - w.last_seen <= stale_after),
+                "stale": sum(1 for w in workers if now - w.last_seen > stale_after),
+            },
         }
 
 

@@ -32,8 +32,13 @@ class Match:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"host_id": self.host_id, "eligible": self.eligible, "reasons": list(self.reasons),
-                "alive": self.alive, "notes": list(self.notes)}
+        return {
+            "host_id": self.host_id,
+            "eligible": self.eligible,
+            "reasons": list(self.reasons),
+            "alive": self.alive,
+            "notes": list(self.notes),
+        }
 
 
 @dataclass
@@ -49,12 +54,19 @@ class JobPlan:
         return bool(self.hosts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "name": self.name, "class": self.klass, "hosts": self.hosts,
-                "rejected": self.rejected, "runnable": self.runnable}
+        return {
+            "job_id": self.job_id,
+            "name": self.name,
+            "class": self.klass,
+            "hosts": self.hosts,
+            "rejected": self.rejected,
+            "runnable": self.runnable,
+        }
 
 
 def _remote_module_check(cap: Capability):
     """A worker's modules as it reported them; modules outside the known list can't be judged here."""
+
     def has(module: str) -> bool:
         return module in cap.modules or module not in KNOWN_MODULES
 
@@ -73,8 +85,9 @@ def _routing(klasses: tuple[str, ...], worker: WorkerRecord) -> list[str]:
     return [f"does not pull class {' or '.join(klasses)} (it pulls {', '.join(worker.classes) or 'nothing'})"]
 
 
-def explain_job(record: JobRecord, workers: list[WorkerRecord], *, stale_after_s: float,
-                now: float | None = None) -> list[Match]:
+def explain_job(
+    record: JobRecord, workers: list[WorkerRecord], *, stale_after_s: float, now: float | None = None
+) -> list[Match]:
     """For every registered worker: can it run this job now, and if not, every failing constraint."""
     now = time.time() if now is None else now
     offered = record.offered or (record.klass,)
@@ -100,9 +113,13 @@ def plan_manifest(manifest: Manifest, workers: list[WorkerRecord]) -> list[JobPl
     plans = []
     for spec in manifest.jobs:
         plan = JobPlan(spec.job_id, spec.name, ticket_class(spec))
-        record = JobRecord(job_id=spec.job_id, spec=spec, klass=plan.klass,
-                           offered=_eventual_classes(spec, plan.klass),
-                           excluded_hosts=excluded_hosts(manifest, spec))
+        record = JobRecord(
+            job_id=spec.job_id,
+            spec=spec,
+            klass=plan.klass,
+            offered=_eventual_classes(spec, plan.klass),
+            excluded_hosts=excluded_hosts(manifest, spec),
+        )
         for worker in workers:
             cap = at_best(worker.capability)
             reasons = _routing(record.offered, worker)
@@ -131,14 +148,21 @@ async def explain_ref(broker: Broker, ref: str, *, stale_after_s: float) -> tupl
 
 
 def explain_json(record: JobRecord, matches: list[Match]) -> dict[str, Any]:
-    return {"job_id": record.job_id, "name": record.spec.name, "status": record.status.value,
-            "classes": list(record.offered or (record.klass,)), "reason": record.reason,
-            "workers": [m.to_dict() for m in matches]}
+    return {
+        "job_id": record.job_id,
+        "name": record.spec.name,
+        "status": record.status.value,
+        "classes": list(record.offered or (record.klass,)),
+        "reason": record.reason,
+        "workers": [m.to_dict() for m in matches],
+    }
 
 
 def render_explain(record: JobRecord, matches: list[Match]) -> str:
-    lines = [f"{record.spec.name} ({record.job_id[:12]}) is {record.status.value}; ticket class "
-             f"{', '.join(record.offered or (record.klass,))}"]
+    lines = [
+        f"{record.spec.name} ({record.job_id[:12]}) is {record.status.value}; ticket class "
+        f"{', '.join(record.offered or (record.klass,))}"
+    ]
     if record.reason:
         lines.append(f"  last reason: {record.reason}")
     if not matches:

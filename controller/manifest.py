@@ -57,12 +57,30 @@ _SETTINGS_KEYS = ("prefer_cuda_grace_s", "max_attempts")
 _MODEL_KEYS = ("command", "modes", "data", "requires", "hyper")
 _PARAM_KEYS = ("type", "default", "choices", "min", "max")
 _HOST_KEYS = (
-    "allow_jobs", "deny_jobs", "max_cores", "max_ram_gib", "max_vram_gib", "cpu_slots", "gpu_slots",
+    "allow_jobs",
+    "deny_jobs",
+    "max_cores",
+    "max_ram_gib",
+    "max_vram_gib",
+    "cpu_slots",
+    "gpu_slots",
     "serve_cpu",
 )
 _JOB_KEYS = (
-    "name", "model", "mode", "hyper", "data", "seed", "priority", "require_cuda", "prefer_cuda",
-    "min_vram_gib", "min_ram_gib", "min_cores", "allowed_hosts", "denied_hosts",
+    "name",
+    "model",
+    "mode",
+    "hyper",
+    "data",
+    "seed",
+    "priority",
+    "require_cuda",
+    "prefer_cuda",
+    "min_vram_gib",
+    "min_ram_gib",
+    "min_cores",
+    "allowed_hosts",
+    "denied_hosts",
 )
 _JOB_FLAGS = ("require_cuda", "prefer_cuda")
 _JOB_MINIMA = ("min_vram_gib", "min_ram_gib", "min_cores")
@@ -304,8 +322,14 @@ class _Scope:
         return len(self.sink.problems) == mark
 
 
-def _take(scope: _Scope, table: dict[str, Any], key: str, conv: Callable[[Any], Any],
-          default: Any = None, required: bool = False) -> Any:
+def _take(
+    scope: _Scope,
+    table: dict[str, Any],
+    key: str,
+    conv: Callable[[Any], Any],
+    default: Any = None,
+    required: bool = False,
+) -> Any:
     """``conv(table[key])``; a missing key gives ``default``, a bad one a problem and _BAD."""
     if key not in table:
         if required:
@@ -334,8 +358,15 @@ def _unknown_keys(scope: _Scope, table: dict[str, Any], allowed: tuple[str, ...]
 
 # Order matters: bool before int (bool is an int subclass), datetime before date.
 _TOML_TYPES: tuple[tuple[type, str], ...] = (
-    (bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"), (list, "array"),
-    (dict, "table"), (_dt.datetime, "datetime"), (_dt.date, "date"), (_dt.time, "time"),
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "table"),
+    (_dt.datetime, "datetime"),
+    (_dt.date, "date"),
+    (_dt.time, "time"),
 )
 
 
@@ -403,8 +434,9 @@ def _table(value: Any) -> dict[str, Any]:
     return value
 
 
-def _str_list(value: Any, *, nonempty: bool = False, ok: Callable[[str], bool] | None = None,
-              what: str = "a string") -> tuple[str, ...]:
+def _str_list(
+    value: Any, *, nonempty: bool = False, ok: Callable[[str], bool] | None = None, what: str = "a string"
+) -> tuple[str, ...]:
     """A TOML array of strings; ``ok`` vets each item (``what`` says what an item must be)."""
     if not isinstance(value, list) or (nonempty and not value):
         size = "a non-empty" if nonempty else "an"
@@ -511,8 +543,10 @@ def _schema_version(scope: _Scope, doc: dict[str, Any]) -> int:
     version = doc["schema_version"]
     # A bool equals 1 in Python, so compare the type too.
     if not _is_int(version) or version != MANIFEST_SCHEMA_VERSION:
-        scope.add(f"unsupported schema_version {_describe(version)}; this trainfleet understands "
-                  f"{MANIFEST_SCHEMA_VERSION}", "schema_version")
+        scope.add(
+            f"unsupported schema_version {_describe(version)}; this trainfleet understands {MANIFEST_SCHEMA_VERSION}",
+            "schema_version",
+        )
     return MANIFEST_SCHEMA_VERSION
 
 
@@ -564,8 +598,7 @@ def _parse_model(sink: _Sink, name: str, raw: Any) -> _ModelCheck:
     command = _take(scope, raw, "command", _command, required=True)
     modes = _take(scope, raw, "modes", _modes, required=True)
     data = _take(scope, raw, "data", _json_table, default={})
-    requires = _take(scope, raw, "requires", lambda v: _str_list(v, ok=_module_name, what="a module name"),
-                     default=())
+    requires = _take(scope, raw, "requires", lambda v: _str_list(v, ok=_module_name, what="a module name"), default=())
     hyper, hyper_ok, bad_params = _parse_hyper_schema(scope, raw)
     model = ModelDef(
         name=name,
@@ -578,9 +611,7 @@ def _parse_model(sink: _Sink, name: str, raw: Any) -> _ModelCheck:
     return _ModelCheck(model, modes_ok=modes is not _BAD, hyper_ok=hyper_ok, bad_params=bad_params)
 
 
-def _parse_hyper_schema(
-    scope: _Scope, raw: dict[str, Any]
-) -> tuple[dict[str, HyperParam], bool, frozenset[str]]:
+def _parse_hyper_schema(scope: _Scope, raw: dict[str, Any]) -> tuple[dict[str, HyperParam], bool, frozenset[str]]:
     """(params that are valid, whether the hyper table itself is usable, names of broken params)."""
     table = raw.get("hyper", {})
     if not isinstance(table, dict):
@@ -698,9 +729,7 @@ def _parse_jobs(sink: _Sink, doc: dict[str, Any], models: dict[str, _ModelCheck]
     return specs
 
 
-def _parse_job(
-    sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]
-) -> tuple[str | None, JobSpec | None]:
+def _parse_job(sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]) -> tuple[str | None, JobSpec | None]:
     """(the job's name if it has a usable one, its JobSpec if it has no problems)."""
     if not isinstance(raw, dict):
         _Scope(sink, f"#{index}").add(f"each [[jobs]] entry must be a table, got {_describe(raw)}")
@@ -722,8 +751,17 @@ def _parse_job(
         return (name if named else None), None
     model = check.model
     spec = JobSpec(
-        job_id="", name=name, model=model.name, mode=mode, hyper=hyper, data=data, seed=seed,
-        command=model.command, priority=priority, constraints=constraints, requires=model.requires,
+        job_id="",
+        name=name,
+        model=model.name,
+        mode=mode,
+        hyper=hyper,
+        data=data,
+        seed=seed,
+        command=model.command,
+        priority=priority,
+        constraints=constraints,
+        requires=model.requires,
     )
     return name, msgspec.structs.replace(spec, job_id=job_id_for(spec.identity()))
 
@@ -742,8 +780,9 @@ def _job_model(scope: _Scope, raw: dict[str, Any], models: dict[str, _ModelCheck
 def _job_mode(scope: _Scope, raw: dict[str, Any], check: _ModelCheck | None) -> str:
     mode = _take(scope, raw, "mode", _string, required=True)
     if mode is not _BAD and check is not None and check.modes_ok and mode not in check.model.modes:
-        scope.add(f"mode {mode!r} is not a mode of model {check.model.name!r} "
-                  f"(modes: {', '.join(check.model.modes)})", "mode")
+        scope.add(
+            f"mode {mode!r} is not a mode of model {check.model.name!r} (modes: {', '.join(check.model.modes)})", "mode"
+        )
     return mode
 
 
@@ -759,8 +798,10 @@ def _job_hyper(scope: _Scope, raw: dict[str, Any], check: _ModelCheck | None) ->
         if param.has_default:
             resolved[key] = param.default
         else:
-            scope.add(f"required hyper parameter {key!r} of model {check.model.name!r} is missing "
-                      f"(it has no default)", f"hyper.{key}")
+            scope.add(
+                f"required hyper parameter {key!r} of model {check.model.name!r} is missing (it has no default)",
+                f"hyper.{key}",
+            )
     # Key order does not affect the id (canonical JSON sorts), but a stable order reads better.
     return dict(sorted(resolved.items()))
 
@@ -773,8 +814,9 @@ def _given_hyper(scope: _Scope, given: dict[str, Any], check: _ModelCheck) -> di
             continue  # the model's own problem is reported; don't echo it per job
         if key not in params:
             declared = ", ".join(sorted(params)) or "none"
-            scope.add(f"unknown hyper parameter {key!r} for model {check.model.name!r} "
-                      f"(declared: {declared})", f"hyper.{key}")
+            scope.add(
+                f"unknown hyper parameter {key!r} for model {check.model.name!r} (declared: {declared})", f"hyper.{key}"
+            )
             continue
         try:
             resolved[key] = params[key].check(value)
@@ -813,8 +855,9 @@ def _check_duplicate_names(sink: _Sink, names: dict[str, list[int]]) -> None:
     for name, indexes in names.items():
         if len(indexes) > 1:
             where = ", ".join(f"#{i}" for i in indexes)
-            _Scope(sink, name).add(f"job name {name!r} is used by more than one job ({where}); names must be "
-                                   "unique", "name")
+            _Scope(sink, name).add(
+                f"job name {name!r} is used by more than one job ({where}); names must be unique", "name"
+            )
 
 
 def _check_duplicate_ids(sink: _Sink, specs: Iterable[JobSpec]) -> None:

@@ -54,27 +54,47 @@ async def fleet_status(broker: Broker, now: float | None = None) -> dict[str, An
         counts[stored.record.status.value] += 1
     alive = [w.host_id for w in workers if now - w.last_seen <= stale_after_s(broker)]
     stale = [w.host_id for w in workers if w.host_id not in alive]
-    return {"jobs": counts, "total": len(records), "workers": {"alive": len(alive), "stale": len(stale)},
-            "hosts": {"alive": alive, "stale": stale}}
+    return {
+        "jobs": counts,
+        "total": len(records),
+        "workers": {"alive": len(alive), "stale": len(stale)},
+        "hosts": {"alive": alive, "stale": stale},
+    }
 
 
 def job_row(rec: JobRecord) -> dict[str, Any]:
     """One line of ``trainfleet jobs``."""
     headline = rec.metrics.get("headline") if rec.metrics else None
     duration = (rec.finished_at - rec.started_at) if rec.finished_at and rec.started_at else None
-    return {"job_id": rec.job_id, "name": rec.spec.name, "model": rec.spec.model, "mode": rec.spec.mode,
-            "state": rec.status.value, "host": rec.claimed_by, "attempts": rec.attempt,
-            "generation": rec.generation, "priority": rec.spec.priority, "duration_s": duration,
-            "artifact": rec.artifact, "metric": {headline: rec.metrics.get(headline)} if headline else None,
-            "progress": rec.progress or None, "reason": rec.reason, "last_error": rec.last_error}
+    return {
+        "job_id": rec.job_id,
+        "name": rec.spec.name,
+        "model": rec.spec.model,
+        "mode": rec.spec.mode,
+        "state": rec.status.value,
+        "host": rec.claimed_by,
+        "attempts": rec.attempt,
+        "generation": rec.generation,
+        "priority": rec.spec.priority,
+        "duration_s": duration,
+        "artifact": rec.artifact,
+        "metric": {headline: rec.metrics.get(headline)} if headline else None,
+        "progress": rec.progress or None,
+        "reason": rec.reason,
+        "last_error": rec.last_error,
+    }
 
 
-async def list_jobs(broker: Broker, *, state: str | None = None, model: str | None = None,
-                    host: str | None = None) -> list[dict[str, Any]]:
+async def list_jobs(
+    broker: Broker, *, state: str | None = None, model: str | None = None, host: str | None = None
+) -> list[dict[str, Any]]:
     """Jobs matching every given filter, highest priority first (then by name)."""
     rows = [job_row(s.record) for s in (await load_records(broker)).values()]
-    rows = [r for r in rows if (not state or r["state"] == state) and (not model or r["model"] == model)
-            and (not host or r["host"] == host)]
+    rows = [
+        r
+        for r in rows
+        if (not state or r["state"] == state) and (not model or r["model"] == model) and (not host or r["host"] == host)
+    ]
     rows.sort(key=lambda r: (-r["priority"], r["name"], r["job_id"]))
     return rows
 
@@ -131,12 +151,21 @@ async def job_history(broker: Broker, job_id: str) -> tuple[list[Transition], bo
         if key == last:
             continue  # a heartbeat or a progress update: same state, same holder
         last = key
-        out.append(Transition(revision=entry.revision or 0, at=rec.updated_at, status=rec.status.value,
-                              host=rec.claimed_by, attempt=rec.attempt, generation=rec.generation,
-                              reason=rec.reason))
+        out.append(
+            Transition(
+                revision=entry.revision or 0,
+                at=rec.updated_at,
+                status=rec.status.value,
+                host=rec.claimed_by,
+                attempt=rec.attempt,
+                generation=rec.generation,
+                reason=rec.reason,
+            )
+        )
     # Every record is born pending at generation 1: starting elsewhere means revisions were dropped.
-    truncated = bool(out) and (out[0].status != JobStatus.PENDING.value or out[0].generation != 1
-                               or out[0].attempt != 0)
+    truncated = bool(out) and (
+        out[0].status != JobStatus.PENDING.value or out[0].generation != 1 or out[0].attempt != 0
+    )
     return out, truncated
 
 
@@ -156,7 +185,7 @@ def _first_member(data: bytes) -> dict[str, Any] | None:
     if end > len(data):
         return None
     try:
-        value = json.loads(data[member.offset_data:end])
+        value = json.loads(data[member.offset_data : end])
     except ValueError as exc:
         raise ArtifactError(f"{PROVENANCE_NAME} is not JSON: {exc}") from exc
     return value if isinstance(value, dict) else {}
@@ -236,8 +265,13 @@ class LogEntry:
         return self.generation, self.attempt
 
     def to_json(self) -> dict[str, Any]:
-        out = {"seq": self.seq, "at": self.at, "kind": self.kind, "attempt": self.attempt,
-               "generation": self.generation}
+        out = {
+            "seq": self.seq,
+            "at": self.at,
+            "kind": self.kind,
+            "attempt": self.attempt,
+            "generation": self.generation,
+        }
         if self.kind == "log":
             out.update(stream=self.stream, line=self.line)
         else:
@@ -257,11 +291,15 @@ def _entry(msg: Msg, logs_subject: str, current: tuple[int | None, int | None]) 
     at = meta.timestamp.timestamp() if meta.timestamp else time.time()
     headers = msg.headers or {}
     if msg.subject == logs_subject:
-        return LogEntry(seq=meta.sequence.stream, at=at, kind="log",
-                        attempt=_int_or_none(headers.get("Trainfleet-Attempt")),
-                        generation=_int_or_none(headers.get("Trainfleet-Generation")),
-                        stream=headers.get("Trainfleet-Stream", "stdout"),
-                        line=msg.data.decode(errors="replace").rstrip("\n"))
+        return LogEntry(
+            seq=meta.sequence.stream,
+            at=at,
+            kind="log",
+            attempt=_int_or_none(headers.get("Trainfleet-Attempt")),
+            generation=_int_or_none(headers.get("Trainfleet-Generation")),
+            stream=headers.get("Trainfleet-Stream", "stdout"),
+            line=msg.data.decode(errors="replace").rstrip("\n"),
+        )
     try:
         event = json.loads(msg.data)
         if not isinstance(event, dict):
@@ -270,13 +308,25 @@ def _entry(msg: Msg, logs_subject: str, current: tuple[int | None, int | None]) 
         event = {"kind": "garbage", "data": msg.data.decode(errors="replace")}
     # Events that do not name their run belong to the run whose output surrounds them.
     attempt, generation = _int_or_none(event.get("attempt")), _int_or_none(event.get("generation"))
-    return LogEntry(seq=meta.sequence.stream, at=at, kind=str(event.get("kind") or "progress"), event=event,
-                    attempt=attempt if attempt is not None else current[1],
-                    generation=generation if generation is not None else current[0])
+    return LogEntry(
+        seq=meta.sequence.stream,
+        at=at,
+        kind=str(event.get("kind") or "progress"),
+        event=event,
+        attempt=attempt if attempt is not None else current[1],
+        generation=generation if generation is not None else current[0],
+    )
 
 
-async def read_logs(broker: Broker, job_id: str, *, follow: bool = False, events: bool = False,
-                    attempt: int | None = None, poll_s: float = 1.0) -> AsyncIterator[LogEntry]:
+async def read_logs(
+    broker: Broker,
+    job_id: str,
+    *,
+    follow: bool = False,
+    events: bool = False,
+    attempt: int | None = None,
+    poll_s: float = 1.0,
+) -> AsyncIterator[LogEntry]:
     """A job's trainer output (and, with ``events``, its progress events) in stream order.
 
     Reads from the first message the logs stream still holds. Without ``follow`` it stops
@@ -287,9 +337,15 @@ async def read_logs(broker: Broker, job_id: str, *, follow: bool = False, events
     names = broker.names
     logs_subject = names.logs_subject(job_id)
     subjects = [logs_subject, names.events_subject(job_id)] if events else [logs_subject]
-    config = api.ConsumerConfig(filter_subjects=subjects, deliver_policy=api.DeliverPolicy.ALL,
-                                ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
-                                num_replicas=1, description=f"trainfleet logs reader for {job_id[:12]}")
+    config = api.ConsumerConfig(
+        filter_subjects=subjects,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.NONE,
+        inactive_threshold=60.0,
+        mem_storage=True,
+        num_replicas=1,
+        description=f"trainfleet logs reader for {job_id[:12]}",
+    )
     if follow and (await get_record(broker, job_id)).record.status.terminal:
         follow = False  # a finished job's output is all stored already: read it and stop
     try:
@@ -380,14 +436,34 @@ async def list_artifacts(broker: Broker) -> list[dict[str, Any]]:
             continue
         referenced.add(rec.artifact)
         obj = objects.get(rec.artifact)
-        rows.append({"artifact": rec.artifact, "job_id": rec.job_id, "name": rec.spec.name,
-                     "host": rec.claimed_by, "state": rec.status.value,
-                     "bytes": obj.size if obj else rec.artifact_bytes, "stored": obj is not None,
-                     "orphan": False, "mtime": obj.mtime if obj else None})
+        rows.append(
+            {
+                "artifact": rec.artifact,
+                "job_id": rec.job_id,
+                "name": rec.spec.name,
+                "host": rec.claimed_by,
+                "state": rec.status.value,
+                "bytes": obj.size if obj else rec.artifact_bytes,
+                "stored": obj is not None,
+                "orphan": False,
+                "mtime": obj.mtime if obj else None,
+            }
+        )
     for name, obj in sorted(objects.items()):
         if name not in referenced:
-            rows.append({"artifact": name, "job_id": None, "name": None, "host": None, "state": None,
-                         "bytes": obj.size, "stored": True, "orphan": True, "mtime": obj.mtime})
+            rows.append(
+                {
+                    "artifact": name,
+                    "job_id": None,
+                    "name": None,
+                    "host": None,
+                    "state": None,
+                    "bytes": obj.size,
+                    "stored": True,
+                    "orphan": True,
+                    "mtime": obj.mtime,
+                }
+            )
     return rows
 
 

@@ -95,31 +95,62 @@ def handlers(ctl: Controller) -> dict[str, Handler]:
 
         return explain_json(*await explain_ref(ctl.b, _job_ref(body), stale_after_s=ops.stale_after_s(ctl.b)))
 
-    return {"sync": sync, "reload": reload, "cancel": cancel, "requeue": requeue, "status": status,
-            "reconcile": reconcile, "jobs": jobs, "show": show, "workers": workers, "hostpolicy": hostpolicy,
-            "explain": explain}
+    return {
+        "sync": sync,
+        "reload": reload,
+        "cancel": cancel,
+        "requeue": requeue,
+        "status": status,
+        "reconcile": reconcile,
+        "jobs": jobs,
+        "show": show,
+        "workers": workers,
+        "hostpolicy": hostpolicy,
+        "explain": explain,
+    }
 
 
 # What `nats micro info trainfleet` shows for each endpoint: what it does and what to send.
 ENDPOINT_DOCS: dict[str, tuple[str, str, str]] = {
-    "sync": ("write", '{"manifest": "<toml text>", "file": "<name>"}',
-             "create records and tickets for new jobs of a manifest; existing jobs keep their state"),
+    "sync": (
+        "write",
+        '{"manifest": "<toml text>", "file": "<name>"}',
+        "create records and tickets for new jobs of a manifest; existing jobs keep their state",
+    ),
     "reload": ("write", "{}", "re-read the controller's --manifest file and sync it"),
-    "cancel": ("write", '{"job": "<id, id prefix or name>"}',
-               "cancel a job that is not terminal; a running trainer is stopped by its agent"),
-    "requeue": ("write", '{"job": "<id, id prefix or name>"}',
-                "put a failed, cancelled or completed job back to pending as a new generation"),
+    "cancel": (
+        "write",
+        '{"job": "<id, id prefix or name>"}',
+        "cancel a job that is not terminal; a running trainer is stopped by its agent",
+    ),
+    "requeue": (
+        "write",
+        '{"job": "<id, id prefix or name>"}',
+        "put a failed, cancelled or completed job back to pending as a new generation",
+    ),
     "reconcile": ("write", "{}", "run one reconcile pass now (ticket repair, grace, takeover tickets)"),
     "status": ("read", "{}", "job counts by state and workers alive/stale"),
-    "jobs": ("read", '{"state": "<state>", "model": "<model>", "host": "<host>"} (all optional)',
-             "job rows sorted by priority, filtered"),
-    "show": ("read", '{"job": "<id, id prefix or name>", "provenance": true}',
-             "record, state history and artifact provenance of one job"),
+    "jobs": (
+        "read",
+        '{"state": "<state>", "model": "<model>", "host": "<host>"} (all optional)',
+        "job rows sorted by priority, filtered",
+    ),
+    "show": (
+        "read",
+        '{"job": "<id, id prefix or name>", "provenance": true}',
+        "record, state history and artifact provenance of one job",
+    ),
     "workers": ("read", "{}", "registered agents with capability, age_s and alive"),
-    "hostpolicy": ("read", '{"host_id": "<id>"}',
-                   "the manifest's caps for one host (max_cores, max_ram_gib, slots...); agents ask at start"),
-    "explain": ("read", '{"job": "<id, id prefix or name>"}',
-                "for every registered worker: can it run the job, and which constraint fails if not"),
+    "hostpolicy": (
+        "read",
+        '{"host_id": "<id>"}',
+        "the manifest's caps for one host (max_cores, max_ram_gib, slots...); agents ask at start",
+    ),
+    "explain": (
+        "read",
+        '{"job": "<id, id prefix or name>"}',
+        "for every registered worker: can it run the job, and which constraint fails if not",
+    ),
 }
 
 
@@ -140,8 +171,12 @@ def _wrap(name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
             result = await handler(body)
             await req.respond(json.dumps({"ok": True, "result": result}, default=str).encode())
         except ManifestError as exc:
-            reply = {"ok": False, "error": str(exc), "exit_code": exc.exit_code,
-                     "problems": [p.to_dict() for p in exc.problems]}
+            reply = {
+                "ok": False,
+                "error": str(exc),
+                "exit_code": exc.exit_code,
+                "problems": [p.to_dict() for p in exc.problems],
+            }
             await req.respond_error("400", "manifest invalid", json.dumps(reply).encode())
         except (TrainfleetError, ValueError) as exc:
             code = getattr(exc, "exit_code", 2)
@@ -158,10 +193,18 @@ def _wrap(name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
 def service_metadata(ctl: Controller) -> dict[str, str]:
     """Per-instance metadata for `nats micro info`: which fleet, and which controller process."""
     names = ctl.names
-    return {"prefix": names.prefix, "jobs_bucket": names.jobs_bucket, "workers_bucket": names.workers_bucket,
-            "artifacts_bucket": names.artifacts_bucket, "logs_stream": names.logs_stream,
-            "queue_group": names.ctl_queue_group, "host": socket.gethostname(), "pid": str(os.getpid()),
-            "manifest": ctl.manifest_path or "", "docs": "docs/operations.md"}
+    return {
+        "prefix": names.prefix,
+        "jobs_bucket": names.jobs_bucket,
+        "workers_bucket": names.workers_bucket,
+        "artifacts_bucket": names.artifacts_bucket,
+        "logs_stream": names.logs_stream,
+        "queue_group": names.ctl_queue_group,
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "manifest": ctl.manifest_path or "",
+        "docs": "docs/operations.md",
+    }
 
 
 async def start_service(ctl: Controller) -> Any:
@@ -169,28 +212,38 @@ async def start_service(ctl: Controller) -> Any:
     several controllers each request is handled by exactly one of them."""
     names = ctl.names
     service = await micro.add_service(
-        ctl.b.nc, name=names.service, version=SERVICE_VERSION, metadata=service_metadata(ctl),
+        ctl.b.nc,
+        name=names.service,
+        version=SERVICE_VERSION,
+        metadata=service_metadata(ctl),
         description="trainfleet control: sync, reload, cancel, requeue, reconcile; read status, jobs, show, "
-                    "workers. JSON in, {ok, result | error, exit_code} out.",
-        queue_group=names.ctl_queue_group)
+        "workers. JSON in, {ok, result | error, exit_code} out.",
+        queue_group=names.ctl_queue_group,
+    )
     group = service.add_group(name=names.ctl_group, queue_group=names.ctl_queue_group)
     for name, handler in handlers(ctl).items():
         effect, request_doc, description = ENDPOINT_DOCS[name]
-        await group.add_endpoint(name=name, handler=_wrap(name, handler),
-                                 metadata={"description": description, "request": request_doc, "effect": effect})
+        await group.add_endpoint(
+            name=name,
+            handler=_wrap(name, handler),
+            metadata={"description": description, "request": request_doc, "effect": effect},
+        )
     return service
 
 
-async def request(nc: Client, names: Names, verb: str, body: dict[str, Any] | None = None,
-                  timeout_s: float = 30.0) -> Any:
+async def request(
+    nc: Client, names: Names, verb: str, body: dict[str, Any] | None = None, timeout_s: float = 30.0
+) -> Any:
     """Call a control endpoint; raise TrainfleetError carrying the controller's message."""
     import nats.errors
 
     try:
         reply = await nc.request(names.ctl_subject(verb), json.dumps(body or {}).encode(), timeout=timeout_s)
     except nats.errors.NoRespondersError as exc:
-        raise BrokerError("no controller is running (nobody answers on "
-                          f"{names.ctl_subject(verb)}); start one with `trainfleet controller`") from exc
+        raise BrokerError(
+            "no controller is running (nobody answers on "
+            f"{names.ctl_subject(verb)}); start one with `trainfleet controller`"
+        ) from exc
     except nats.errors.TimeoutError as exc:
         raise BrokerError(f"the controller did not answer {verb} within {timeout_s:g}s") from exc
     try:

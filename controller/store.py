@@ -103,12 +103,18 @@ async def cas(broker: Broker, record: JobRecord, revision: int) -> int | None:
     return await broker.cas_record(record, revision)
 
 
-def ticket_message(broker: Broker, record: JobRecord, klass: str,
-                   dedupe_suffix: str = "") -> tuple[str, bytes, dict[str, str]]:
+def ticket_message(
+    broker: Broker, record: JobRecord, klass: str, dedupe_suffix: str = ""
+) -> tuple[str, bytes, dict[str, str]]:
     """Subject, payload and headers of a ticket for ``record`` on ``klass``. The message id
     lets JetStream drop a re-publish of the same ticket inside its duplicate window."""
-    ticket = Ticket(job_id=record.job_id, generation=record.generation, klass=klass,
-                    priority=record.spec.priority, published_at=time.time())
+    ticket = Ticket(
+        job_id=record.job_id,
+        generation=record.generation,
+        klass=klass,
+        priority=record.spec.priority,
+        published_at=time.time(),
+    )
     msg_id = f"{record.job_id}.{record.generation}.{klass}{dedupe_suffix}"
     return broker.names.jobs_subject(klass), encode(ticket), {"Nats-Msg-Id": msg_id}
 
@@ -180,12 +186,15 @@ async def scan_tickets(broker: Broker) -> list[TicketRef]:
 
 
 async def _scan_batched(broker: Broker) -> list[TicketRef]:
-    return [_ticket_ref(seq, data) async for seq, _, data in
-            direct_scan(broker, broker.names.jobs_stream, broker.names.jobs_wildcard)]
+    return [
+        _ticket_ref(seq, data)
+        async for seq, _, data in direct_scan(broker, broker.names.jobs_stream, broker.names.jobs_wildcard)
+    ]
 
 
-async def direct_scan(broker: Broker, stream: str, subject: str, *, batch: int = SCAN_BATCH,
-                      timeout_s: float = 10.0) -> AsyncIterator[tuple[int, dict[str, str], bytes]]:
+async def direct_scan(
+    broker: Broker, stream: str, subject: str, *, batch: int = SCAN_BATCH, timeout_s: float = 10.0
+) -> AsyncIterator[tuple[int, dict[str, str], bytes]]:
     """(sequence, headers, data) of every message of ``stream`` on ``subject``, oldest first,
     read with batched direct gets (nats-server >= 2.11; the stream must allow direct gets)."""
     inbox = broker.nc.new_inbox()
@@ -244,6 +253,15 @@ async def key_history(broker: Broker, kv: KeyValue, key: str) -> list[KeyValue.E
         except nats.js.errors.NotFoundError:
             return entries
         seq = msg.seq or seq
-        entries.append(KeyValue.Entry(bucket=kv._name, key=key, value=msg.data, revision=seq, delta=None,
-                                      created=None, operation=_kv_operation(msg.headers or {})))
+        entries.append(
+            KeyValue.Entry(
+                bucket=kv._name,
+                key=key,
+                value=msg.data,
+                revision=seq,
+                delta=None,
+                created=None,
+                operation=_kv_operation(msg.headers or {}),
+            )
+        )
         seq += 1

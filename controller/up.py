@@ -49,8 +49,9 @@ class Fleet:
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.data_dir / f"{name}.log", "ab")
         self.logs.append(log)
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
 
     def dead(self) -> list[str]:
         out = [] if self.controller is None or self.controller.poll() is None else ["controller"]
@@ -78,14 +79,21 @@ class Fleet:
 
 def _child_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"NATS_URL": settings.url, "TRAINFLEET_PREFIX": settings.prefix,
-                "TRAINFLEET_LEASE_S": str(settings.lease_s), "TRAINFLEET_HEARTBEAT_S": str(settings.heartbeat_s),
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "NATS_URL": settings.url,
+            "TRAINFLEET_PREFIX": settings.prefix,
+            "TRAINFLEET_LEASE_S": str(settings.lease_s),
+            "TRAINFLEET_HEARTBEAT_S": str(settings.heartbeat_s),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
-def start_fleet(manifest_path: str, settings: Settings, *, agents: int, data_dir: Path,
-                embed: bool) -> tuple[Fleet, Settings]:
+def start_fleet(
+    manifest_path: str, settings: Settings, *, agents: int, data_dir: Path, embed: bool
+) -> tuple[Fleet, Settings]:
     data_dir.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(data_dir=data_dir)
     if embed:
@@ -98,8 +106,16 @@ def start_fleet(manifest_path: str, settings: Settings, *, agents: int, data_dir
     cores_each = max(1.0, (os.cpu_count() or 1) / max(1, agents))
     fleet.controller = fleet.spawn("controller", [*cli, "controller", "--manifest", manifest_path], env)
     for i in range(1, agents + 1):
-        argv = [*cli, "agent", "--host-id", f"demo-{i}", "--workdir", str(data_dir / f"agent-{i}"),
-                "--max-cores", f"{cores_each:g}"]
+        argv = [
+            *cli,
+            "agent",
+            "--host-id",
+            f"demo-{i}",
+            "--workdir",
+            str(data_dir / f"agent-{i}"),
+            "--max-cores",
+            f"{cores_each:g}",
+        ]
         fleet.agents.append(fleet.spawn(f"agent-{i}", argv, env))
     return fleet, settings
 
@@ -120,8 +136,16 @@ def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bo
     title = f"trainfleet · {manifest.path} · {done}/{len(manifest.jobs)} done"
     table = Table(title=title, title_justify="left", expand=False)
     # Minimum widths keep the live table from jumping as bars and metrics appear.
-    columns = (("job", 0), ("model/mode", 0), ("state", 9), ("host", 6), ("try", 3), ("time", 6),
-               ("artifact", 12) if final else ("progress", 16), ("metric", 0 if final else 28))
+    columns = (
+        ("job", 0),
+        ("model/mode", 0),
+        ("state", 9),
+        ("host", 6),
+        ("try", 3),
+        ("time", 6),
+        ("artifact", 12) if final else ("progress", 16),
+        ("metric", 0 if final else 28),
+    )
     for col, width in columns:
         table.add_column(col, no_wrap=True, min_width=width or None)
     for spec in sorted(manifest.jobs, key=lambda s: (-s.priority, s.name)):
@@ -129,9 +153,16 @@ def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bo
         if rec is None:
             table.add_row(spec.name, f"{spec.model}/{spec.mode}", "[dim]unsynced[/]", "", "", "", "", "")
             continue
-        table.add_row(spec.name, f"{spec.model}/{spec.mode}", view.styled_state(rec.status.value),
-                      rec.claimed_by or "-", str(rec.attempt), view.fmt_duration(view.duration(rec, now)),
-                      (rec.artifact or "-")[:12] if final else _progress_cell(rec), view.headline(rec))
+        table.add_row(
+            spec.name,
+            f"{spec.model}/{spec.mode}",
+            view.styled_state(rec.status.value),
+            rec.claimed_by or "-",
+            str(rec.attempt),
+            view.fmt_duration(view.duration(rec, now)),
+            (rec.artifact or "-")[:12] if final else _progress_cell(rec),
+            view.headline(rec),
+        )
     return table
 
 
@@ -139,16 +170,25 @@ def summary_json(manifest: Manifest, records: dict[str, JobRecord]) -> list[dict
     out = []
     for spec in manifest.jobs:
         rec = records.get(spec.job_id)
-        out.append({"job_id": spec.job_id, "name": spec.name, "state": rec.status.value if rec else "unsynced",
-                    "host": rec.claimed_by if rec else None, "attempts": rec.attempt if rec else 0,
-                    "duration_s": view.duration(rec) if rec else None,
-                    "artifact": rec.artifact if rec else None, "metrics": rec.metrics if rec else {},
-                    "last_error": rec.last_error if rec else None})
+        out.append(
+            {
+                "job_id": spec.job_id,
+                "name": spec.name,
+                "state": rec.status.value if rec else "unsynced",
+                "host": rec.claimed_by if rec else None,
+                "attempts": rec.attempt if rec else 0,
+                "duration_s": view.duration(rec) if rec else None,
+                "artifact": rec.artifact if rec else None,
+                "metrics": rec.metrics if rec else {},
+                "last_error": rec.last_error if rec else None,
+            }
+        )
     return out
 
 
-async def watch(settings: Settings, manifest: Manifest, fleet: Fleet, console: Console, *, live: bool,
-                timeout_s: float) -> dict[str, JobRecord]:
+async def watch(
+    settings: Settings, manifest: Manifest, fleet: Fleet, console: Console, *, live: bool, timeout_s: float
+) -> dict[str, JobRecord]:
     """Poll job records until every manifest job is terminal; show a live table meanwhile."""
     broker = await Broker.connect(settings, name="trainfleet-up")
     live_progress = await LiveProgress().start(broker)
@@ -157,11 +197,15 @@ async def watch(settings: Settings, manifest: Manifest, fleet: Fleet, console: C
     seen: dict[str, str] = {}
     records: dict[str, JobRecord] = {}
     try:
-        with Live(render_table(manifest, records), console=console, refresh_per_second=4,
-                  transient=True) if live else contextlib.nullcontext() as display:
+        with (
+            Live(render_table(manifest, records), console=console, refresh_per_second=4, transient=True)
+            if live
+            else contextlib.nullcontext() as display
+        ):
             while True:
-                records = {k: live_progress.apply(s.record) for k, s in (await load_records(broker)).items()
-                           if k in wanted}
+                records = {
+                    k: live_progress.apply(s.record) for k, s in (await load_records(broker)).items() if k in wanted
+                }
                 if display is not None:
                     display.update(render_table(manifest, records))
                 else:
@@ -205,8 +249,9 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     # treat both like Ctrl-C, which unwinds through fleet.stop() below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
-    fleet, settings = start_fleet(str(Path(args.manifest).resolve()), settings, agents=args.agents,
-                                  data_dir=data_dir, embed=embed)
+    fleet, settings = start_fleet(
+        str(Path(args.manifest).resolve()), settings, agents=args.agents, data_dir=data_dir, embed=embed
+    )
     console.print(f"NATS at {settings.url}" + (" (embedded)" if embed else ""))
     started = time.monotonic()
     try:
@@ -219,8 +264,11 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
             console.print(render_table(manifest, records, final=True))
         ok = all(r.status == JobStatus.COMPLETED for r in records.values())
         counts = {s.value: sum(1 for r in records.values() if r.status == s) for s in JobStatus}
-        console.print(f"{'all jobs completed' if ok else 'not every job completed'} in {elapsed:.1f}s: "
-                      + ", ".join(f"{k} {v}" for k, v in counts.items() if v), highlight=False)
+        console.print(
+            f"{'all jobs completed' if ok else 'not every job completed'} in {elapsed:.1f}s: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items() if v),
+            highlight=False,
+        )
         for rec in records.values():
             if rec.status == JobStatus.FAILED:
                 console.print(f"[red]{rec.spec.name}[/]: {rec.reason}\n{rec.last_error or ''}", highlight=False)

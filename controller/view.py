@@ -11,8 +11,14 @@ from typing import Any
 
 from trainfleet.broker.schema import JobRecord, JobStatus
 
-STATE_STYLE = {"pending": "dim", "claimed": "yellow", "running": "cyan", "completed": "green",
-               "failed": "bold red", "cancelled": "magenta"}
+STATE_STYLE = {
+    "pending": "dim",
+    "claimed": "yellow",
+    "running": "cyan",
+    "completed": "green",
+    "failed": "bold red",
+    "cancelled": "magenta",
+}
 
 BAR_WIDTH = 10
 

@@ -79,9 +79,7 @@ def _convert(kind: Callable[[str], Any], text: str, what: str) -> Any:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
-def build_parser(
-    prog: str, description: str, modes: Sequence[str], hypers: Sequence[Hyper]
-) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, modes: Sequence[str], hypers: Sequence[Hyper]) -> argparse.ArgumentParser:
     """The shared CLI: ``--mode --seed --out`` plus one ``--<hyper>`` option per hyper.
 
     Each hyper is accepted as ``--batch_size`` and ``--batch-size``. Abbreviations are

@@ -63,7 +63,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     for epoch in range(1, args.epochs + 1):
         order = rng.permutation(split)
         for step in range(steps):
-            idx = order[(step * batch) % split: (step * batch) % split + batch]
+            idx = order[(step * batch) % split : (step * batch) % split + batch]
             grad = 2 * x_train[idx].T @ (x_train[idx] @ w - y_train[idx]) / len(idx)
             w -= args.lr * grad
         loss = float(np.mean((x_train @ w - y_train) ** 2))
@@ -74,8 +74,15 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     r2 = 1.0 - mse / float(np.var(y_test))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     np.savez(Path(args.out) / "model.npz", w=w)
-    return {"headline": "r2", "r2": r2, "mse": mse, "weight_error": float(np.linalg.norm(w - w_true)),
-            "train_seconds": time.perf_counter() - started, "n_train": split, "n_test": len(x) - split}
+    return {
+        "headline": "r2",
+        "r2": r2,
+        "mse": mse,
+        "weight_error": float(np.linalg.norm(w - w_true)),
+        "train_seconds": time.perf_counter() - started,
+        "n_train": split,
+        "n_test": len(x) - split,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

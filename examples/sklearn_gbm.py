@@ -81,10 +81,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = prepare_out_dir(args.out)
     seed_everything(args.seed)
     data = load_data(args.mode, args.seed)
-    log(
-        f"{PROG}: mode={args.mode} n_train={len(data.x_train)} n_test={len(data.x_test)} "
-        f"max_iter={args.max_iter}"
-    )
+    log(f"{PROG}: mode={args.mode} n_train={len(data.x_train)} n_test={len(data.x_test)} max_iter={args.max_iter}")
     if args.fail:
         raise TrainerError("requested failure (fail=true)")
     model = build_model(args)

@@ -129,9 +129,7 @@ def _omp_threads() -> int:
 def load_data(seed: int, device: torch.device) -> Data:
     """Digits split by ``seed`` (stratified), standardised with train-set statistics."""
     x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y)
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     # Border pixels are always 0 in digits; unit scale there avoids dividing by zero.
     std[std < 1e-8] = 1.0

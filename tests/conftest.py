@@ -38,8 +38,17 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 @pytest.fixture
 def settings(nats_server: EmbeddedServer) -> Settings:
-    return Settings(url=nats_server.url, lease_s=6.0, heartbeat_s=1.0, reconcile_s=0.5, nak_delay_s=0.5,
-                    fetch_timeout_s=0.5, drain_timeout_s=2.0, term_grace_s=2.0, worker_ttl_s=10.0)
+    return Settings(
+        url=nats_server.url,
+        lease_s=6.0,
+        heartbeat_s=1.0,
+        reconcile_s=0.5,
+        nak_delay_s=0.5,
+        fetch_timeout_s=0.5,
+        drain_timeout_s=2.0,
+        term_grace_s=2.0,
+        worker_ttl_s=10.0,
+    )
 
 
 @pytest.fixture
@@ -52,10 +61,19 @@ async def broker(settings: Settings) -> AsyncIterator[Broker]:
 
 
 def fake_capability(host_id: str, **overrides: Any) -> Capability:
-    base: dict[str, Any] = dict(host_id=host_id, cores_physical=2, cores_logical=2, cores_usable=2.0,
-                                ram_total_gib=16.0, ram_available_gib=12.0, torch_version="2.13.0+cpu",
-                                torch_cuda=False, python="3.11", platform="Linux-x86_64",
-                                cuda_reason="no CUDA: test host")
+    base: dict[str, Any] = dict(
+        host_id=host_id,
+        cores_physical=2,
+        cores_logical=2,
+        cores_usable=2.0,
+        ram_total_gib=16.0,
+        ram_available_gib=12.0,
+        torch_version="2.13.0+cpu",
+        torch_cuda=False,
+        python="3.11",
+        platform="Linux-x86_64",
+        cuda_reason="no CUDA: test host",
+    )
     base.update(overrides)
     return Capability(**base)
 
@@ -97,8 +115,11 @@ def linreg_manifest(n: int, *, epochs: int = 50, prefix: str = "lr", extra: str 
     """``n`` fast numpy jobs; ``epochs`` sets how long each trains (8000 ≈ 2 s here)."""
     # Seeds differ per prefix: name and constraints are not part of a job's identity.
     base = sum(map(ord, prefix)) * 1000
-    jobs = "".join(f'[[jobs]]\nname = "{prefix}-{i}"\nmodel = "linreg"\nmode = "gd"\nseed = {base + i}\n'
-                   f"hyper = {{ epochs = {epochs} }}\n{job_extra}\n" for i in range(n))
+    jobs = "".join(
+        f'[[jobs]]\nname = "{prefix}-{i}"\nmodel = "linreg"\nmode = "gd"\nseed = {base + i}\n'
+        f"hyper = {{ epochs = {epochs} }}\n{job_extra}\n"
+        for i in range(n)
+    )
     return parse_manifest("schema_version = 1\n" + extra + LINREG_MODEL + jobs, file="linreg.toml")
 
 
@@ -111,8 +132,10 @@ def gbm_manifest(jobs: str, extra: str = "") -> Manifest:
 def gbm_jobs(n: int, *, prefix: str = "job", **fields: Any) -> str:
     out = []
     for i in range(n):
-        extra = "".join(f"{k} = {v!r}\n".replace("'", '"').replace("True", "true").replace("False", "false")
-                        for k, v in fields.items())
+        extra = "".join(
+            f"{k} = {v!r}\n".replace("'", '"').replace("True", "true").replace("False", "false")
+            for k, v in fields.items()
+        )
         out.append(f'[[jobs]]\nname = "{prefix}-{i}"\nmodel = "gbm"\nmode = "classify"\nseed = {i}\n{extra}')
     return "\n".join(out)
 
@@ -163,8 +186,12 @@ async def fleet(settings: Settings, tmp_path: Path) -> AsyncIterator[FleetHarnes
         await harness.stop()
 
 
-async def wait_for(predicate: Callable[[], Any] | Callable[[], Awaitable[Any]], timeout_s: float = 60.0,
-                   interval_s: float = 0.1, what: str = "condition") -> Any:
+async def wait_for(
+    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout_s: float = 60.0,
+    interval_s: float = 0.1,
+    what: str = "condition",
+) -> Any:
     """Poll until ``predicate`` (sync or async) is truthy; fail the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -188,8 +215,9 @@ async def records(broker: Broker) -> dict[str, JobRecord]:
     return {k: s.record for k, s in (await load_records(broker)).items()}
 
 
-async def wait_terminal(broker: Broker, job_ids: set[str] | list[str],
-                        timeout_s: float = 120.0) -> dict[str, JobRecord]:
+async def wait_terminal(
+    broker: Broker, job_ids: set[str] | list[str], timeout_s: float = 120.0
+) -> dict[str, JobRecord]:
     wanted = set(job_ids)
 
     async def done() -> dict[str, JobRecord] | None:

@@ -38,8 +38,13 @@ EXPECTED_ROWS = [
 
 def test_quick_benchmark_prints_a_table_with_every_row_and_its_baseline(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=170)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.split("== results", 1)[1]
     for name in EXPECTED_ROWS:
@@ -55,8 +60,13 @@ def test_quick_benchmark_prints_a_table_with_every_row_and_its_baseline(tmp_path
 
 def test_scale_run_machinery_completes_every_job_exactly_once(tmp_path):
     # The 100k / 200-agent run in miniature: same code path, separate processes, full verification.
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "scale", "--scale-jobs", "200",
-                           "--scale-agents", "20"], cwd=REPO, capture_output=True, text=True, timeout=170)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "scale", "--scale-jobs", "200", "--scale-agents", "20"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.split("== results", 1)[1]
     assert "scale: jobs lost / doubled" in table

@@ -168,9 +168,7 @@ def test_v2_cpu_max_unlimited(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mount", ["cpu,cpuacct", "cpu"])
 def test_v1_cfs_quota(tmp_path: Path, mount: str) -> None:
-    cg = cgroup_tree(
-        tmp_path, {f"{mount}/cpu.cfs_quota_us": "250000\n", f"{mount}/cpu.cfs_period_us": "100000\n"}
-    )
+    cg = cgroup_tree(tmp_path, {f"{mount}/cpu.cfs_quota_us": "250000\n", f"{mount}/cpu.cfs_period_us": "100000\n"})
     assert run_detect(tmp_path, proc_tree(tmp_path, "1:cpu:/\n"), cg).cores_usable == 2.5
 
 
@@ -533,9 +531,7 @@ def test_torch_probe_real(tmp_path: Path) -> None:
         (subprocess.CompletedProcess([], 0, "hello\n", ""), "torch: unreadable probe output"),
     ],
 )
-def test_torch_probe_failures(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: object, note: str
-) -> None:
+def test_torch_probe_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: object, note: str) -> None:
     def fake_run(*_args: object, **_kwargs: object) -> object:
         if isinstance(outcome, BaseException):
             raise outcome

@@ -29,14 +29,32 @@ class AgentProc:
         self.kills = 0
 
     def start(self) -> None:
-        env = {**os.environ, "NATS_URL": self.settings.url, "TRAINFLEET_LEASE_S": str(self.settings.lease_s),
-               "TRAINFLEET_HEARTBEAT_S": str(self.settings.heartbeat_s), "TRAINFLEET_FETCH_TIMEOUT_S": "0.5",
-               "TRAINFLEET_NAK_DELAY_S": "0.5"}
+        env = {
+            **os.environ,
+            "NATS_URL": self.settings.url,
+            "TRAINFLEET_LEASE_S": str(self.settings.lease_s),
+            "TRAINFLEET_HEARTBEAT_S": str(self.settings.heartbeat_s),
+            "TRAINFLEET_FETCH_TIMEOUT_S": "0.5",
+            "TRAINFLEET_NAK_DELAY_S": "0.5",
+        }
         with open(self.root / f"{self.host_id}.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainfleet.controller.cli", "agent", "--host-id", self.host_id,
-                 "--workdir", str(self.root / self.host_id), "--no-torch-probe"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "trainfleet.controller.cli",
+                    "agent",
+                    "--host-id",
+                    self.host_id,
+                    "--workdir",
+                    str(self.root / self.host_id),
+                    "--no-torch-probe",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -98,11 +116,13 @@ async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, br
     starts = await trainer_starts(broker, ids)
     referenced = {r.artifact for r in (await records(broker)).values()}
     stored = {o.name for o in await broker.artifacts.list()}
-    print(f"\nchaos: {JOBS} jobs, {AGENTS} agents, {sum(a.kills for a in agents)} SIGKILLs | "
-          f"lost={len(lost)} double-accepted={len(doubled)} "
-          f"fenced={sum(a.fenced() for a in agents)} (orphan uploads={len(stored - referenced)}) "
-          f"trainer-starts={sum(starts.values())} (re-runs={sum(starts.values()) - len(starts)}) "
-          f"max attempts={max(r.attempt for r in recs.values())}")
+    print(
+        f"\nchaos: {JOBS} jobs, {AGENTS} agents, {sum(a.kills for a in agents)} SIGKILLs | "
+        f"lost={len(lost)} double-accepted={len(doubled)} "
+        f"fenced={sum(a.fenced() for a in agents)} (orphan uploads={len(stored - referenced)}) "
+        f"trainer-starts={sum(starts.values())} (re-runs={sum(starts.values()) - len(starts)}) "
+        f"max attempts={max(r.attempt for r in recs.values())}"
+    )
     assert sum(a.kills for a in agents) >= 5
     assert lost == [] and doubled == []
     assert all(completions.get((i, 1)) == 1 for i in ids)

@@ -23,13 +23,15 @@ ZERO_COUNTS = {s.value: 0 for s in JobStatus}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd
+    )
 
 
 async def arun_cli(*args: str, url: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(*CLI, *args, env={**os.environ, "NATS_URL": url},
-                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, env={**os.environ, "NATS_URL": url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -49,7 +51,10 @@ def test_validate_json_has_every_job_with_its_id():
 
 def test_validate_reports_every_error_naming_file_job_and_field_and_exits_2(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text("schema_version = 1\n" + GBM_MODEL + """
+    bad.write_text(
+        "schema_version = 1\n"
+        + GBM_MODEL
+        + """
 [[jobs]]
 name = "a"
 model = "gbm"
@@ -59,7 +64,8 @@ name = "b"
 model = "gbm"
 mode = "classify"
 hyper = { max_iter = "many" }
-""")
+"""
+    )
     result = run_cli("validate", str(bad))
     assert result.returncode == 2
     assert "bad.toml" in result.stderr and "job a" in result.stderr and "'mode'" in result.stderr
@@ -71,8 +77,22 @@ hyper = { max_iter = "many" }
 def test_help_lists_the_verbs():
     result = run_cli("--help")
     assert result.returncode == 0
-    for verb in ("up", "validate", "agent", "controller", "status", "jobs", "show", "cancel", "requeue", "reload",
-                 "workers", "logs", "artifacts", "monitor"):
+    for verb in (
+        "up",
+        "validate",
+        "agent",
+        "controller",
+        "status",
+        "jobs",
+        "show",
+        "cancel",
+        "requeue",
+        "reload",
+        "workers",
+        "logs",
+        "artifacts",
+        "monitor",
+    ):
         assert f"    {verb}" in result.stdout
     assert "exit codes" in result.stdout
     for verb in ("status", "jobs", "show", "workers", "logs"):  # every listing has --json
@@ -87,8 +107,9 @@ def test_commands_exit_3_when_nats_is_unreachable():
 
 @pytest.mark.slow
 def test_up_trains_the_tiny_manifest_end_to_end_and_exits_0(tmp_path):
-    result = run_cli("up", str(REPO / "examples" / "tiny.toml"), "--data-dir", str(tmp_path / "up"),
-                     "--no-live", timeout=400)
+    result = run_cli(
+        "up", str(REPO / "examples" / "tiny.toml"), "--data-dir", str(tmp_path / "up"), "--no-live", timeout=400
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all jobs completed" in result.stdout
     for name in ("tiny-mlp-classify", "tiny-mlp-autoencode", "tiny-gbm-classify", "tiny-gbm-regress"):
@@ -98,14 +119,31 @@ def test_up_trains_the_tiny_manifest_end_to_end_and_exits_0(tmp_path):
 @pytest.mark.slow
 def test_up_on_an_existing_server_exits_1_and_shows_the_error_when_a_job_fails(tmp_path, nats_server):
     manifest = tmp_path / "m.toml"
-    manifest.write_text("schema_version = 1\n" + GBM_MODEL + gbm_jobs(1, prefix="ok") + "\n"
-                        + gbm_jobs(1, prefix="bad") + "hyper = { fail = true }\n")
-    result = run_cli("up", str(manifest), "--agents", "1", "--data-dir", str(tmp_path / "up"), "--no-live",
-                     "--json", "--url", nats_server.url, timeout=400)
+    manifest.write_text(
+        "schema_version = 1\n"
+        + GBM_MODEL
+        + gbm_jobs(1, prefix="ok")
+        + "\n"
+        + gbm_jobs(1, prefix="bad")
+        + "hyper = { fail = true }\n"
+    )
+    result = run_cli(
+        "up",
+        str(manifest),
+        "--agents",
+        "1",
+        "--data-dir",
+        str(tmp_path / "up"),
+        "--no-live",
+        "--json",
+        "--url",
+        nats_server.url,
+        timeout=400,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert nats_server.proc is not None and nats_server.proc.poll() is None  # `up` left our server running
     assert not (tmp_path / "up" / "nats").exists()  # and embedded none
-    summary = json.loads(result.stdout[result.stdout.index("["): result.stdout.rindex("]") + 1])
+    summary = json.loads(result.stdout[result.stdout.index("[") : result.stdout.rindex("]") + 1])
     states = {row["name"]: row["state"] for row in summary}
     assert states == {"ok-0": "completed", "bad-0": "failed"}
     assert "requested failure" in result.stdout
@@ -143,7 +181,11 @@ async def test_operator_verbs_against_a_running_controller(fleet, broker, settin
     code, out, _ = await arun_cli("show", "job-1", url=url)
     assert code == 0 and "provenance (from the bundle)" in out and "scikit-learn" in out
     assert [line.split()[4] for line in out.splitlines() if line.startswith("  rev ")] == [
-        "pending", "claimed", "running", "completed"]
+        "pending",
+        "claimed",
+        "running",
+        "completed",
+    ]
     shown = json.loads((await arun_cli("show", "job-1", "--json", url=url))[1])
     assert shown["provenance"]["host"]["host_id"] == "a1" and shown["provenance"]["job"]["name"] == "job-1"
     assert shown["provenance"]["versions"]["python"] and "timings" in shown["provenance"]
@@ -211,23 +253,34 @@ async def read_line(stream: asyncio.StreamReader) -> str:
     return (await asyncio.wait_for(stream.readline(), 60)).decode()
 
 
-async def test_logs_follow_shows_a_running_jobs_output_live_and_exits_0_when_it_ends(fleet, broker, settings,
-                                                                                     tmp_path):
+async def test_logs_follow_shows_a_running_jobs_output_live_and_exits_0_when_it_ends(fleet, broker, settings, tmp_path):
     # Given a job whose trainer is waiting at its gate, and `logs -f` started before it ran
     gate = tmp_path / "gate"
-    manifest = parse_manifest("schema_version = 1\n" + GATED_MODEL + f"""
+    manifest = parse_manifest(
+        "schema_version = 1\n"
+        + GATED_MODEL
+        + f"""
 [[jobs]]
 name = "gated"
 model = "gated"
 mode = "run"
 hyper = {{ gate = "{gate}" }}
-""", file="gated.toml")
+""",
+        file="gated.toml",
+    )
     job_id = manifest.jobs[0].job_id
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
-    proc = await asyncio.create_subprocess_exec(*CLI, "logs", "gated", "-f", "--events",
-                                                env={**os.environ, "NATS_URL": settings.url},
-                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "logs",
+        "gated",
+        "-f",
+        "--events",
+        env={**os.environ, "NATS_URL": settings.url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         fleet.start_agent("a1")
         # When the trainer's first line appears in the follower's output
@@ -255,7 +308,10 @@ hyper = {{ gate = "{gate}" }}
     code, out_json, _ = await arun_cli("logs", job_id[:8], "--json", url=settings.url)
     lines = [json.loads(line) for line in out_json.splitlines()]
     assert code == 0 and [(e["stream"], e["line"]) for e in lines] == [
-        ("stdout", "before the gate"), ("stderr", "a warning"), ("stdout", "after the gate")]
+        ("stdout", "before the gate"),
+        ("stderr", "a warning"),
+        ("stdout", "after the gate"),
+    ]
     code, out_none, _ = await arun_cli("logs", "gated", "--attempt", "2", url=settings.url)
     assert code == 0 and out_none == ""
 
@@ -267,26 +323,49 @@ async def test_listings_have_json_shapes_and_filters_without_a_controller(broker
     for spec in gbm.jobs:
         await broker.jobs.create(spec.job_id, encode(JobRecord(job_id=spec.job_id, spec=spec)))
     other = msgspec.structs.replace(gbm.jobs[0], job_id="f" * 64, name="mlp-0", model="mlp")
-    await broker.jobs.create(other.job_id, encode(JobRecord(job_id=other.job_id, spec=other,
-                                                            status=JobStatus.RUNNING, claimed_by="box")))
-    worker = WorkerRecord(host_id="box", capability=Capability(host_id="box"), classes=("cpu",),
-                          current_jobs=(other.job_id,), state="busy", last_seen=time.time())
+    await broker.jobs.create(
+        other.job_id, encode(JobRecord(job_id=other.job_id, spec=other, status=JobStatus.RUNNING, claimed_by="box"))
+    )
+    worker = WorkerRecord(
+        host_id="box",
+        capability=Capability(host_id="box"),
+        classes=("cpu",),
+        current_jobs=(other.job_id,),
+        state="busy",
+        last_seen=time.time(),
+    )
     await broker.workers.put("box", encode(worker))
     url = settings.url
     code, out, _ = await arun_cli("jobs", "--json", url=url)
     rows = json.loads(out)
     assert code == 0 and [r["name"] for r in rows] == ["high-0", "low-0", "low-1", "mlp-0"]
-    assert set(rows[0]) >= {"job_id", "name", "model", "mode", "state", "host", "attempts", "priority",
-                            "progress", "metric", "artifact", "last_error"}
+    assert set(rows[0]) >= {
+        "job_id",
+        "name",
+        "model",
+        "mode",
+        "state",
+        "host",
+        "attempts",
+        "priority",
+        "progress",
+        "metric",
+        "artifact",
+        "last_error",
+    }
     assert [r["name"] for r in json.loads((await arun_cli("jobs", "--json", "--model", "mlp", url=url))[1])] == [
-        "mlp-0"]
-    assert [r["name"] for r in json.loads((await arun_cli("jobs", "--json", "--host", "box", url=url))[1])] == [
-        "mlp-0"]
+        "mlp-0"
+    ]
+    assert [r["name"] for r in json.loads((await arun_cli("jobs", "--json", "--host", "box", url=url))[1])] == ["mlp-0"]
     assert json.loads((await arun_cli("jobs", "--json", "--state", "completed", url=url))[1]) == []
     code, out, _ = await arun_cli("status", "--json", url=url)
     status = json.loads(out)
-    assert status == {"jobs": {**ZERO_COUNTS, "pending": 3, "running": 1}, "total": 4,
-                      "workers": {"alive": 1, "stale": 0}, "hosts": {"alive": ["box"], "stale": []}}
+    assert status == {
+        "jobs": {**ZERO_COUNTS, "pending": 3, "running": 1},
+        "total": 4,
+        "workers": {"alive": 1, "stale": 0},
+        "hosts": {"alive": ["box"], "stale": []},
+    }
     code, out, _ = await arun_cli("status", url=url)
     assert code == 0 and "jobs: 4" in out and "1 alive (box)" in out
     code, out, _ = await arun_cli("workers", url=url)
@@ -298,7 +377,8 @@ async def test_listings_have_json_shapes_and_filters_without_a_controller(broker
     assert code == 2 and "invalid choice" in err
     code, _, err = await arun_cli("cancel", "high-0", url=url)
     assert code == 3 and "no controller is running" in err
-    await broker.jobs.put(other.job_id, encode(JobRecord(job_id=other.job_id, spec=other, artifact="e" * 64,
-                                                         status=JobStatus.COMPLETED)))
+    await broker.jobs.put(
+        other.job_id, encode(JobRecord(job_id=other.job_id, spec=other, artifact="e" * 64, status=JobStatus.COMPLETED))
+    )
     code, _, err = await arun_cli("artifacts", "get", "mlp-0", "--out", str(tmp_path), url=url)
     assert code == 5 and "not in the object store" in err

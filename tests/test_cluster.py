@@ -45,9 +45,18 @@ async def provisioned(settings: Settings, timeout_s: float = 60) -> Broker:
 @pytest.mark.slow
 async def test_losing_one_node_of_three_loses_no_job_and_trains_none_twice(tmp_path):
     nodes = start_cluster(tmp_path)
-    settings = Settings(url=",".join(n.url for n in nodes), replicas=3, lease_s=8.0, heartbeat_s=1.0,
-                        reconcile_s=1.0, nak_delay_s=0.5, fetch_timeout_s=0.5, drain_timeout_s=2.0,
-                        term_grace_s=2.0, worker_ttl_s=10.0)
+    settings = Settings(
+        url=",".join(n.url for n in nodes),
+        replicas=3,
+        lease_s=8.0,
+        heartbeat_s=1.0,
+        reconcile_s=1.0,
+        nak_delay_s=0.5,
+        fetch_timeout_s=0.5,
+        drain_timeout_s=2.0,
+        term_grace_s=2.0,
+        worker_ttl_s=10.0,
+    )
     broker = await provisioned(settings)
     harness = FleetHarness(settings, tmp_path / "agents")
     try:

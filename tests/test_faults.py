@@ -48,13 +48,31 @@ async def wait_state(broker, job_id: str, *states: str, timeout_s: float = 60, *
 
 
 def spawn_agent(settings, host_id: str, workdir: Path) -> subprocess.Popen:
-    env = {**os.environ, "NATS_URL": settings.url, "TRAINFLEET_LEASE_S": str(settings.lease_s),
-           "TRAINFLEET_HEARTBEAT_S": str(settings.heartbeat_s), "TRAINFLEET_FETCH_TIMEOUT_S": "0.5",
-           "TRAINFLEET_NAK_DELAY_S": "0.5"}
+    env = {
+        **os.environ,
+        "NATS_URL": settings.url,
+        "TRAINFLEET_LEASE_S": str(settings.lease_s),
+        "TRAINFLEET_HEARTBEAT_S": str(settings.heartbeat_s),
+        "TRAINFLEET_FETCH_TIMEOUT_S": "0.5",
+        "TRAINFLEET_NAK_DELAY_S": "0.5",
+    }
     with open(workdir / f"{host_id}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "trainfleet.controller.cli", "agent", "--host-id", host_id,
-                                 "--workdir", str(workdir / host_id)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trainfleet.controller.cli",
+                "agent",
+                "--host-id",
+                host_id,
+                "--workdir",
+                str(workdir / host_id),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 async def long_job_running(fleet, broker):
@@ -65,8 +83,11 @@ async def long_job_running(fleet, broker):
     await ctl.sync(manifest)
     agent = fleet.start_agent("a1")
     await wait_state(broker, job_id, "running")
-    pid = await wait_for(lambda: agent.running.get(job_id) and agent.running[job_id].trainer
-                         and agent.running[job_id].trainer.pid, 10, what="the trainer to start")
+    pid = await wait_for(
+        lambda: agent.running.get(job_id) and agent.running[job_id].trainer and agent.running[job_id].trainer.pid,
+        10,
+        what="the trainer to start",
+    )
     return ctl, agent, job_id, pid
 
 
@@ -75,8 +96,9 @@ async def test_cancelling_a_running_job_stops_its_trainer_and_records_nothing(fl
     # When the operator cancels it
     await ctl.cancel(job_id)
     # Then the trainer is gone within one heartbeat (+ the SIGTERM grace)
-    await wait_for(lambda: not pid_alive(pid), settings.heartbeat_s + settings.term_grace_s + 2,
-                   what="the trainer to be stopped")
+    await wait_for(
+        lambda: not pid_alive(pid), settings.heartbeat_s + settings.term_grace_s + 2, what="the trainer to be stopped"
+    )
     await wait_for(lambda: agent.counters["fenced"] == 1, 10, what="the agent to count a fenced job")
     rec = (await records(broker))[job_id]
     assert rec.status == JobStatus.CANCELLED and rec.artifact is None
@@ -90,8 +112,9 @@ async def test_a_record_taken_over_elsewhere_fences_the_old_holder(fleet, broker
     stored = await get_record(broker, job_id)
     stolen = stored.record.evolve(claimed_by="intruder", attempt=stored.record.attempt + 1)
     await broker.jobs.update(job_id, encode(stolen), last=stored.revision)
-    await wait_for(lambda: not pid_alive(pid), settings.heartbeat_s + settings.term_grace_s + 2,
-                   what="the fenced trainer to stop")
+    await wait_for(
+        lambda: not pid_alive(pid), settings.heartbeat_s + settings.term_grace_s + 2, what="the fenced trainer to stop"
+    )
     await wait_for(lambda: agent.counters["fenced"] == 1, 10)
     rec = (await records(broker))[job_id]
     # Nothing the fenced agent did is recorded, and its ticket is left for the new holder
@@ -179,6 +202,7 @@ async def test_an_exhausted_ticket_is_removed_and_the_job_reoffered(fleet, broke
     await ctl.sync(manifest)
     first_seq = (await scan_tickets(broker))[0].seq
     fleet.start_agent("small")
+
     # Then the max-deliveries advisory makes the controller drop that ticket and publish a fresh one
     async def reoffered():
         seqs = [t.seq for t in await scan_tickets(broker)]
@@ -198,8 +222,14 @@ async def test_exhausted_ticket_of_a_job_with_no_attempts_left_fails_it(broker, 
         job_id = manifest.jobs[0].job_id
         stored = await get_record(broker, job_id)
         seq = (await scan_tickets(broker))[0].seq
-        spent = stored.record.evolve(status=JobStatus.RUNNING, attempt=2, claimed_by="gone", ticket_seq=seq,
-                                     heartbeat_at=time.time() - 3600, claimed_at=time.time() - 3600)
+        spent = stored.record.evolve(
+            status=JobStatus.RUNNING,
+            attempt=2,
+            claimed_by="gone",
+            ticket_seq=seq,
+            heartbeat_at=time.time() - 3600,
+            claimed_at=time.time() - 3600,
+        )
         await broker.jobs.update(job_id, encode(spent), last=stored.revision)
         assert await ctl.exhausted_ticket(seq, deliveries=10) == "failed"
         rec = (await records(broker))[job_id]
@@ -219,7 +249,7 @@ async def test_controller_restart_repairs_lost_tickets_and_duplicates_never_trai
     # Tickets get lost for three jobs and duplicated for the others
     for ref in (await scan_tickets(broker))[:3]:
         await broker.js.delete_msg(broker.names.jobs_stream, ref.seq)
-    for ref in (await scan_tickets(broker)):
+    for ref in await scan_tickets(broker):
         await broker.js.publish(broker.names.jobs_subject("cpu"), encode(ref.ticket))
     audit = await KVAudit(broker).start()
     # A new controller reconciles, agents train
@@ -261,12 +291,16 @@ async def test_records_of_an_unknown_schema_version_are_left_alone(fleet, broker
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
     # A record written by a newer trainfleet, with a ticket pointing at it
-    future = {**msgspec.to_builtins(JobRecord(job_id="f" * 64, spec=manifest.jobs[0])), "schema_version": 99,
-              "job_id": "f" * 64}
+    future = {
+        **msgspec.to_builtins(JobRecord(job_id="f" * 64, spec=manifest.jobs[0])),
+        "schema_version": 99,
+        "job_id": "f" * 64,
+    }
     raw = msgspec.json.encode(future)
     await broker.jobs.create("f" * 64, raw)
-    await broker.js.publish(broker.names.jobs_subject("cpu"),
-                            encode(Ticket(job_id="f" * 64, generation=1, klass="cpu")))
+    await broker.js.publish(
+        broker.names.jobs_subject("cpu"), encode(Ticket(job_id="f" * 64, generation=1, klass="cpu"))
+    )
     agent = fleet.start_agent("a1")
     job_id = manifest.jobs[0].job_id
     rec = (await wait_terminal(broker, [job_id]))[job_id]
@@ -284,8 +318,9 @@ async def test_requeue_works_from_failed_and_cancelled(fleet, broker):
     await ctl.cancel(a)
     # b fails: make its record failed as an agent would
     stored = await get_record(broker, b)
-    await broker.jobs.update(b, encode(stored.record.evolve(status=JobStatus.FAILED, last_error="boom")),
-                             last=stored.revision)
+    await broker.jobs.update(
+        b, encode(stored.record.evolve(status=JobStatus.FAILED, last_error="boom")), last=stored.revision
+    )
     for ref in (a, b):
         fresh = await ctl.requeue(ref)
         assert fresh.status == JobStatus.PENDING and fresh.generation == 2 and fresh.attempt == 0

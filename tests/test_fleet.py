@@ -184,5 +184,6 @@ async def test_upload_failure_leaves_the_job_retryable(fleet, broker, monkeypatc
         await audit.stop()
     assert rec.status == JobStatus.COMPLETED and rec.attempt == 2 and calls["n"] == 2
     # handed back as pending (with the reason) after the failed upload, then claimed again
-    assert any(r.status == JobStatus.PENDING and "artifact upload failed" in (r.last_error or "")
-               for r in audit.entries)
+    assert any(
+        r.status == JobStatus.PENDING and "artifact upload failed" in (r.last_error or "") for r in audit.entries
+    )

@@ -18,13 +18,20 @@ MEDIUM = 12_000
 
 
 def gpu(index: int, total: float = 24.0, free: float = 22.0) -> GpuInfo:
-    return GpuInfo(index=index, name="Fake A10", uuid=f"GPU-fake-{index}", vram_total_gib=total,
-                   vram_free_gib=free, compute_capability="8.6")
+    return GpuInfo(
+        index=index,
+        name="Fake A10",
+        uuid=f"GPU-fake-{index}",
+        vram_total_gib=total,
+        vram_free_gib=free,
+        compute_capability="8.6",
+    )
 
 
 def gpu_host(host_id: str, *gpus: GpuInfo, **kw) -> object:
-    return fake_capability(host_id, gpus=gpus or (gpu(0),), cuda_reason="", driver_version="580.0",
-                           cuda_version="13.0", **kw)
+    return fake_capability(
+        host_id, gpus=gpus or (gpu(0),), cuda_reason="", driver_version="580.0", cuda_version="13.0", **kw
+    )
 
 
 async def wait_reason(broker, job_id: str, text: str, timeout_s: float = 30):
@@ -98,8 +105,7 @@ async def test_allowed_and_denied_hosts(fleet, broker):
 
 
 async def test_manifest_host_policy_and_overrides_are_more_restrictive_than_detection(fleet, broker):
-    hosts = ('[hosts.pi]\ndeny_jobs = ["linreg"]\n'
-             '[hosts.box]\nmax_ram_gib = 1.0\n')
+    hosts = '[hosts.pi]\ndeny_jobs = ["linreg"]\n[hosts.box]\nmax_ram_gib = 1.0\n'
     manifest = linreg_manifest(1, extra=hosts)
     heavy = linreg_manifest(1, prefix="heavy", extra=hosts, job_extra="min_ram_gib = 4\n")
     job_id, heavy_id = manifest.jobs[0].job_id, heavy.jobs[0].job_id
@@ -240,9 +246,12 @@ async def test_explain_and_plan_from_the_command_line(fleet, broker, settings, t
     assert data["workers"][0]["host_id"] == "laptop" and data["workers"][0]["eligible"] is False
     # plan: the same job can never run on the registered hosts; --check turns that into exit 1
     path = tmp_path / "m.toml"
-    path.write_text("schema_version = 1\n" + LINREG_MODEL
-                    + '[[jobs]]\nname = "big"\nmodel = "linreg"\nmode = "gd"\nmin_ram_gib = 500\n'
-                    + '[[jobs]]\nname = "small"\nmodel = "linreg"\nmode = "gd"\nseed = 1\n')
+    path.write_text(
+        "schema_version = 1\n"
+        + LINREG_MODEL
+        + '[[jobs]]\nname = "big"\nmodel = "linreg"\nmode = "gd"\nmin_ram_gib = 500\n'
+        + '[[jobs]]\nname = "small"\nmodel = "linreg"\nmode = "gd"\nseed = 1\n'
+    )
     code, out, _ = await arun_cli("plan", str(path), url=settings.url)
     assert code == 0 and "warning: 1 job(s) no registered host can ever run: big" in out
     code, _, _ = await arun_cli("plan", str(path), "--check", url=settings.url)

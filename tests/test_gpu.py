@@ -24,7 +24,8 @@ if CAP.has_cuda:
     CAP = detect(probe_torch=True)
 pytestmark = pytest.mark.skipif(
     not CAP.has_cuda or not CAP.torch_cuda,
-    reason=f"needs an NVIDIA GPU usable by torch ({CAP.cuda_reason or 'torch has no CUDA'})")
+    reason=f"needs an NVIDIA GPU usable by torch ({CAP.cuda_reason or 'torch has no CUDA'})",
+)
 
 MLP = """
 schema_version = 1
@@ -47,7 +48,9 @@ def test_detection_sees_the_gpu():
 
 async def test_a_require_cuda_job_trains_on_the_gpu_and_a_too_big_one_waits(fleet, broker):
     vram = CAP.vram_total_gib
-    manifest = parse_manifest(MLP + f"""
+    manifest = parse_manifest(
+        MLP
+        + f"""
 [[jobs]]
 name = "on-gpu"
 model = "mlp"
@@ -60,7 +63,9 @@ mode = "classify"
 seed = 1
 require_cuda = true
 min_vram_gib = {vram + 1:.0f}
-""", file="gpu.toml")
+""",
+        file="gpu.toml",
+    )
     on_gpu, too_big = (s.job_id for s in manifest.jobs)
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)

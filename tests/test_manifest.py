@@ -117,8 +117,15 @@ def job_id(tmp_path: Path, jobs: str, name: str = "fleet.toml") -> str:
 
 def spec(**constraints) -> JobSpec:
     return JobSpec(
-        job_id="x", name="big-1", model="mlp", mode="classify", hyper={}, data={}, seed=0,
-        command=("python",), constraints=Constraints(**constraints),
+        job_id="x",
+        name="big-1",
+        model="mlp",
+        mode="classify",
+        hyper={},
+        data={},
+        seed=0,
+        command=("python",),
+        constraints=Constraints(**constraints),
     )
 
 
@@ -137,7 +144,12 @@ def test_valid_manifest_resolves_models_hosts_settings_and_jobs(tmp_path):
     assert manifest.models["sk"].hyper["depth"].has_default is False
     pi = manifest.hosts["pi-1"]
     assert (pi.allow_jobs, pi.deny_jobs, pi.max_cores, pi.cpu_slots, pi.gpu_slots, pi.serve_cpu) == (
-        ("sk*",), ("*big*",), 2.0, 1, 0, True
+        ("sk*",),
+        ("*big*",),
+        2.0,
+        1,
+        0,
+        True,
     )
     assert pi.max_vram_gib is None
     (job,) = manifest.jobs
@@ -160,22 +172,29 @@ def test_float_hyper_value_given_as_int_is_normalised_to_float(tmp_path):
 
 
 def test_job_data_is_merged_over_model_data_defaults(tmp_path):
-    (job,) = load(tmp_path, MLP_JOB + 'data = { split = 0.5, noise = true }\n').jobs
+    (job,) = load(tmp_path, MLP_JOB + "data = { split = 0.5, noise = true }\n").jobs
     assert job.data == {"dataset": "digits", "split": 0.5, "noise": True}
 
 
 def test_job_constraints_resolve_with_tuples_for_host_lists(tmp_path):
-    jobs = MLP_JOB + """require_cuda = true
+    jobs = (
+        MLP_JOB
+        + """require_cuda = true
 min_vram_gib = 10
 min_ram_gib = 2
 min_cores = 1.5
 allowed_hosts = ["gpu-a", "gpu-b", "gpu-a"]
 denied_hosts = ["pi-1"]
 """
+    )
     (job,) = load(tmp_path, jobs).jobs
     assert job.constraints == Constraints(
-        require_cuda=True, min_vram_gib=10.0, min_ram_gib=2.0, min_cores=1.5,
-        allowed_hosts=("gpu-a", "gpu-b"), denied_hosts=("pi-1",),
+        require_cuda=True,
+        min_vram_gib=10.0,
+        min_ram_gib=2.0,
+        min_cores=1.5,
+        allowed_hosts=("gpu-a", "gpu-b"),
+        denied_hosts=("pi-1",),
     )
 
 
@@ -193,7 +212,11 @@ def test_to_json_lists_jobs_with_their_ticket_class(tmp_path):
     (job,) = out["jobs"]
     assert job["job_id"] == manifest.jobs[0].job_id
     assert (job["name"], job["model"], job["mode"], job["seed"], job["priority"]) == (
-        "mlp-classify-s1", "mlp", "classify", 1, 0
+        "mlp-classify-s1",
+        "mlp",
+        "classify",
+        1,
+        0,
     )
     assert job["hyper"]["epochs"] == 5
     assert job["klass"] == "host.gpu-a"
@@ -311,7 +334,7 @@ def test_host_both_allowed_and_denied_is_an_error(tmp_path):
         ("seed = 1.5", "seed", "must be an integer"),
         ('priority = "high"', "priority", "must be an integer"),
         ('require_cuda = "yes"', "require_cuda", "must be true or false"),
-        ('data = { when = 2024-01-01 }', "data", "dates and times are not supported"),
+        ("data = { when = 2024-01-01 }", "data", "dates and times are not supported"),
     ],
 )
 def test_bad_job_field_values_are_errors(tmp_path, line, field, expected):
@@ -377,22 +400,31 @@ def test_missing_file_is_a_manifest_error_naming_the_file(tmp_path):
         (("default = 5", 'default = "5"'), "models.mlp.hyper.epochs.default", "must be an integer"),
         (("default = 5", "default = 500"), "models.mlp.hyper.epochs.default", "500 is above max 100"),
         (('default = "relu"', 'default = "gelu"'), "models.mlp.hyper.act.default", "not one of the choices"),
-        (('choices = ["relu", "tanh"]', 'choices = ["relu", 2]'), "models.mlp.hyper.act.choices",
-         "every choice must be of type str"),
+        (
+            ('choices = ["relu", "tanh"]', 'choices = ["relu", 2]'),
+            "models.mlp.hyper.act.choices",
+            "every choice must be of type str",
+        ),
         (("max = 100", "max = 0"), "models.mlp.hyper.epochs.max", "max 0 is below min 1"),
         (('type = "str"', 'type = "str"\nmin = 1'), "models.mlp.hyper.act.min", "only applies to int"),
         (('type = "bool"', 'type = "boolean"'), "models.mlp.hyper.bias.type", "must be one of int, float"),
         (('modes = ["classify", "autoencode"]', "modes = []"), "models.mlp.modes", "non-empty array"),
-        (('command = ["{python}", "-m", "trainfleet.examples.sk_tree"]', ""), "models.sk.command",
-         "required key 'command'"),
+        (
+            ('command = ["{python}", "-m", "trainfleet.examples.sk_tree"]', ""),
+            "models.sk.command",
+            "required key 'command'",
+        ),
         (('requires = ["torch"]', 'requires = ["torch-vision"]'), "models.mlp.requires", "module name"),
         (("max_cores = 2.0", "max_cores = -2.0"), "hosts.pi-1.max_cores", "must be a number >= 0"),
         (("cpu_slots = 1", "cpu_slots = 1.5"), "hosts.pi-1.cpu_slots", "must be an integer >= 0"),
         (("serve_cpu = true", 'serve_cpu = "no"'), "hosts.pi-1.serve_cpu", "must be true or false"),
         (("[hosts.pi-1]", '[hosts."pi.1"]'), "hosts.pi.1", "host id 'pi.1' must use only"),
         (("max_attempts = 3", "max_attempts = 0"), "settings.max_attempts", "must be an integer >= 1"),
-        (("prefer_cuda_grace_s = 300.0", "prefer_cuda_grace_s = -1"), "settings.prefer_cuda_grace_s",
-         "must be a number >= 0"),
+        (
+            ("prefer_cuda_grace_s = 300.0", "prefer_cuda_grace_s = -1"),
+            "settings.prefer_cuda_grace_s",
+            "must be a number >= 0",
+        ),
     ],
 )
 def test_model_host_and_settings_errors_name_their_field(tmp_path, edit, field, expected):

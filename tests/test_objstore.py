@@ -47,8 +47,9 @@ async def stock(nc: Client) -> ObjectStore:
 @pytest.fixture(params=["direct", "subscribed"])
 def store(request, nc: Client, stock: ObjectStore) -> ObjectStoreClient:
     """Every test runs both get paths: the direct connection and the client's own subscription."""
-    return ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK,
-                             direct_min_bytes=0 if request.param == "direct" else None)
+    return ObjectStoreClient(
+        nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0 if request.param == "direct" else None
+    )
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -312,7 +313,8 @@ async def wait_closed(conn: Client, timeout_s: float = 10.0) -> None:
 
 
 async def test_a_get_falls_back_to_the_client_connection_when_no_direct_one_can_be_made(
-        nc, store, tmp_path, monkeypatch, caplog):
+    nc, store, tmp_path, monkeypatch, caplog
+):
     # Given a direct endpoint nobody listens on (as when the server wants TLS or refuses us)
     from trainfleet.broker import objstore
     from trainfleet.broker.directget import Endpoint

@@ -46,8 +46,11 @@ async def write(broker, rec: JobRecord, **changes) -> JobRecord:
 
 async def publish_line(broker, job_id: str, line: str, *, attempt: int = 1, stream: str = "stdout") -> None:
     """A line of trainer output, as the agent publishes it."""
-    await broker.js.publish(broker.names.logs_subject(job_id), line.encode() + b"\n",
-                            headers={"Trainfleet-Stream": stream, "Trainfleet-Attempt": str(attempt)})
+    await broker.js.publish(
+        broker.names.logs_subject(job_id),
+        line.encode() + b"\n",
+        headers={"Trainfleet-Stream": stream, "Trainfleet-Attempt": str(attempt)},
+    )
 
 
 async def all_replies(nc, subject: str, count: int) -> list[dict]:
@@ -133,8 +136,7 @@ async def test_service_errors_carry_the_cli_exit_code(controllers, broker):
 async def test_read_endpoints_answer_what_the_cli_prints(controllers, broker):
     await controllers[0].sync(gbm_manifest(gbm_jobs(2) + "priority = 5\n"))
     names = broker.names
-    assert await request(broker.nc, names, "jobs", {"state": "pending"}) == await ops.list_jobs(broker,
-                                                                                                state="pending")
+    assert await request(broker.nc, names, "jobs", {"state": "pending"}) == await ops.list_jobs(broker, state="pending")
     status = await request(broker.nc, names, "status")
     assert status["jobs"]["pending"] == 2 and status["total"] == 2 and status["workers"] == {"alive": 0, "stale": 0}
     shown = await request(broker.nc, names, "show", {"job": "job-1"})
@@ -157,7 +159,11 @@ async def test_history_keeps_transitions_and_collapses_heartbeats(broker):
     rec = await write(broker, rec, status=JobStatus.COMPLETED, artifact="f" * 64)
     history, truncated = await ops.job_history(broker, rec.job_id)
     assert [(t.status, t.host, t.attempt) for t in history] == [
-        ("pending", None, 0), ("claimed", "a1", 1), ("running", "a1", 1), ("completed", "a1", 1)]
+        ("pending", None, 0),
+        ("claimed", "a1", 1),
+        ("running", "a1", 1),
+        ("completed", "a1", 1),
+    ]
     assert not truncated
     assert [t.revision for t in history] == sorted(t.revision for t in history)
 
@@ -192,8 +198,9 @@ async def test_logs_read_every_line_in_order_and_filter_by_attempt(broker):
     rec = await put_record(broker, status=JobStatus.FAILED)
     for attempt in (1, 2):
         for i in range(3):
-            await publish_line(broker, rec.job_id, f"a{attempt} line {i}", attempt=attempt,
-                               stream="stderr" if i == 2 else "stdout")
+            await publish_line(
+                broker, rec.job_id, f"a{attempt} line {i}", attempt=attempt, stream="stderr" if i == 2 else "stdout"
+            )
     event = ProgressEvent(job_id=rec.job_id, step=1, total=2, metrics={"loss": 0.5}, at=1.0)
     await broker.js.publish(broker.names.events_subject(rec.job_id), encode(event))
     other = await put_record(broker, name="other")
@@ -328,16 +335,26 @@ async def test_artifact_listing_marks_orphans_and_missing_bundles(broker, tmp_pa
     orphan = make_bundle(tmp_path, "orphan", b"fenced agent's model", {"job": {}})
     for bundle in (kept, orphan):
         await artifacts.upload(broker, bundle)
-    await put_record(broker, name="done", status=JobStatus.COMPLETED, claimed_by="a1", artifact=kept.sha256,
-                     artifact_bytes=kept.size)
-    await put_record(broker, name="lost", status=JobStatus.COMPLETED, claimed_by="a2", artifact="e" * 64,
-                     artifact_bytes=10)
+    await put_record(
+        broker, name="done", status=JobStatus.COMPLETED, claimed_by="a1", artifact=kept.sha256, artifact_bytes=kept.size
+    )
+    await put_record(
+        broker, name="lost", status=JobStatus.COMPLETED, claimed_by="a2", artifact="e" * 64, artifact_bytes=10
+    )
     await put_record(broker, name="pending")
     rows = {r["artifact"]: r for r in await ops.list_artifacts(broker)}
     assert set(rows) == {kept.sha256, orphan.sha256, "e" * 64}
     assert rows[kept.sha256] | {"mtime": None} == {
-        "artifact": kept.sha256, "name": "done", "job_id": rows[kept.sha256]["job_id"], "host": "a1",
-        "state": "completed", "bytes": kept.size, "stored": True, "orphan": False, "mtime": None}
+        "artifact": kept.sha256,
+        "name": "done",
+        "job_id": rows[kept.sha256]["job_id"],
+        "host": "a1",
+        "state": "completed",
+        "bytes": kept.size,
+        "stored": True,
+        "orphan": False,
+        "mtime": None,
+    }
     assert rows[orphan.sha256]["orphan"] and rows[orphan.sha256]["job_id"] is None
     assert rows["e" * 64]["stored"] is False and not rows["e" * 64]["orphan"]
 
@@ -373,11 +390,12 @@ asyncio.run(main())
 async def stored_chunk_sets(broker) -> dict[str, int]:
     store = artifacts.object_store(broker)
     prefix = f"$O.{store.bucket}.C."
-    return {s[len(prefix):]: n for s, n in (await store._subject_counts(prefix + ">")).items()}
+    return {s[len(prefix) :]: n for s, n in (await store._subject_counts(prefix + ">")).items()}
 
 
-async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_nothing_else(broker, settings,
-                                                                                             tmp_path):
+async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_nothing_else(
+    broker, settings, tmp_path
+):
     # Given a stored artifact, and an upload whose process is SIGKILLed after some chunks are in
     kept = make_bundle(tmp_path, "kept", b"k" * 300_000, {"job_id": "kept"})
     await artifacts.upload(broker, kept)
@@ -387,8 +405,9 @@ async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_
     big.write_bytes(os.urandom(256 << 20))
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", UPLOADER, settings.url, str(big))
     try:
-        await wait_for(lambda: _upload_under_way(broker, kept_nuid), 60, interval_s=0.01,
-                       what="the upload to store chunks")
+        await wait_for(
+            lambda: _upload_under_way(broker, kept_nuid), 60, interval_s=0.01, what="the upload to store chunks"
+        )
     finally:
         proc.kill()
         await proc.wait()
@@ -400,8 +419,17 @@ async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_
     assert await stored_chunk_sets(broker) == sets
     # ... and once they are old enough, exactly the cut-off upload's chunks go
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "trainfleet.controller.cli", "artifacts", "sweep", "--older-than", "0", "--json",
-        env={**os.environ, "NATS_URL": settings.url}, stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "trainfleet.controller.cli",
+        "artifacts",
+        "sweep",
+        "--older-than",
+        "0",
+        "--json",
+        env={**os.environ, "NATS_URL": settings.url},
+        stdout=asyncio.subprocess.PIPE,
+    )
     out, _ = await cli.communicate()
     report = json.loads(out)
     assert cli.returncode == 0

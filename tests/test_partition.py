@@ -33,12 +33,15 @@ async def test_partitioned_agent_is_taken_over_and_its_result_fenced(fleet, brok
     await ctl.sync(manifest)
     audit = await KVAudit(broker).start()
     # The island agent reaches the server only through the proxy
-    island = Agent(settings.with_(url=proxy.url), AgentOptions(host_id="island", handle_signals=False,
-                                                                workdir=str(tmp_path / "island")),
-                   capability=fake_capability("island"))
+    island = Agent(
+        settings.with_(url=proxy.url),
+        AgentOptions(host_id="island", handle_signals=False, workdir=str(tmp_path / "island")),
+        capability=fake_capability("island"),
+    )
     fleet.agents["island"] = island
     fleet.tasks["island"] = asyncio.create_task(island.run())
     try:
+
         async def island_running():
             rec = (await records(broker)).get(job_id)
             return rec and rec.status == JobStatus.RUNNING and rec.claimed_by == "island"
@@ -56,8 +59,10 @@ async def test_partitioned_agent_is_taken_over_and_its_result_fenced(fleet, brok
         final = (await records(broker))[job_id]
         assert final.claimed_by == "mainland" and final.artifact == rec.artifact
         assert audit.completions() == {(job_id, 1): 1}
-        print(f"\npartition: fenced={island.counters['fenced']} completed(mainland)="
-              f"{fleet.agents['mainland'].counters['completed']}")
+        print(
+            f"\npartition: fenced={island.counters['fenced']} completed(mainland)="
+            f"{fleet.agents['mainland'].counters['completed']}"
+        )
     finally:
         proxy.restore()
         await audit.stop()

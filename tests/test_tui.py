@@ -44,10 +44,16 @@ async def create(broker, jobs: str) -> list[JobRecord]:
 
 async def test_jobs_table_follows_the_jobs_kv_live(broker, settings):
     # Given two pending jobs and a worker
-    low, high = await create(broker, gbm_jobs(1, prefix="low") + "\n" + gbm_jobs(1, prefix="high") +
-                             "priority = 5\nhyper = { max_iter = 11 }\n")
-    await broker.workers.put("box", encode(WorkerRecord(host_id="box", capability=Capability(host_id="box"),
-                                                        classes=("cpu",), last_seen=time.time())))
+    low, high = await create(
+        broker,
+        gbm_jobs(1, prefix="low") + "\n" + gbm_jobs(1, prefix="high") + "priority = 5\nhyper = { max_iter = 11 }\n",
+    )
+    await broker.workers.put(
+        "box",
+        encode(
+            WorkerRecord(host_id="box", capability=Capability(host_id="box"), classes=("cpu",), last_seen=time.time())
+        ),
+    )
     app = MonitorApp(settings)
     async with app.run_test(size=SIZE) as pilot:
         # Then both appear, highest priority first, and the worker in its panel
@@ -57,8 +63,12 @@ async def test_jobs_table_follows_the_jobs_kv_live(broker, settings):
         await until(pilot, lambda: app.workers_table.row_count == 1, "the worker")
         # When a record changes in the KV, its row follows
         stored = await get_record(broker, low.job_id)
-        running = stored.record.evolve(status=JobStatus.RUNNING, claimed_by="box", attempt=1,
-                                       progress={"step": 2, "total": 4, "metrics": {"loss": 0.5}})
+        running = stored.record.evolve(
+            status=JobStatus.RUNNING,
+            claimed_by="box",
+            attempt=1,
+            progress={"step": 2, "total": 4, "metrics": {"loss": 0.5}},
+        )
         await broker.jobs.update(low.job_id, encode(running), last=stored.revision)
         await until(pilot, lambda: cell(app, low.job_id, "state") == "running", "the row to show running")
         assert cell(app, low.job_id, "host") == "box" and cell(app, low.job_id, "try") == "1"
@@ -102,18 +112,23 @@ async def test_cancel_and_requeue_ask_first_and_go_through_the_control_service(f
 async def test_log_pane_follows_the_selected_job_and_toggles(broker, settings):
     (job,) = await create(broker, gbm_jobs(1))
     stored = await get_record(broker, job.job_id)
-    await broker.jobs.update(job.job_id, encode(stored.record.evolve(status=JobStatus.RUNNING, attempt=1,
-                                                                     claimed_by="box")), last=stored.revision)
+    await broker.jobs.update(
+        job.job_id,
+        encode(stored.record.evolve(status=JobStatus.RUNNING, attempt=1, claimed_by="box")),
+        last=stored.revision,
+    )
     subject = broker.names.logs_subject(job.job_id)
-    await broker.js.publish(subject, b"epoch 1 done\n", headers={"Trainfleet-Stream": "stdout",
-                                                                 "Trainfleet-Attempt": "1"})
+    await broker.js.publish(
+        subject, b"epoch 1 done\n", headers={"Trainfleet-Stream": "stdout", "Trainfleet-Attempt": "1"}
+    )
     app = MonitorApp(settings)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: "epoch 1 done" in log_text(app), "the job's output")
         assert job.spec.name in str(app.log_pane.border_title)
         # lines written while the monitor runs appear too
-        await broker.js.publish(subject, b"epoch 2 done\n", headers={"Trainfleet-Stream": "stdout",
-                                                                     "Trainfleet-Attempt": "1"})
+        await broker.js.publish(
+            subject, b"epoch 2 done\n", headers={"Trainfleet-Stream": "stdout", "Trainfleet-Attempt": "1"}
+        )
         await until(pilot, lambda: "epoch 2 done" in log_text(app), "a live line")
         await pilot.press("l")
         assert app.log_pane.has_class("hidden")

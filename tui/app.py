@@ -35,10 +35,20 @@ from trainfleet.controller.service import request
 from trainfleet.controller.store import load_workers
 
 JOB_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
-    ("id", "ID", 12), ("job", "JOB", None), ("state", "STATE", 10), ("host", "HOST", 12), ("try", "TRY", 3),
-    ("progress", "PROGRESS", 16), ("metric", "METRIC", 30))
+    ("id", "ID", 12),
+    ("job", "JOB", None),
+    ("state", "STATE", 10),
+    ("host", "HOST", 12),
+    ("try", "TRY", 3),
+    ("progress", "PROGRESS", 16),
+    ("metric", "METRIC", 30),
+)
 WORKER_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
-    ("host", "HOST", None), ("state", "STATE", 5), ("jobs", "JOBS", 4), ("seen", "SEEN", 6))
+    ("host", "HOST", None),
+    ("state", "STATE", 5),
+    ("jobs", "JOBS", 4),
+    ("seen", "SEEN", 6),
+)
 WORKERS_REFRESH_S = 2.0
 PROGRESS_REFRESH_S = 0.5
 
@@ -46,9 +56,15 @@ PROGRESS_REFRESH_S = 0.5
 def job_cells(rec: JobRecord) -> tuple[Any, ...]:
     """The jobs-table row of a record, in JOB_COLUMNS order."""
     state = rec.status.value
-    return (rec.job_id[:12], rec.spec.name, Text(state, style=view.STATE_STYLE.get(state, "")),
-            rec.claimed_by or "-", str(rec.attempt), Text(view.progress_text(rec), style="green"),
-            view.headline(rec))
+    return (
+        rec.job_id[:12],
+        rec.spec.name,
+        Text(state, style=view.STATE_STYLE.get(state, "")),
+        rec.claimed_by or "-",
+        str(rec.attempt),
+        Text(view.progress_text(rec), style="green"),
+        view.headline(rec),
+    )
 
 
 def entry_text(entry: ops.LogEntry) -> Text:
@@ -98,8 +114,12 @@ class MonitorApp(App[None]):
     #logs { height: 40%; border: round $primary; }
     #logs.hidden { display: none; }
     """
-    BINDINGS = [Binding("q", "quit", "quit"), Binding("c", "cancel_job", "cancel"),
-                Binding("r", "requeue_job", "requeue"), Binding("l", "toggle_logs", "logs")]
+    BINDINGS = [
+        Binding("q", "quit", "quit"),
+        Binding("c", "cancel_job", "cancel"),
+        Binding("r", "requeue_job", "requeue"),
+        Binding("l", "toggle_logs", "logs"),
+    ]
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -218,7 +238,8 @@ class MonitorApp(App[None]):
         for rec in self.records.values():
             counts[rec.status.value] = counts.get(rec.status.value, 0) + 1
         self.title = f"trainfleet · {len(self.records)} jobs · " + " ".join(
-            f"{state} {n}" for state, n in sorted(counts.items()))
+            f"{state} {n}" for state, n in sorted(counts.items())
+        )
 
     def selected(self) -> JobRecord | None:
         table = self.jobs_table
@@ -296,8 +317,9 @@ class MonitorApp(App[None]):
             if yes:
                 self.control(verb, rec)
 
-        self.push_screen(ConfirmScreen(f"{label} {rec.spec.name} ({rec.job_id[:12]}), now {rec.status.value}?"),
-                         answered)
+        self.push_screen(
+            ConfirmScreen(f"{label} {rec.spec.name} ({rec.job_id[:12]}), now {rec.status.value}?"), answered
+        )
 
     @work(group="control")
     async def control(self, verb: str, rec: JobRecord) -> None:
