@@ -11,7 +11,7 @@ help:
 	@echo "make demo       install and run the demo fleet (embedded nats-server, controller, 2 agents)"
 	@echo "make test       install and run the whole test suite (slow fault tests included)"
 	@echo "make test-fast  the suite without tests marked slow"
-	@echo "make lint       ruff check"
+	@echo "make lint       ruff check and ruff format --check"
 	@echo "make bench      run the benchmarks in bench/"
 	@echo "make clean      remove the venv and demo state"
 
@@ -34,6 +34,7 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format .
