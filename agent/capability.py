@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from trainfleet.broker.eligibility import KNOWN_MODULES, module_available
 from trainfleet.broker.schema import Capability, GpuInfo
 
 try:
@@ -744,19 +745,9 @@ def detect(
 
 # Modules a manifest's `requires` commonly names; the registry lists which are importable here
 # so `trainfleet explain` can judge remote hosts. Any other module is checked by the agent itself.
-KNOWN_MODULES = ("torch", "sklearn", "numpy", "scipy", "pandas", "jax", "tensorflow", "xgboost", "lightgbm")
-
-
 def importable_modules(candidates: tuple[str, ...] = KNOWN_MODULES) -> tuple[str, ...]:
     """Which of ``candidates`` can be imported (found on the path, not imported)."""
-    found = []
-    for name in candidates:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                found.append(name)
-        except (ImportError, ValueError):
-            continue
-    return tuple(found)
+    return tuple(name for name in candidates if module_available(name))
 
 
 def _resolve_commit() -> str:

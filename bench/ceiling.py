@@ -23,6 +23,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from trainfleet.broker import jsapi
 from trainfleet.broker.directget import DirectConnection, Endpoint
 
 MIB = 1 << 20
@@ -128,7 +129,7 @@ def raw_get(url: str, stream: str, consumer: str, chunks: int, dest: Path) -> fl
     """Pull ``chunks`` messages through an existing pull consumer into ``dest`` (fsynced); seconds taken."""
     conn = RawConnection(url)
     conn.send(f"SUB {PULL_INBOX} 1\r\n".encode())
-    next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}".encode()
+    next_subject = jsapi.consumer_next(stream, consumer).encode()
 
     def ask(count: int) -> None:
         body = json.dumps({"batch": count, "no_wait": True}).encode()

@@ -15,8 +15,8 @@ from nats.js import api
 
 from bench.env import fleet_env, make_file
 from bench.report import Row
-from trainfleet.agent import artifacts
-from trainfleet.agent.artifacts import Bundle
+from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.bundle import Bundle
 from trainfleet.broker.objstore import DEFAULT_CHUNK_BYTES
 
 PAYLOAD = b"x" * 256
@@ -48,9 +48,10 @@ async def _put_rates(env, size: int) -> tuple[float, float]:
     src = env.workdir / "dur-src"
     sha = await asyncio.to_thread(make_file, src, size)
     started = time.perf_counter()
-    await artifacts.upload(env.broker, Bundle(path=src, sha256=sha, size=size))
+    artifacts = Artifacts(env.broker)
+    await artifacts.put(Bundle(path=src, sha256=sha, size=size))
     big = size / 1e6 / (time.perf_counter() - started)
-    store = artifacts.object_store(env.broker)
+    store = artifacts.store
     started = time.perf_counter()
     await store.put_file("small-chunks", src, chunk_bytes=DEFAULT_CHUNK_BYTES)
     small = size / 1e6 / (time.perf_counter() - started)

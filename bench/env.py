@@ -19,8 +19,9 @@ from typing import Any
 
 import msgspec
 
+from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.schema import Capability, JobRecord, JobSpec, Ticket, encode
+from trainfleet.broker.schema import Capability, JobRecord, JobSpec, encode
 from trainfleet.broker.server import EmbeddedServer, nats_server_binary
 from trainfleet.broker.settings import Settings
 
@@ -112,12 +113,7 @@ async def create_jobs(broker: Broker, specs: list[JobSpec], *, concurrency: int 
 async def publish_ticket(broker: Broker, record: JobRecord) -> float:
     """Publish the record's ticket; returns the wall time it was sent."""
     sent = time.time()
-    ticket = Ticket(job_id=record.job_id, generation=record.generation, klass=record.klass, published_at=sent)
-    await broker.js.publish(
-        broker.names.jobs_subject(record.klass),
-        encode(ticket),
-        headers={"Nats-Msg-Id": f"{record.job_id}.{record.generation}.{record.klass}"},
-    )
+    await tickets.publish_ticket(broker, record, record.klass)
     return sent
 
 

@@ -27,11 +27,12 @@ from bench.report import Row
 from bench.simagent import run_agents
 from bench.sync import manifest_text
 from trainfleet.broker.connection import Broker
+from trainfleet.broker.provision import ensure_consumer
+from trainfleet.broker.records import load_records
 from trainfleet.broker.schema import JobStatus
 from trainfleet.broker.settings import Settings
 from trainfleet.controller.controller import Controller
 from trainfleet.controller.manifest import parse_manifest
-from trainfleet.controller.store import load_records
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,7 +102,7 @@ async def _verify(broker: Broker, jobs: int) -> tuple[Counter, int]:
 
 async def run(jobs: int, agents: int, *, timeout_s: float = 3600) -> list[Row]:
     async with fleet_env() as env:
-        await env.broker.ensure_consumer("cpu")
+        await ensure_consumer(env.broker.js, env.broker.settings, "cpu")
         url = env.server.url
         ctl = await asyncio.to_thread(
             _role, ["controller", "--url", url, "--jobs", str(jobs)], env.workdir / "controller.json", timeout_s

@@ -19,6 +19,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from trainfleet.broker.connection import Broker
+from trainfleet.broker.records import cas
 from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, decode
 from trainfleet.broker.settings import Settings
 
@@ -83,13 +84,13 @@ class SimAgent:
             started_at=now,
             ticket_seq=seq,
         )
-        revision = await self.broker.cas_record(claimed, entry.revision or 0)
+        revision = await cas(self.broker, claimed, entry.revision or 0)
         if revision is None:
             self.lost_cas += 1
             await msg.ack()
             return
         done = claimed.evolve(status=JobStatus.COMPLETED, finished_at=time.time())
-        if await self.broker.cas_record(done, revision) is not None:
+        if await cas(self.broker, done, revision) is not None:
             self.completed.append(ticket.job_id)
         await msg.ack()
 

@@ -12,6 +12,7 @@ from collections import Counter
 from bench.env import create_jobs, fleet_env, noop_spec
 from bench.report import Row
 from bench.simagent import run_agents
+from trainfleet.broker.provision import ensure_consumer
 from trainfleet.broker.schema import Ticket, encode
 
 
@@ -42,7 +43,7 @@ async def run(ks: list[int], jobs: int) -> list[Row]:
     rows = []
     for k in ks:
         async with fleet_env() as env:
-            await env.broker.ensure_consumer("cpu")
+            await ensure_consumer(env.broker.js, env.broker.settings, "cpu")
             bare = await _bare(env, jobs, k)
             rate, dropped = await _fleet(env, jobs, k)
         rows.append(

@@ -1,6 +1,6 @@
 """Artifact upload and download MB/s against a plain file copy on the same disk.
 
-The measured path is the shipped one (``trainfleet.agent.artifacts.upload`` /
+The measured path is the shipped one (``trainfleet.broker.artifacts.Artifacts.put`` /
 ``download``: pipelined chunks, streamed and verified gets). Baselines, same
 run: a plain durable copy (copy + fsync) of the same file on the same disk,
 and, for context, nats-py's stock object store on the same object.
@@ -19,8 +19,8 @@ from pathlib import Path
 from bench import ceiling
 from bench.env import Env, chunked_durable_copy_mb_s, fleet_env, make_file, plain_copy_mb_s, rss_mib
 from bench.report import Row, median
-from trainfleet.agent import artifacts
-from trainfleet.agent.artifacts import Bundle
+from trainfleet.broker.artifacts import ARTIFACT_CHUNK_BYTES, Artifacts
+from trainfleet.broker.bundle import Bundle
 from trainfleet.broker.connection import Broker
 
 MIB = 1 << 20
@@ -67,12 +67,13 @@ async def _timed(coro) -> float:
 
 async def fleet_transfer(broker: Broker, bundle: Bundle, dest: Path, reps: int) -> tuple[float, float, float]:
     """Median (plain copy, upload, download) MB/s; the three interleave so load hits all alike."""
-    store = artifacts.object_store(broker)
+    artifacts = Artifacts(broker)
+    store = artifacts.store
     copies, ups, downs = [], [], []
     for _ in range(reps):
         copies.append(await asyncio.to_thread(plain_copy_mb_s, bundle.path, dest))
-        ups.append(bundle.size / 1e6 / await _timed(artifacts.upload(broker, bundle)))
-        downs.append(bundle.size / 1e6 / await _timed(artifacts.download(broker, bundle.sha256, dest)))
+        ups.append(bundle.size / 1e6 / await _timed(artifacts.put(bundle)))
+        downs.append(bundle.size / 1e6 / await _timed(artifacts.get(bundle.sha256, dest)))
         dest.unlink()
         await store.delete(bundle.sha256)  # so the next upload is not deduplicated away
     return median(copies), median(ups), median(downs)
@@ -80,7 +81,7 @@ async def fleet_transfer(broker: Broker, bundle: Bundle, dest: Path, reps: int) 
 
 async def ceiling_transfer(broker: Broker, url: str, src: Path, dest: Path, reps: int) -> tuple[float, float]:
     """Median (put, get) MB/s of the bare client in bench.ceiling: what the server alone can move."""
-    store = artifacts.object_store(broker)
+    store = Artifacts(broker).store
     size = src.stat().st_size
     chunks = -(-size // ceiling.CHUNK)
     puts, gets = [], []
@@ -98,12 +99,13 @@ async def ceiling_transfer(broker: Broker, url: str, src: Path, dest: Path, reps
 async def stock_transfer(broker: Broker, bundle: Bundle, dest: Path) -> tuple[float, float]:
     """nats-py's own ObjectStore.put / get(writeinto=file) of the same bytes (the 'before')."""
     name = "stock-" + bundle.sha256
+    stock = await broker.js.object_store(broker.names.artifacts_bucket)
     with open(bundle.path, "rb") as fh:
-        up = bundle.size / 1e6 / await _timed(broker.artifacts.put(name, fh))
+        up = bundle.size / 1e6 / await _timed(stock.put(name, fh))
     with open(dest, "wb") as fh:
-        down = bundle.size / 1e6 / await _timed(broker.artifacts.get(name, writeinto=fh))
+        down = bundle.size / 1e6 / await _timed(stock.get(name, writeinto=fh))
     dest.unlink()
-    await broker.artifacts.delete(name)
+    await stock.delete(name)
     return up, down
 
 
@@ -146,7 +148,7 @@ async def _one_size(env: Env, broker: Broker, size: int, *, where: str, stock: b
                 note="bare client, no hashing, file fsynced",
             ),
         ]
-        chunk = artifacts.ARTIFACT_CHUNK_BYTES
+        chunk = ARTIFACT_CHUNK_BYTES
         durable = await asyncio.to_thread(chunked_durable_copy_mb_s, src, env.workdir / "copy", chunk)
         rows.append(
             Row(

@@ -25,27 +25,14 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import ParseResult
 
-from trainfleet.broker.errors import ArtifactError
+from trainfleet.broker import jsapi
+from trainfleet.broker.errors import ArtifactError, DirectUnavailable
 
 DEFAULT_PORT = 4222
 INBOX = "_TF_DIRECT.chunks"
 SETUP_TIMEOUT_S = 5.0
 READ_BUFFER_BYTES = 4 << 20
-STATUS_HEARTBEAT = b"100"
-
-
-def reply_fields(reply: str) -> tuple[int, int]:
-    """(consumer sequence, pending) from a JetStream delivery's reply subject (v1 or v2 form)."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[6]), int(tokens[8])
-    if len(tokens) >= 12:
-        return int(tokens[8]), int(tokens[10])
-    raise ValueError(f"not a JetStream delivery: {reply!r}")
-
-
-class DirectUnavailable(Exception):
-    """The direct path cannot be used here (TLS, auth refused, unreachable): use the normal one."""
+STATUS_HEARTBEAT = jsapi.STATUS_HEARTBEAT.encode()
 
 
 @dataclass(frozen=True)
@@ -139,20 +126,28 @@ class DirectConnection:
         self.sock.close()
 
 
+@dataclass(frozen=True)
+class ChunkPull:
+    """What to pull: the ``chunks`` chunks of object ``name`` through the consumer behind
+    ``next_subject``, at most ``window`` requested ahead."""
+
+    next_subject: str
+    name: str
+    expected_size: int
+    chunks: int
+    window: int
+
+
 def pull_object(
     endpoint: Endpoint,
-    next_subject: str,
-    *,
-    name: str,
-    expected_size: int,
-    chunks: int,
+    pull: ChunkPull,
     fh: BinaryIO,
-    window: int,
+    *,
     idle_timeout_s: float,
     cancelled: threading.Event,
     on_connection: Any = None,
 ) -> Pulled:
-    """Pull ``chunks`` chunks through the consumer behind ``next_subject`` into ``fh``, hashing them.
+    """Pull every chunk of ``pull`` into ``fh``, hashing them.
 
     Raises DirectUnavailable before anything is written when the connection cannot be made,
     ArtifactError for a missing, out-of-order or oversized chunk or a silent server.
@@ -161,8 +156,9 @@ def pull_object(
     conn = DirectConnection(endpoint, idle_timeout_s)
     if on_connection is not None:
         on_connection(conn)
+    name = pull.name
     try:
-        return _Puller(conn, next_subject, name, expected_size, chunks, fh, window, cancelled).run()
+        return _Puller(conn, pull, fh, cancelled).run()
     except TimeoutError:
         raise ArtifactError(f"object {name!r}: no chunk for {idle_timeout_s:g}s") from None
     except (OSError, ValueError) as exc:
@@ -174,24 +170,14 @@ def pull_object(
 
 
 class _Puller:
-    def __init__(
-        self,
-        conn: DirectConnection,
-        next_subject: str,
-        name: str,
-        expected_size: int,
-        chunks: int,
-        fh: BinaryIO,
-        window: int,
-        cancelled: threading.Event,
-    ):
+    def __init__(self, conn: DirectConnection, pull: ChunkPull, fh: BinaryIO, cancelled: threading.Event):
         self.conn = conn
-        self.next_subject = next_subject.encode()
-        self.name = name
-        self.expected_size = expected_size
-        self.chunks = chunks
+        self.next_subject = pull.next_subject.encode()
+        self.name = pull.name
+        self.expected_size = pull.expected_size
+        self.chunks = pull.chunks
         self.fh = fh
-        self.window = max(1, window)
+        self.window = max(1, pull.window)
         self.cancelled = cancelled
         self.buffer = memoryview(bytearray(conn.max_payload + 2))
         self.digest = hashlib.sha256()
@@ -269,7 +255,7 @@ class _Puller:
         return view[skip:total]
 
     def _check_sequence(self, reply: bytes) -> None:
-        seq, _pending = reply_fields(reply.decode())
+        seq, _pending = jsapi.reply_fields(reply.decode())
         if seq != self.received + 1:
             raise self.fail(f"chunk {self.received + 1} missing (got consumer sequence {seq})")
 

@@ -1,22 +1,79 @@
-"""Error hierarchy: one base, then one family per thing a user can fix."""
+"""The one error tree: a base, then one family per thing a user can fix.
+
+Every error trainfleet raises on purpose is a class here, and each class carries
+the process exit code the CLI returns for it and the micro-service error code
+the control service answers with. Nothing else defines an exit code.
+
+=====  ==========================================================  ====================
+exit   meaning                                                     classes
+=====  ==========================================================  ====================
+0      done                                                        —
+1      jobs failed, no host can run it, or the operation refused   Refused, Unsatisfied, FleetError
+2      bad usage or an invalid manifest                            UsageError, ManifestError
+3      NATS unreachable, not provisioned, or no controller         BrokerError
+4      no job matches, or an id prefix matches several             JobNotFound, AmbiguousJob
+5      artifact missing, corrupt or unsafe                         ArtifactError
+=====  ==========================================================  ====================
+"""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import nats.errors
+
+EXIT_OK = 0
+
+# Errors worth waiting out: a reconnect, a leader election, a slow server.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
 
 class TrainfleetError(Exception):
-    """Base of every error trainfleet raises on purpose."""
+    """Base of every error trainfleet raises on purpose (never raised itself)."""
 
     exit_code = 1
+    service_code = "409"  # the Nats-Service-Error-Code a control endpoint answers with
+
+
+# -- exit 1 -----------------------------------------------------------------
+class Refused(TrainfleetError):
+    """The operation makes no sense in the job's state (cancel a finished job, requeue a running one)."""
+
+
+class Conflict(Refused):
+    """A record kept changing under a write (every retry lost its compare-and-swap)."""
+
+
+class Unsatisfied(TrainfleetError):
+    """The answer is no: some jobs failed, or no live worker can run a job."""
+
+
+class FleetError(TrainfleetError):
+    """A local fleet (``trainfleet up``) could not finish: a process died, or time ran out."""
 
 
 class SchemaError(TrainfleetError):
     """A message or record that cannot be decoded (garbage or a newer schema)."""
 
 
-class ManifestError(TrainfleetError):
-    """One or more problems in a manifest; ``problems`` lists each of them."""
+# -- exit 2 -----------------------------------------------------------------
+class UsageError(TrainfleetError):
+    """Bad arguments or a malformed request."""
 
     exit_code = 2
+    service_code = "400"
+
+
+class ManifestError(UsageError):
+    """One or more problems in a manifest; ``problems`` lists each of them."""
 
     def __init__(self, problems: list[ManifestProblem]):
         self.problems = problems
@@ -44,29 +101,73 @@ class ManifestProblem:
         return {"file": self.file, "job": self.job, "field": self.field, "message": self.message}
 
 
+# -- exit 3 -----------------------------------------------------------------
 class BrokerError(TrainfleetError):
     """NATS is unreachable or a resource is missing or misconfigured."""
 
     exit_code = 3
+    service_code = "503"
 
 
 class ServerStartError(BrokerError):
     """The embedded nats-server did not come up."""
 
 
+class NotProvisioned(BrokerError):
+    """A stream, bucket or object store trainfleet needs does not exist."""
+
+
+class NoController(BrokerError):
+    """No controller answers on the control subjects (or none answered in time)."""
+
+
+class ConsumerUnavailable(BrokerError):
+    """A pull consumer is gone or was changed under us; ensure it again before the next pull."""
+
+
+class DirectUnavailable(BrokerError):
+    """The direct download path cannot be used here (TLS, auth refused, unreachable): use the normal one."""
+
+
+# -- exit 4 -----------------------------------------------------------------
 class JobNotFound(TrainfleetError):
+    """No job matches the name, id or id prefix."""
+
     exit_code = 4
+    service_code = "404"
 
 
 class AmbiguousJob(TrainfleetError):
+    """An id prefix (or a name) matches several jobs."""
+
     exit_code = 4
+    service_code = "404"
 
 
+# -- exit 5 -----------------------------------------------------------------
 class ArtifactError(TrainfleetError):
     """An artifact failed verification, is missing, or is unsafe to extract."""
 
     exit_code = 5
+    service_code = "422"
 
 
-class LeaseLost(TrainfleetError):
-    """The job record moved on without us: cancelled, requeued or taken over."""
+class ObjectNotFound(ArtifactError):
+    """No (undeleted) object of that name is in the bucket."""
+
+
+# -- errors a controller reported -------------------------------------------
+class RemoteError(TrainfleetError):
+    """An error a controller answered a control request with; carries the controller's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RemoteManifestError(RemoteError):
+    """A manifest a controller refused; ``problems`` as the controller listed them (dicts)."""
+
+    def __init__(self, message: str, problems: list[dict[str, Any]], exit_code: int = 2):
+        super().__init__(message, exit_code)
+        self.problems = problems

@@ -1,6 +1,7 @@
 """Every NATS name trainfleet uses: streams, subjects, buckets, consumers, service.
 
-This is the only module that spells a subject or resource name. Everything
+This is the only module that spells one of our subjects or resource names (NATS's own
+names, `$JS.API...` and the rest, are in jsapi.py). Everything
 else asks a :class:`Names` instance, so a deployment can change the prefix
 (``TRAINFLEET_PREFIX``) and run two fleets on one server.
 """
@@ -10,43 +11,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from trainfleet.broker import jsapi
+
 DEFAULT_PREFIX = "trainfleet"
 
-# VRAM ladder (GiB) for gpu.<tier> classes: a job's min_vram_gib rounds up to
-# the next rung, so a handful of consumers covers every card size.
-VRAM_TIERS_GIB: tuple[int, ...] = (0, 4, 8, 12, 16, 24, 32, 48, 80, 96, 141, 192)
-
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+# Headers on the trainer output the agent ships (logs subjects).
+LOG_STREAM_HEADER = "Trainfleet-Stream"  # stdout | stderr
+LOG_ATTEMPT_HEADER = "Trainfleet-Attempt"
+LOG_GENERATION_HEADER = "Trainfleet-Generation"
 
 
 def is_token(value: str) -> bool:
     """True when ``value`` is safe as one subject token / KV key / consumer name."""
     return bool(_TOKEN.match(value))
-
-
-def vram_tier(min_vram_gib: float) -> int:
-    """The smallest rung of the ladder that is >= ``min_vram_gib``."""
-    for tier in VRAM_TIERS_GIB:
-        if tier >= min_vram_gib:
-            return tier
-    return VRAM_TIERS_GIB[-1]
-
-
-def tiers_served(vram_total_gib: float) -> list[int]:
-    """Tiers a card of this size can serve, biggest first (best fit first)."""
-    return sorted((t for t in VRAM_TIERS_GIB if t <= vram_total_gib), reverse=True)
-
-
-def cpu_class() -> str:
-    return "cpu"
-
-
-def gpu_class(tier: int) -> str:
-    return f"gpu.{tier}"
-
-
-def host_class(host_id: str) -> str:
-    return f"host.{host_id}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +85,7 @@ class Names:
         return "jobs-" + klass.replace(".", "-")
 
     def max_deliveries_advisory(self, consumer: str = "*") -> str:
-        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.jobs_stream}.{consumer}"
+        return jsapi.max_deliveries_advisory(self.jobs_stream, consumer)
 
     # -- control service ---------------------------------------------------
     @property

@@ -37,6 +37,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,12 +50,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
-from trainfleet.broker.directget import DirectUnavailable, Endpoint, Pulled, pull_object, reply_fields
-from trainfleet.broker.errors import ArtifactError, BrokerError
+from trainfleet.broker import jsapi
+from trainfleet.broker.directget import ChunkPull, Endpoint, Pulled, pull_object
+from trainfleet.broker.errors import ArtifactError, BrokerError, DirectUnavailable, ObjectNotFound, TrainfleetError
 
 log = logging.getLogger("trainfleet.objstore")
 
-DEFAULT_API_PREFIX = "$JS.API"
 # The ADR's default; artifacts.py may choose bigger chunks (fewer fsyncs per byte).
 DEFAULT_CHUNK_BYTES = 128 * 1024
 # Bytes of chunks in flight (unacked on put, requested but not yet received on get).
@@ -70,16 +71,6 @@ DEFAULT_TIMEOUT_S = 10.0
 # A get fails when no chunk arrives for this long (a stalled or vanished server).
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 DIGEST_PREFIX = "SHA-256="
-ROLLUP_HEADERS = {"Nats-Rollup": "sub"}
-# JetStream API error codes we turn into messages a user can act on.
-ERR_NO_MESSAGE = 10037
-ERR_STREAM_NOT_FOUND = 10059
-STATUS_HEARTBEAT = "100"
-STATUS_NO_RESPONDERS = "503"
-
-
-class ObjectNotFound(ArtifactError):
-    """No (undeleted) object of that name is in the bucket."""
 
 
 class ObjectLink(msgspec.Struct, omit_defaults=True):
@@ -183,11 +174,6 @@ def parse_digest(value: str) -> bytes | None:
         return None
 
 
-def status_of(msg: Msg) -> str | None:
-    """A status message's code (``404``, ``503``…), or None for an ordinary message."""
-    return msg.headers.get("Status") if msg.headers else None
-
-
 def completeness_problem(info: ObjectInfo, size: int, digest: Any) -> str | None:
     """Why the bytes received are not the object ``info`` describes (None: they are)."""
     if size != info.size:
@@ -222,7 +208,7 @@ class _AckWindow:
         self._changed.set()
 
     def _problem(self, msg: Msg) -> str | None:
-        if status_of(msg) == STATUS_NO_RESPONDERS:
+        if jsapi.status_of(msg) == jsapi.STATUS_NO_RESPONDERS:
             return f"no stream {self.stream} listens on the chunk subject (is the bucket provisioned?)"
         try:
             ack = msgspec.json.decode(msg.data)
@@ -323,8 +309,8 @@ class _ChunkSink:
         if self.done.done():
             return
         self.last_seen = time.monotonic()
-        status = status_of(msg)
-        if status == STATUS_HEARTBEAT:
+        status = jsapi.status_of(msg)
+        if status == jsapi.STATUS_HEARTBEAT:
             return
         if status is not None:
             # 404/408/409: the consumer has nothing more although chunks are missing.
@@ -335,7 +321,7 @@ class _ChunkSink:
             )
             return
         try:
-            seq, _pending = reply_fields(msg.reply)
+            seq, _pending = jsapi.reply_fields(msg.reply)
         except ValueError as exc:
             self.fail(str(exc))
             return
@@ -382,7 +368,7 @@ class ObjectStoreClient:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
-        api_prefix: str = DEFAULT_API_PREFIX,
+        api_prefix: str = jsapi.API,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         direct_min_bytes: int | None = DIRECT_MIN_BYTES,
@@ -392,7 +378,7 @@ class ObjectStoreClient:
         # allows it (see directget); None: never.
         self.direct_min_bytes = direct_min_bytes
         self.bucket = bucket
-        self.stream = f"OBJ_{bucket}"
+        self.stream = jsapi.object_stream(bucket)
         self.chunk_bytes = chunk_bytes
         self.window_bytes = window_bytes
         self.api = api_prefix
@@ -402,40 +388,59 @@ class ObjectStoreClient:
 
     # -- names ---------------------------------------------------------------
     def chunk_subject(self, nuid: str) -> str:
-        return f"$O.{self.bucket}.C.{nuid}"
+        return jsapi.object_chunks_prefix(self.bucket) + nuid
 
     def meta_subject(self, name: str) -> str:
-        return f"$O.{self.bucket}.M.{encode_name(name)}"
+        return jsapi.object_meta_prefix(self.bucket) + encode_name(name)
 
     def _window_chunks(self, chunk_bytes: int) -> int:
         return max(1, self.window_bytes // max(1, chunk_bytes))
 
     # -- JetStream API -------------------------------------------------------
-    async def _api(self, verb: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One JetStream API request; API errors come back as the response's ``error``."""
-        payload = msgspec.json.encode(body) if body is not None else b""
+    async def _request(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        what: str,
+        unanswered: TrainfleetError,
+        headers: dict[str, str] | None = None,
+        timeout_error: type[TrainfleetError] = BrokerError,
+    ) -> dict[str, Any]:
+        """One request answered with a JSON object (an API response or a pub-ack); ``unanswered``
+        is raised when nothing listens on ``subject``. Errors come back as the answer's ``error``."""
         try:
-            msg = await self.nc.request(f"{self.api}.{verb}", payload, timeout=self.timeout_s)
+            msg = await self.nc.request(subject, payload, timeout=self.timeout_s, headers=headers)
         except nats.errors.NoRespondersError as exc:
-            raise BrokerError(f"JetStream is not enabled on this NATS server (no responder for {verb})") from exc
+            raise unanswered from exc
         except nats.errors.TimeoutError as exc:
-            raise BrokerError(f"JetStream API {verb} timed out after {self.timeout_s:g}s") from exc
+            raise timeout_error(f"{what} timed out after {self.timeout_s:g}s") from exc
         try:
             resp = msgspec.json.decode(msg.data)
         except msgspec.DecodeError:
             resp = None
         if not isinstance(resp, dict):
-            raise BrokerError(f"JetStream API {verb}: unreadable response {msg.data[:80]!r}")
+            return {"error": {"description": f"{what}: unreadable answer {msg.data[:80]!r}"}}
         return resp
 
+    async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JetStream API request (a subject from jsapi); API errors come back as ``error``."""
+        payload = msgspec.json.encode(body) if body is not None else b""
+        verb = subject[len(self.api) + 1 :]
+        unanswered = BrokerError(f"JetStream is not enabled on this NATS server (no responder for {verb})")
+        return await self._request(subject, payload, what=f"JetStream API {verb}", unanswered=unanswered)
+
     def _api_error(self, resp: dict[str, Any], what: str) -> ArtifactError:
-        err = resp.get("error") or {}
-        if err.get("err_code") == ERR_STREAM_NOT_FOUND:
-            return ArtifactError(f"object store bucket {self.bucket!r} does not exist (provision it first)")
-        return ArtifactError(f"{what}: {err.get('description', resp)} (err_code {err.get('err_code', '?')})")
+        code, description = jsapi.api_error(resp)
+        if code == jsapi.ERR_STREAM_NOT_FOUND:
+            return self._no_bucket()
+        return ArtifactError(f"{what}: {description} (err_code {code if code is not None else '?'})")
+
+    def _no_bucket(self) -> ArtifactError:
+        return ArtifactError(f"object store bucket {self.bucket!r} does not exist (provision it first)")
 
     async def _purge(self, subject: str) -> None:
-        resp = await self._api(f"STREAM.PURGE.{self.stream}", {"filter": subject})
+        resp = await self._api(jsapi.stream_purge(self.stream, self.api), {"filter": subject})
         if "error" in resp:
             raise self._api_error(resp, f"purging {subject}")
 
@@ -447,9 +452,9 @@ class ObjectStoreClient:
 
     async def _info_at(self, meta_subject: str, name: str) -> ObjectInfo | None:
         """The latest info record on ``meta_subject`` (deleted ones too), or None when there is none."""
-        resp = await self._api(f"STREAM.MSG.GET.{self.stream}", {"last_by_subj": meta_subject})
+        resp = await self._api(jsapi.stream_msg_get(self.stream, self.api), {"last_by_subj": meta_subject})
         if "error" in resp:
-            if resp["error"].get("err_code") == ERR_NO_MESSAGE:
+            if resp["error"].get("err_code") == jsapi.ERR_NO_MESSAGE:
                 return None
             raise self._api_error(resp, f"reading the info of {name!r}")
         message = resp.get("message") or {}
@@ -460,6 +465,30 @@ class ObjectStoreClient:
         # ADR-20: the modification time is the info message's time.
         info.mtime = message.get("time") or info.mtime
         return info
+
+    async def list(self) -> list[ObjectInfo]:
+        """Every object in the bucket that is not deleted, by name."""
+        infos = []
+        for meta_subject in await self._subject_counts(jsapi.object_meta_prefix(self.bucket) + ">"):
+            info = await self._info_at(meta_subject, meta_subject)
+            if info is not None and not info.deleted:
+                infos.append(info)
+        return sorted(infos, key=lambda i: i.name)
+
+    async def chunks(self, info: ObjectInfo, *, limit: int | None = None) -> AsyncIterator[bytes]:
+        """The object's first ``limit`` chunks (all by default) in order, one stream get each:
+        for reading the start of an object; :meth:`get_file` is the fast path for all of it."""
+        subject = self.chunk_subject(info.nuid)
+        seq = 1
+        for _ in range(info.chunks if limit is None else min(limit, info.chunks)):
+            resp = await self._api(jsapi.stream_msg_get(self.stream, self.api), {"seq": seq, "next_by_subj": subject})
+            if "error" in resp:
+                if jsapi.api_error(resp)[0] == jsapi.ERR_NO_MESSAGE:
+                    return
+                raise self._api_error(resp, f"reading a chunk of {info.name!r}")
+            message = resp.get("message") or {}
+            yield base64.b64decode(message.get("data") or b"")
+            seq = int(message.get("seq") or seq) + 1
 
     # -- put -----------------------------------------------------------------
     async def put_file(
@@ -553,20 +582,16 @@ class ObjectStoreClient:
         return size, chunks
 
     async def _publish_info(self, info: ObjectInfo) -> None:
-        try:
-            msg = await self.nc.request(
-                self.meta_subject(info.name), info.to_json(), timeout=self.timeout_s, headers=ROLLUP_HEADERS
-            )
-        except nats.errors.NoRespondersError as exc:
-            raise ArtifactError(f"object store bucket {self.bucket!r} does not exist (provision it first)") from exc
-        except nats.errors.TimeoutError as exc:
-            raise ArtifactError(f"no pub-ack for the info of {info.name!r} within {self.timeout_s:g}s") from exc
-        try:
-            ack = msgspec.json.decode(msg.data)
-        except msgspec.DecodeError:
-            ack = {"error": {"description": f"unreadable pub-ack {msg.data[:80]!r}"}}
-        if not isinstance(ack, dict) or "error" in ack:
-            raise self._api_error(ack if isinstance(ack, dict) else {}, f"storing the info of {info.name!r}")
+        ack = await self._request(
+            self.meta_subject(info.name),
+            info.to_json(),
+            what=f"the pub-ack for the info of {info.name!r}",
+            unanswered=self._no_bucket(),
+            headers=jsapi.ROLLUP_SUBJECT,
+            timeout_error=ArtifactError,
+        )
+        if "error" in ack:
+            raise self._api_error(ack, f"storing the info of {info.name!r}")
 
     # -- get -----------------------------------------------------------------
     async def get_file(
@@ -632,15 +657,18 @@ class ObjectStoreClient:
         connections: list[Any] = []
         await self._create_consumer(consumer, self.chunk_subject(info.nuid))
         try:
-            pull = functools.partial(
-                pull_object,
-                endpoint,
-                f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}",
+            plan = ChunkPull(
+                next_subject=jsapi.consumer_next(self.stream, consumer, self.api),
                 name=info.name,
                 expected_size=info.size,
                 chunks=info.chunks,
-                fh=fh,
                 window=self._window_chunks(self._chunk_bytes(info)),
+            )
+            pull = functools.partial(
+                pull_object,
+                endpoint,
+                plan,
+                fh=fh,
                 idle_timeout_s=self.idle_timeout_s,
                 cancelled=cancelled,
                 on_connection=connections.append,
@@ -664,13 +692,13 @@ class ObjectStoreClient:
     async def _delete_consumer(self, consumer: str) -> None:
         # Fire and forget (its inactive_threshold is the backstop): no round trip on the way out.
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(f"{self.api}.CONSUMER.DELETE.{self.stream}.{consumer}", reply=self.nc.new_inbox())
+            await self.nc.publish(jsapi.consumer_delete(self.stream, consumer, self.api), reply=self.nc.new_inbox())
 
     async def _receive_subscribed(self, info: ObjectInfo, fh: BinaryIO) -> Pulled:
         chunk_bytes = self._chunk_bytes(info)
         inbox = self.nc.new_inbox()
         consumer = self._nuid.next().decode()
-        next_subject = f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}"
+        next_subject = jsapi.consumer_next(self.stream, consumer, self.api)
 
         async def request_more(count: int) -> None:
             # no_wait: every chunk is stored before the info is, so an empty answer means truncation.
@@ -714,9 +742,8 @@ class ObjectStoreClient:
             "num_replicas": 1,
             "inactive_threshold": int(self.idle_timeout_s * 1e9),
         }
-        resp = await self._api(
-            f"CONSUMER.CREATE.{self.stream}.{name}", {"stream_name": self.stream, "config": config, "action": "create"}
-        )
+        body = {"stream_name": self.stream, "config": config, "action": "create"}
+        resp = await self._api(jsapi.consumer_create(self.stream, name, self.api), body)
         if "error" in resp:
             raise self._api_error(resp, "creating a consumer for the chunks")
 
@@ -735,9 +762,8 @@ class ObjectStoreClient:
         """Messages per subject matching ``subjects_filter`` in the bucket's stream (all pages)."""
         counts: dict[str, int] = {}
         while True:
-            resp = await self._api(
-                f"STREAM.INFO.{self.stream}", {"subjects_filter": subjects_filter, "offset": len(counts)}
-            )
+            body = {"subjects_filter": subjects_filter, "offset": len(counts)}
+            resp = await self._api(jsapi.stream_info(self.stream, self.api), body)
             if "error" in resp:
                 raise self._api_error(resp, "listing the bucket's subjects")
             page = (resp.get("state") or {}).get("subjects") or {}
@@ -752,12 +778,12 @@ class ObjectStoreClient:
         They are what a put cut off mid-way (its process killed before it could purge) or a
         replacement that died before purging the old version leaves behind."""
         now = now or datetime.now(UTC)
-        prefix = f"$O.{self.bucket}.C."
+        prefix = jsapi.object_chunks_prefix(self.bucket)
         chunk_sets = {subject[len(prefix) :]: n for subject, n in (await self._subject_counts(prefix + ">")).items()}
         if not chunk_sets:
             return {}
         live: set[str] = set()
-        for meta_subject in await self._subject_counts(f"$O.{self.bucket}.M.>"):
+        for meta_subject in await self._subject_counts(jsapi.object_meta_prefix(self.bucket) + ">"):
             try:
                 info = await self._info_at(meta_subject, meta_subject)
             except ArtifactError:
@@ -768,7 +794,7 @@ class ObjectStoreClient:
         for nuid, count in chunk_sets.items():
             if nuid in live:
                 continue
-            resp = await self._api(f"STREAM.MSG.GET.{self.stream}", {"last_by_subj": prefix + nuid})
+            resp = await self._api(jsapi.stream_msg_get(self.stream, self.api), {"last_by_subj": prefix + nuid})
             newest = _parse_rfc3339((resp.get("message") or {}).get("time") or "")
             if newest is not None and (now - newest).total_seconds() >= older_than_s:
                 stray[nuid] = count

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from trainfleet.broker.names import DEFAULT_PREFIX, Names
@@ -50,7 +50,6 @@ class Settings:
     # once their newest chunk is this old (an upload still under way is never touched).
     artifact_sweep_s: float = 3600.0
     stray_chunk_age_s: float = 3600.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def names(self) -> Names:
@@ -77,8 +76,17 @@ class Settings:
             values["url"] = env["NATS_URL"]
         for f in fields(cls):
             raw = env.get(f"TRAINFLEET_{f.name.upper()}")
-            if raw is None or f.name == "extra":
+            if raw is None:
                 continue
             kind = type(getattr(cls, f.name, ""))
             values[f.name] = kind(raw) if kind in (int, float) else raw
         return cls(**values).with_(**overrides).check()
+
+
+# Settings every command accepts as a flag (the CLI's --url, --prefix, --lease-s, --heartbeat-s).
+FLAG_FIELDS = ("url", "prefix", "lease_s", "heartbeat_s")
+
+
+def from_flags(flags: Any) -> Settings:
+    """Settings from env, then the command-line flags that were given (an argparse namespace)."""
+    return Settings.from_env(**{name: getattr(flags, name, None) for name in FLAG_FIELDS})

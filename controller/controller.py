@@ -24,30 +24,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from trainfleet.broker import names as namesmod
+from trainfleet.broker import tickets
+from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import BrokerError, ManifestError, SchemaError, TrainfleetError
-from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus, Ticket, decode, encode
-from trainfleet.broker.settings import Settings
-from trainfleet.controller.manifest import Manifest, load_manifest, parse_manifest, ticket_class
-from trainfleet.controller.store import (
+from trainfleet.broker.errors import BrokerError, Refused, TrainfleetError, UsageError
+from trainfleet.broker.records import (
     Stored,
-    TicketRef,
     cas,
+    create_record,
     get_record,
     job_ids,
     load_records,
-    load_workers,
-    publish_ticket,
-    publish_tickets,
-    resolve_job,
-    scan_tickets,
+    resolve,
+    update_record,
 )
+from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus
+from trainfleet.broker.settings import Settings
+from trainfleet.broker.tickets import TicketRef, publish_ticket
+from trainfleet.controller.manifest import Manifest, excluded_hosts, load_manifest, parse_manifest
+from trainfleet.controller.service import start_service
 
 log = logging.getLogger("trainfleet.controller")
 
@@ -65,15 +64,6 @@ class SyncReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) for k, v in self.__dict__.items()}
-
-
-def excluded_hosts(manifest: Manifest, spec: JobSpec) -> dict[str, str]:
-    out = {}
-    for host_id, policy in manifest.hosts.items():
-        ok, reason = policy.permits(spec)
-        if not ok:
-            out[host_id] = reason
-    return out
 
 
 class Controller:
@@ -98,8 +88,6 @@ class Controller:
         self._advisory_sub = await self.broker.nc.subscribe(
             self.names.max_deliveries_advisory(), queue=self.names.ctl_queue_group, cb=self._on_max_deliveries
         )
-        from trainfleet.controller.service import start_service
-
         self._service = await start_service(self)
 
     async def run(self) -> None:
@@ -144,7 +132,7 @@ class Controller:
     # -- sync ---------------------------------------------------------------
     def _new_record(self, manifest: Manifest, spec: JobSpec) -> JobRecord:
         now = time.time()
-        klass = ticket_class(spec)
+        klass = tickets.ticket_class(spec)
         return JobRecord(
             job_id=spec.job_id,
             spec=spec,
@@ -170,11 +158,7 @@ class Controller:
 
         async def create(rec: JobRecord) -> bool:
             async with window:
-                try:
-                    await self.b.jobs.create(rec.job_id, encode(rec))
-                    return True
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    return False
+                return await create_record(self.b, rec)
 
         async def refresh(rec: JobRecord) -> bool:
             async with window:
@@ -184,7 +168,7 @@ class Controller:
         new = [r for r, ok in zip(fresh, created, strict=True) if ok]
         existing = [r for r, ok in zip(fresh, created, strict=True) if not ok]
         changed = await asyncio.gather(*(refresh(r) for r in existing))
-        await publish_tickets(self.b, new)
+        await tickets.publish_tickets(self.b, new)
         report.created = [r.job_id for r in new]
         report.updated = [r.job_id for r, c in zip(existing, changed, strict=True) if c]
         report.unchanged = [r.job_id for r, c in zip(existing, changed, strict=True) if not c]
@@ -201,23 +185,19 @@ class Controller:
         return report
 
     async def _refresh(self, fresh: JobRecord) -> bool:
-        for _ in range(10):
-            stored = await get_record(self.b, fresh.job_id)
-            rec = stored.record
-            if (
-                rec.spec == fresh.spec
-                and rec.excluded_hosts == fresh.excluded_hosts
-                and rec.max_attempts == fresh.max_attempts
-            ):
-                return False
-            updated = rec.evolve(spec=fresh.spec, excluded_hosts=fresh.excluded_hosts, max_attempts=fresh.max_attempts)
-            if await cas(self.b, updated, stored.revision) is not None:
-                return True
-        raise TrainfleetError(f"job {fresh.job_id}: record kept changing during sync")
+        """Bring an existing record's non-identity fields to the manifest's; False when they were."""
+
+        def refreshed(rec: JobRecord) -> JobRecord | None:
+            keep = (rec.spec, rec.excluded_hosts, rec.max_attempts)
+            if keep == (fresh.spec, fresh.excluded_hosts, fresh.max_attempts):
+                return None
+            return rec.evolve(spec=fresh.spec, excluded_hosts=fresh.excluded_hosts, max_attempts=fresh.max_attempts)
+
+        return await update_record(self.b, fresh.job_id, refreshed) is not None
 
     async def reload(self) -> SyncReport:
         if not self.manifest_path:
-            raise TrainfleetError("this controller was started without --manifest; use `trainfleet sync FILE`")
+            raise UsageError("this controller was started without --manifest; use `trainfleet sync FILE`")
         return await self.sync(load_manifest(self.manifest_path))
 
     async def sync_text(self, text: str, file: str) -> SyncReport:
@@ -229,10 +209,8 @@ class Controller:
 
     async def sweep_artifacts(self) -> int:
         """Purge stray artifact chunks (uploads cut off mid-way); returns the chunk sets purged."""
-        from trainfleet.agent import artifacts
-
         try:
-            stray = await artifacts.object_store(self.b).sweep_stray_chunks(self.settings.stray_chunk_age_s)
+            stray = await Artifacts(self.b).sweep(self.settings.stray_chunk_age_s)
         except (TimeoutError, nats.errors.Error, BrokerError) as exc:
             log.warning("artifact sweep failed (will retry): %r", exc)
             return 0
@@ -244,15 +222,15 @@ class Controller:
     async def reconcile(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
         records = await load_records(self.b)
-        tickets = await scan_tickets(self.b)
+        queued = await tickets.scan_tickets(self.b)
         live: dict[str, set[tuple[int, str]]] = {}
         seqs = set()
-        for ref in tickets:
+        for ref in queued:
             seqs.add(ref.seq)
             if ref.ticket is not None:
                 live.setdefault(ref.ticket.job_id, set()).add((ref.ticket.generation, ref.ticket.klass))
         stats: Counter[str] = Counter()
-        stats["reordered"] = await self._reorder(records, tickets)
+        stats["reordered"] = await self._reorder(records, queued)
         for stored in records.values():
             rec = stored.record
             have = live.get(rec.job_id, set())
@@ -272,7 +250,7 @@ class Controller:
             log.info("reconcile: %s", dict(stats))
         return dict(stats)
 
-    async def _reorder(self, records: dict[str, Stored], tickets: list[TicketRef]) -> int:
+    async def _reorder(self, records: dict[str, Stored], queued: list[TicketRef]) -> int:
         """Keep each class's queued tickets in priority order (a work queue is FIFO).
 
         When a higher-priority ticket waits behind a lower one, the queued tickets from the first
@@ -280,7 +258,7 @@ class Controller:
         jobs move; a held job's ticket is its lease and stays. A ticket moved while an agent is
         deciding on it becomes a duplicate, which the record makes harmless."""
         by_class: dict[str, list[TicketRef]] = {}
-        for ref in tickets:
+        for ref in queued:
             stored = records.get(ref.ticket.job_id) if ref.ticket else None
             if (
                 ref.ticket is not None
@@ -296,8 +274,7 @@ class Controller:
                 continue
             tail = sorted(queue[start:], key=lambda r: (-(r.ticket.priority if r.ticket else 0), r.seq))
             for ref in tail:
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    await self.b.js.delete_msg(self.names.jobs_stream, ref.seq)
+                await tickets.delete_ticket(self.b, ref.seq)
             for ref in tail:
                 rec = records[ref.ticket.job_id].record if ref.ticket else None
                 if rec is not None:
@@ -311,7 +288,7 @@ class Controller:
         grace = self.settings.prefer_cuda_grace_s
         if self.manifest and self.manifest.settings.prefer_cuda_grace_s is not None:
             grace = self.manifest.settings.prefer_cuda_grace_s
-        cpu = namesmod.cpu_class()
+        cpu = tickets.cpu_class()
         if not rec.spec.constraints.prefer_cuda or cpu in rec.offered or now - rec.queued_at < grace:
             return 0
         await cas(self.b, rec.evolve(offered=(*rec.offered, cpu)), stored.revision)
@@ -320,12 +297,12 @@ class Controller:
     async def _ensure_tickets(self, loaded: JobRecord, have: set[tuple[int, str]], *, changed: bool) -> int:
         """Publish the tickets a pending record lacks. The record just loaded decides whether to
         look at all (most have their tickets); a possible repair is confirmed on a fresh read."""
-        if not changed and not _missing_classes(loaded, have):
+        if not changed and not tickets.missing_classes(loaded, have):
             return 0
         rec = (await get_record(self.b, loaded.job_id)).record
         if rec.status != JobStatus.PENDING:
             return 0
-        missing = _missing_classes(rec, have)
+        missing = tickets.missing_classes(rec, have)
         for klass in missing:
             await publish_ticket(self.b, rec, klass, dedupe_suffix=f".r{int(time.time())}")
         return len(missing)
@@ -347,17 +324,17 @@ class Controller:
     async def exhausted_ticket(self, seq: int, deliveries: int) -> str:
         """A ticket hit max_deliver. Remove it (a work queue keeps it forever otherwise, nats-server
         #5564); fail the job if its attempts are spent, else re-offer it with a fresh ticket."""
-        stream = self.names.jobs_stream
-        try:
-            raw = await self.b.js.get_msg(stream, seq)
-        except nats.js.errors.NotFoundError:
+        ref = await tickets.get_ticket(self.b, seq)
+        if ref is None:
             return "gone"
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.b.js.delete_msg(stream, seq)
+        await tickets.delete_ticket(self.b, seq)
+        ticket = ref.ticket
+        if ticket is None:
+            log.warning("removed exhausted ticket %d: it is not a ticket", seq)
+            return "dropped"
         try:
-            ticket: Ticket = decode(raw.data or b"", Ticket)
             stored = await get_record(self.b, ticket.job_id)
-        except (SchemaError, TrainfleetError) as exc:
+        except TrainfleetError as exc:
             log.warning("removed exhausted ticket %d: %s", seq, exc)
             return "dropped"
         rec = stored.record
@@ -373,12 +350,8 @@ class Controller:
                 f"{self.settings.max_deliver}) after {rec.attempt} attempt(s); last error: "
                 f"{rec.last_error or 'none'}"
             )
-            if (
-                await cas(
-                    self.b, rec.evolve(status=JobStatus.FAILED, finished_at=time.time(), reason=reason), stored.revision
-                )
-                is not None
-            ):
+            failed = rec.evolve(status=JobStatus.FAILED, finished_at=time.time(), reason=reason)
+            if await cas(self.b, failed, stored.revision) is not None:
                 log.warning("job %s failed: %s", rec.job_id[:12], reason)
                 return "failed"
             return "raced"
@@ -386,34 +359,30 @@ class Controller:
         return "reoffered"
 
     # -- operator actions ---------------------------------------------------
-    async def _resolve(self, ref: str) -> str:
-        """A job id from a name, id or prefix (reads every record: once per operation, not per retry)."""
-        return resolve_job(await load_records(self.b), ref).record.job_id
-
     async def cancel(self, ref: str) -> JobRecord:
-        job_id = await self._resolve(ref)
-        for _ in range(10):
-            stored = await get_record(self.b, job_id)
-            rec = stored.record
+        """Cancel a job that is not terminal; its agent sees the change and stops the trainer."""
+        job_id = (await resolve(self.b, ref)).record.job_id  # resolved once, not per CAS retry
+
+        def cancelled(rec: JobRecord) -> JobRecord:
             if rec.status.terminal:
-                raise TrainfleetError(f"job {rec.spec.name} is already {rec.status.value}; nothing to cancel")
-            done = rec.evolve(status=JobStatus.CANCELLED, finished_at=time.time(), reason="cancelled by operator")
-            if await cas(self.b, done, stored.revision) is not None:
-                return done
-        raise TrainfleetError(f"job {ref}: record kept changing; try again")
+                raise Refused(f"job {rec.spec.name} is already {rec.status.value}; nothing to cancel")
+            return rec.evolve(status=JobStatus.CANCELLED, finished_at=time.time(), reason="cancelled by operator")
+
+        done = await update_record(self.b, job_id, cancelled)
+        assert done is not None
+        return done.record
 
     async def requeue(self, ref: str) -> JobRecord:
-        job_id = await self._resolve(ref)
-        for _ in range(10):
-            stored = await get_record(self.b, job_id)
-            rec = stored.record
+        """Put a failed, cancelled or completed job back to pending as a new generation, with a ticket."""
+        job_id = (await resolve(self.b, ref)).record.job_id
+
+        def requeued(rec: JobRecord) -> JobRecord:
             if rec.status not in REQUEUEABLE:
-                raise TrainfleetError(
+                raise Refused(
                     f"job {rec.spec.name} is {rec.status.value}; only failed, cancelled or "
                     "completed jobs can be requeued"
                 )
-            now = time.time()
-            fresh = rec.evolve(
+            return rec.evolve(
                 status=JobStatus.PENDING,
                 generation=rec.generation + 1,
                 attempt=0,
@@ -425,17 +394,18 @@ class Controller:
                 ticket_seq=None,
                 reason="requeued by operator",
                 offered=(rec.klass,),
-                queued_at=now,
+                queued_at=time.time(),
                 progress={},
                 artifact=None,
                 artifact_bytes=None,
                 metrics={},
                 device=None,
             )
-            if await cas(self.b, fresh, stored.revision) is not None:
-                await publish_ticket(self.b, fresh, fresh.klass)
-                return fresh
-        raise TrainfleetError(f"job {ref}: record kept changing; try again")
+
+        fresh = await update_record(self.b, job_id, requeued)
+        assert fresh is not None
+        await publish_ticket(self.b, fresh.record, fresh.record.klass)
+        return fresh.record
 
     def host_policy(self, host_id: str) -> dict[str, Any]:
         """The manifest's overrides for ``host_id`` (caps on what its agent offers), or {}."""
@@ -444,26 +414,6 @@ class Controller:
             return {}
         keys = ("max_cores", "max_ram_gib", "max_vram_gib", "cpu_slots", "gpu_slots", "serve_cpu")
         return {k: getattr(policy, k) for k in keys if getattr(policy, k) is not None}
-
-    async def status(self) -> dict[str, Any]:
-        records = await load_records(self.b)
-        counts = Counter(s.record.status.value for s in records.values())
-        workers = await load_workers(self.b)
-        now = time.time()
-        stale_after = self.settings.heartbeat_s * 3
-        return {
-            "jobs": {s.value: counts.get(s.value, 0) for s in JobStatus},
-            "total": len(records),
-            "workers": {
-                "alive": sum(1 for w in workers if now - w.last_seen <= stale_after),
-                "stale": sum(1 for w in workers if now - w.last_seen > stale_after),
-            },
-        }
-
-
-def _missing_classes(rec: JobRecord, have: set[tuple[int, str]]) -> list[str]:
-    """Offered classes of this generation with no ticket in the stream."""
-    return [k for k in (rec.offered or (rec.klass,)) if (rec.generation, k) not in have]
 
 
 def _first_inversion(priorities: list[int]) -> int | None:
@@ -475,17 +425,3 @@ def _first_inversion(priorities: list[int]) -> int | None:
             first = i
         best_after = priorities[i] if best_after is None else max(best_after, priorities[i])
     return first
-
-
-def record_json(rec: JobRecord) -> dict[str, Any]:
-    return msgspec.to_builtins(rec)
-
-
-async def run_controller(settings: Settings, manifest_path: str | None) -> int:
-    controller = Controller(settings, manifest_path=manifest_path)
-    try:
-        await controller.run()
-    except ManifestError as exc:
-        print(exc)
-        return exc.exit_code
-    return 0

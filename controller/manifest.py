@@ -26,13 +26,14 @@ import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from trainfleet.broker.errors import ManifestError, ManifestProblem
-from trainfleet.broker.names import cpu_class, gpu_class, host_class, is_token, vram_tier
+from trainfleet.broker.names import is_token
 from trainfleet.broker.schema import Constraints, JobSpec
+from trainfleet.broker.tickets import ticket_class
 
 __all__ = [
     "HYPER_TYPES",
@@ -44,8 +45,8 @@ __all__ = [
     "ModelDef",
     "job_id_for",
     "load_manifest",
+    "excluded_hosts",
     "parse_manifest",
-    "ticket_class",
 ]
 
 # The manifest format's own version; independent of the record SCHEMA_VERSION.
@@ -85,6 +86,8 @@ _JOB_KEYS = (
 _JOB_FLAGS = ("require_cuda", "prefer_cuda")
 _JOB_MINIMA = ("min_vram_gib", "min_ram_gib", "min_cores")
 _JOB_HOST_LISTS = ("allowed_hosts", "denied_hosts")
+
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------
@@ -217,19 +220,14 @@ def job_id_for(identity: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def ticket_class(spec: JobSpec) -> str:
-    """The capability class a job's ticket is published under.
-
-    A job pinned to exactly one host goes to that host's class; a CUDA job
-    (required or preferred) to the GPU tier its ``min_vram_gib`` rounds up to;
-    anything else to the CPU class.
-    """
-    c = spec.constraints
-    if len(c.allowed_hosts) == 1:
-        return host_class(c.allowed_hosts[0])
-    if c.require_cuda or c.prefer_cuda:
-        return gpu_class(vram_tier(c.min_vram_gib))
-    return cpu_class()
+def excluded_hosts(manifest: Manifest, spec: JobSpec) -> dict[str, str]:
+    """host id → why the manifest's host policy (allow_jobs / deny_jobs) keeps ``spec`` off it."""
+    out = {}
+    for host_id, policy in manifest.hosts.items():
+        ok, reason = policy.permits(spec)
+        if not ok:
+            out[host_id] = reason
+    return out
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -568,6 +566,47 @@ def _parse_settings(sink: _Sink, doc: dict[str, Any]) -> ManifestSettings:
     return ManifestSettings(prefer_cuda_grace_s=_good(grace, None), max_attempts=_good(attempts, None))
 
 
+# -- named tables ([models.NAME], [hosts.HOST_ID]) ---------------------------------
+
+
+@dataclass(frozen=True)
+class _NamedSection:
+    """A top-level section whose entries are tables keyed by a user-chosen name."""
+
+    key: str  # the section's key: "models"
+    placeholder: str  # what stands for the name in the section's shape: "NAME"
+    label: str  # what a bad name is called in its problem: "model name"
+    keys: tuple[str, ...]  # the keys each entry's table may have
+
+
+_MODELS = _NamedSection("models", "NAME", "model name", _MODEL_KEYS)
+_HOSTS = _NamedSection("hosts", "HOST_ID", "host id", _HOST_KEYS)
+
+
+def _parse_named(
+    sink: _Sink,
+    doc: dict[str, Any],
+    section: _NamedSection,
+    parse: Callable[[_Scope, str, dict[str, Any]], _T],
+    fallback: Callable[[str], _T],
+) -> dict[str, _T]:
+    """Each entry of ``section``: its name, table shape and keys checked here, its values by ``parse``."""
+    raw = _section(_Scope(sink), doc, section.key, f"[{section.key}.{section.placeholder}]")
+    parsed: dict[str, _T] = {}
+    for name, value in raw.items():
+        scope = _Scope(sink, prefix=f"{section.key}.{name}.")
+        if not is_token(name):
+            scope.add(f"{section.label} {name!r} must use only letters, digits, '_' and '-'")
+        if not isinstance(value, dict):
+            scope.add(f"must be a table ([{section.key}.{name}]), got {_describe(value)}")
+            # A stand-in keeps the name declared, so a job using it is not also told it is undeclared.
+            parsed[name] = fallback(name)
+            continue
+        _unknown_keys(scope, value, section.keys)
+        parsed[name] = parse(scope, name, value)
+    return parsed
+
+
 # -- models -------------------------------------------------------------------
 
 
@@ -583,18 +622,14 @@ class _ModelCheck:
 
 
 def _parse_models(sink: _Sink, doc: dict[str, Any]) -> dict[str, _ModelCheck]:
-    raw = _section(_Scope(sink), doc, "models", "[models.NAME]")
-    return {name: _parse_model(sink, name, value) for name, value in raw.items()}
+    return _parse_named(sink, doc, _MODELS, _parse_model, _broken_model)
 
 
-def _parse_model(sink: _Sink, name: str, raw: Any) -> _ModelCheck:
-    scope = _Scope(sink, prefix=f"models.{name}.")
-    if not is_token(name):
-        scope.add(f"model name {name!r} must use only letters, digits, '_' and '-'")
-    if not isinstance(raw, dict):
-        scope.add(f"must be a table ([models.{name}]), got {_describe(raw)}")
-        return _ModelCheck(ModelDef(name, (), (), {}, {}), modes_ok=False, hyper_ok=False)
-    _unknown_keys(scope, raw, _MODEL_KEYS)
+def _broken_model(name: str) -> _ModelCheck:
+    return _ModelCheck(ModelDef(name, (), (), {}, {}), modes_ok=False, hyper_ok=False)
+
+
+def _parse_model(scope: _Scope, name: str, raw: dict[str, Any]) -> _ModelCheck:
     command = _take(scope, raw, "command", _command, required=True)
     modes = _take(scope, raw, "modes", _modes, required=True)
     data = _take(scope, raw, "data", _json_table, default={})
@@ -682,18 +717,10 @@ def _param_bounds(scope: _Scope, ptype: str, raw: dict[str, Any]) -> tuple[Any, 
 
 
 def _parse_hosts(sink: _Sink, doc: dict[str, Any]) -> dict[str, HostPolicy]:
-    raw = _section(_Scope(sink), doc, "hosts", "[hosts.HOST_ID]")
-    return {host_id: _parse_host(sink, host_id, value) for host_id, value in raw.items()}
+    return _parse_named(sink, doc, _HOSTS, _parse_host, HostPolicy)
 
 
-def _parse_host(sink: _Sink, host_id: str, raw: Any) -> HostPolicy:
-    scope = _Scope(sink, prefix=f"hosts.{host_id}.")
-    if not is_token(host_id):
-        scope.add(f"host id {host_id!r} must use only letters, digits, '_' and '-'")
-    if not isinstance(raw, dict):
-        scope.add(f"must be a table ([hosts.{host_id}]), got {_describe(raw)}")
-        return HostPolicy(host_id)
-    _unknown_keys(scope, raw, _HOST_KEYS)
+def _parse_host(scope: _Scope, host_id: str, raw: dict[str, Any]) -> HostPolicy:
     values: dict[str, Any] = {
         "allow_jobs": _take(scope, raw, "allow_jobs", _glob_list, default=()),
         "deny_jobs": _take(scope, raw, "deny_jobs", _glob_list, default=()),

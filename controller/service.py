@@ -1,10 +1,10 @@
-"""The control service: a NATS micro service (``trainfleet``) with endpoints ``trainfleet.ctl.*``.
+"""The control service: a NATS micro service (``trainfleet``) serving ``<prefix>.ctl.*``.
 
-Requests and replies are JSON. A reply is ``{"ok": true, "result": ...}`` or
-``{"ok": false, "error": "...", "exit_code": N}`` (with the micro error
-headers set), so ``nats req trainfleet.ctl.status ''`` works from any client
-and ``nats micro ls/info/stats`` see the service. Controllers share one queue
-group, so each request is handled by exactly one of them.
+The protocol (verbs, reply envelope, client) is broker/control.py; this is the
+controller's side of it. ``nats micro ls/info/stats`` see the service. Controllers
+share one queue group, so each request is handled by exactly one of them.
+
+Role: controller (the only subscriber on ``<prefix>.ctl.*``).
 """
 
 from __future__ import annotations
@@ -14,20 +14,37 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 from nats import micro
-from nats.aio.client import Client
 from nats.micro.request import Request
 
-from trainfleet.broker.errors import BrokerError, ManifestError, TrainfleetError
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.control import ENDPOINT_DOCS, error_reply, ok_reply
+from trainfleet.broker.errors import UsageError
 from trainfleet.broker.names import Names
-from trainfleet.broker.schema import JobStatus
+from trainfleet.broker.schema import JobRecord, JobStatus
+from trainfleet.broker.workers import stale_after_s
 from trainfleet.controller import ops
 
-if TYPE_CHECKING:
-    from trainfleet.controller.controller import Controller
+
+class Served(Protocol):
+    """What the service needs of the controller it serves (controller.Controller)."""
+
+    names: Names
+    manifest_path: str | None
+
+    @property
+    def b(self) -> Broker: ...
+
+    async def sync_text(self, text: str, file: str) -> Any: ...
+    async def reload(self) -> Any: ...
+    async def cancel(self, ref: str) -> JobRecord: ...
+    async def requeue(self, ref: str) -> JobRecord: ...
+    async def reconcile(self) -> dict[str, int]: ...
+    def host_policy(self, host_id: str) -> dict[str, Any]: ...
+
 
 log = logging.getLogger("trainfleet.controller")
 
@@ -38,7 +55,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 def _job_ref(body: dict[str, Any]) -> str:
     ref = body.get("job")
     if not isinstance(ref, str) or not ref:
-        raise TrainfleetError('request needs {"job": "<id, id prefix or name>"}')
+        raise UsageError('request needs {"job": "<id, id prefix or name>"}')
     return ref
 
 
@@ -54,13 +71,13 @@ def _filters(body: dict[str, Any]) -> dict[str, str | None]:
     return out
 
 
-def handlers(ctl: Controller) -> dict[str, Handler]:
+def handlers(ctl: Served) -> dict[str, Handler]:
     """Endpoint name → coroutine taking the decoded request body."""
 
     async def sync(body: dict[str, Any]) -> Any:
         text, file = body.get("manifest"), body.get("file", "<request>")
         if not isinstance(text, str):
-            raise TrainfleetError('request needs {"manifest": "<toml text>", "file": "<name>"}')
+            raise UsageError('request needs {"manifest": "<toml text>", "file": "<name>"}')
         return (await ctl.sync_text(text, str(file))).to_dict()
 
     async def reload(body: dict[str, Any]) -> Any:
@@ -91,9 +108,8 @@ def handlers(ctl: Controller) -> dict[str, Handler]:
         return ctl.host_policy(str(body.get("host_id") or ""))
 
     async def explain(body: dict[str, Any]) -> Any:
-        from trainfleet.controller.explain import explain_json, explain_ref
-
-        return explain_json(*await explain_ref(ctl.b, _job_ref(body), stale_after_s=ops.stale_after_s(ctl.b)))
+        stale = stale_after_s(ctl.b.settings)
+        return explain.explain_json(*await explain.explain_ref(ctl.b, _job_ref(body), stale_after_s=stale))
 
     return {
         "sync": sync,
@@ -110,87 +126,25 @@ def handlers(ctl: Controller) -> dict[str, Handler]:
     }
 
 
-# What `nats micro info trainfleet` shows for each endpoint: what it does and what to send.
-ENDPOINT_DOCS: dict[str, tuple[str, str, str]] = {
-    "sync": (
-        "write",
-        '{"manifest": "<toml text>", "file": "<name>"}',
-        "create records and tickets for new jobs of a manifest; existing jobs keep their state",
-    ),
-    "reload": ("write", "{}", "re-read the controller's --manifest file and sync it"),
-    "cancel": (
-        "write",
-        '{"job": "<id, id prefix or name>"}',
-        "cancel a job that is not terminal; a running trainer is stopped by its agent",
-    ),
-    "requeue": (
-        "write",
-        '{"job": "<id, id prefix or name>"}',
-        "put a failed, cancelled or completed job back to pending as a new generation",
-    ),
-    "reconcile": ("write", "{}", "run one reconcile pass now (ticket repair, grace, takeover tickets)"),
-    "status": ("read", "{}", "job counts by state and workers alive/stale"),
-    "jobs": (
-        "read",
-        '{"state": "<state>", "model": "<model>", "host": "<host>"} (all optional)',
-        "job rows sorted by priority, filtered",
-    ),
-    "show": (
-        "read",
-        '{"job": "<id, id prefix or name>", "provenance": true}',
-        "record, state history and artifact provenance of one job",
-    ),
-    "workers": ("read", "{}", "registered agents with capability, age_s and alive"),
-    "hostpolicy": (
-        "read",
-        '{"host_id": "<id>"}',
-        "the manifest's caps for one host (max_cores, max_ram_gib, slots...); agents ask at start",
-    ),
-    "explain": (
-        "read",
-        '{"job": "<id, id prefix or name>"}',
-        "for every registered worker: can it run the job, and which constraint fails if not",
-    ),
-}
-
-
-# Micro error codes (the Nats-Service-Error-Code header) for the CLI exit codes in the body.
-ERROR_CODES = {1: "409", 2: "400", 3: "503", 4: "404", 5: "422"}
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:200]  # a header value: no newlines
-
-
 def _wrap(name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
     async def endpoint(req: Request) -> None:
         try:
             body = json.loads(req.data) if req.data.strip() else {}
             if not isinstance(body, dict):
                 raise ValueError("request body must be a JSON object (or empty)")
-            result = await handler(body)
-            await req.respond(json.dumps({"ok": True, "result": result}, default=str).encode())
-        except ManifestError as exc:
-            reply = {
-                "ok": False,
-                "error": str(exc),
-                "exit_code": exc.exit_code,
-                "problems": [p.to_dict() for p in exc.problems],
-            }
-            await req.respond_error("400", "manifest invalid", json.dumps(reply).encode())
-        except (TrainfleetError, ValueError) as exc:
-            code = getattr(exc, "exit_code", 2)
-            reply = {"ok": False, "error": str(exc), "exit_code": code}
-            await req.respond_error(ERROR_CODES.get(code, "400"), _one_line(str(exc)), json.dumps(reply).encode())
+            reply = ok_reply(await handler(body))
         except Exception as exc:
-            log.exception("control endpoint %s failed", name)
-            reply = {"ok": False, "error": f"internal error: {exc!r}", "exit_code": 1}
-            await req.respond_error("500", _one_line(repr(exc)), json.dumps(reply).encode())
+            code, description, error = error_reply(exc)
+            if code == "500":
+                log.exception("control endpoint %s failed", name)
+            await req.respond_error(code, description, error)
+            return
+        await req.respond(reply)
 
     return endpoint
 
 
-def service_metadata(ctl: Controller) -> dict[str, str]:
+def service_metadata(ctl: Served) -> dict[str, str]:
     """Per-instance metadata for `nats micro info`: which fleet, and which controller process."""
     names = ctl.names
     return {
@@ -207,7 +161,7 @@ def service_metadata(ctl: Controller) -> dict[str, str]:
     }
 
 
-async def start_service(ctl: Controller) -> Any:
+async def start_service(ctl: Served) -> Any:
     """Serve every endpoint as ``<prefix>.ctl.<name>`` in the controllers' queue group: with
     several controllers each request is handled by exactly one of them."""
     names = ctl.names
@@ -229,38 +183,3 @@ async def start_service(ctl: Controller) -> Any:
             metadata={"description": description, "request": request_doc, "effect": effect},
         )
     return service
-
-
-async def request(
-    nc: Client, names: Names, verb: str, body: dict[str, Any] | None = None, timeout_s: float = 30.0
-) -> Any:
-    """Call a control endpoint; raise TrainfleetError carrying the controller's message."""
-    import nats.errors
-
-    try:
-        reply = await nc.request(names.ctl_subject(verb), json.dumps(body or {}).encode(), timeout=timeout_s)
-    except nats.errors.NoRespondersError as exc:
-        raise BrokerError(
-            "no controller is running (nobody answers on "
-            f"{names.ctl_subject(verb)}); start one with `trainfleet controller`"
-        ) from exc
-    except nats.errors.TimeoutError as exc:
-        raise BrokerError(f"the controller did not answer {verb} within {timeout_s:g}s") from exc
-    try:
-        data = json.loads(reply.data or b"{}")
-    except ValueError:
-        error = (reply.headers or {}).get("Nats-Service-Error") or reply.data.decode(errors="replace")[:200]
-        raise TrainfleetError(f"the controller answered {verb} with something that is not JSON: {error}") from None
-    if not data.get("ok"):
-        err = ManifestErrorReply(data) if data.get("problems") else TrainfleetError(data.get("error", "failed"))
-        err.exit_code = int(data.get("exit_code", 1))
-        raise err
-    return data.get("result")
-
-
-class ManifestErrorReply(TrainfleetError):
-    """A manifest error reported by a remote controller."""
-
-    def __init__(self, data: dict[str, Any]):
-        self.problems = data.get("problems", [])
-        super().__init__(data.get("error", "manifest invalid"))

@@ -19,21 +19,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import ManifestError, TrainfleetError
+from trainfleet.broker.errors import EXIT_OK, FleetError, ManifestError, Unsatisfied
+from trainfleet.broker.logs import LiveProgress
+from trainfleet.broker.records import load_records
 from trainfleet.broker.schema import JobRecord, JobStatus
 from trainfleet.broker.server import EmbeddedServer
 from trainfleet.broker.settings import Settings
 from trainfleet.controller import view
 from trainfleet.controller.manifest import Manifest, load_manifest
-from trainfleet.controller.ops import LiveProgress
-from trainfleet.controller.store import load_records
 
 
 @dataclass
@@ -125,67 +124,6 @@ async def _provision(settings: Settings) -> None:
     await broker.close()
 
 
-def _progress_cell(rec: JobRecord) -> str:
-    text = view.progress_text(rec)
-    return f"[green]{text}[/]" if rec.status == JobStatus.COMPLETED else text
-
-
-def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bool = False) -> Table:
-    now = time.time()
-    done = sum(1 for r in records.values() if r.status.terminal)
-    title = f"trainfleet · {manifest.path} · {done}/{len(manifest.jobs)} done"
-    table = Table(title=title, title_justify="left", expand=False)
-    # Minimum widths keep the live table from jumping as bars and metrics appear.
-    columns = (
-        ("job", 0),
-        ("model/mode", 0),
-        ("state", 9),
-        ("host", 6),
-        ("try", 3),
-        ("time", 6),
-        ("artifact", 12) if final else ("progress", 16),
-        ("metric", 0 if final else 28),
-    )
-    for col, width in columns:
-        table.add_column(col, no_wrap=True, min_width=width or None)
-    for spec in sorted(manifest.jobs, key=lambda s: (-s.priority, s.name)):
-        rec = records.get(spec.job_id)
-        if rec is None:
-            table.add_row(spec.name, f"{spec.model}/{spec.mode}", "[dim]unsynced[/]", "", "", "", "", "")
-            continue
-        table.add_row(
-            spec.name,
-            f"{spec.model}/{spec.mode}",
-            view.styled_state(rec.status.value),
-            rec.claimed_by or "-",
-            str(rec.attempt),
-            view.fmt_duration(view.duration(rec, now)),
-            (rec.artifact or "-")[:12] if final else _progress_cell(rec),
-            view.headline(rec),
-        )
-    return table
-
-
-def summary_json(manifest: Manifest, records: dict[str, JobRecord]) -> list[dict[str, Any]]:
-    out = []
-    for spec in manifest.jobs:
-        rec = records.get(spec.job_id)
-        out.append(
-            {
-                "job_id": spec.job_id,
-                "name": spec.name,
-                "state": rec.status.value if rec else "unsynced",
-                "host": rec.claimed_by if rec else None,
-                "attempts": rec.attempt if rec else 0,
-                "duration_s": view.duration(rec) if rec else None,
-                "artifact": rec.artifact if rec else None,
-                "metrics": rec.metrics if rec else {},
-                "last_error": rec.last_error if rec else None,
-            }
-        )
-    return out
-
-
 async def watch(
     settings: Settings, manifest: Manifest, fleet: Fleet, console: Console, *, live: bool, timeout_s: float
 ) -> dict[str, JobRecord]:
@@ -198,7 +136,7 @@ async def watch(
     records: dict[str, JobRecord] = {}
     try:
         with (
-            Live(render_table(manifest, records), console=console, refresh_per_second=4, transient=True)
+            Live(view.render_table(manifest, records), console=console, refresh_per_second=4, transient=True)
             if live
             else contextlib.nullcontext() as display
         ):
@@ -207,29 +145,19 @@ async def watch(
                     k: live_progress.apply(s.record) for k, s in (await load_records(broker)).items() if k in wanted
                 }
                 if display is not None:
-                    display.update(render_table(manifest, records))
+                    display.update(view.render_table(manifest, records))
                 else:
-                    _print_changes(console, records, seen)
+                    view.print_changes(console, records, seen)
                 if len(records) == len(wanted) and all(r.status.terminal for r in records.values()):
                     return records
                 if dead := fleet.dead():
-                    raise TrainfleetError(f"{', '.join(dead)} exited early; see logs in {fleet.data_dir}")
+                    raise FleetError(f"{', '.join(dead)} exited early; see logs in {fleet.data_dir}")
                 if time.monotonic() > deadline:
-                    raise TrainfleetError(f"jobs still unfinished after {timeout_s:g}s")
+                    raise FleetError(f"jobs still unfinished after {timeout_s:g}s")
                 await asyncio.sleep(0.5)
     finally:
         await live_progress.stop()
         await broker.close()
-
-
-def _print_changes(console: Console, records: dict[str, JobRecord], seen: dict[str, str]) -> None:
-    for job_id, rec in sorted(records.items(), key=lambda kv: kv[1].spec.name):
-        key = f"{rec.status.value}/{rec.attempt}"
-        if seen.get(job_id) != key:
-            seen[job_id] = key
-            host = f" on {rec.claimed_by}" if rec.claimed_by else ""
-            extra = f" {view.headline(rec)}" if rec.status.terminal else ""
-            console.print(f"{time.strftime('%H:%M:%S')} {rec.spec.name:<28} {rec.status.value}{host}{extra}")
 
 
 def run_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -259,9 +187,9 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         records = asyncio.run(watch(settings, manifest, fleet, console, live=live, timeout_s=args.timeout_s))
         elapsed = time.monotonic() - started
         if args.json:
-            print(json.dumps(summary_json(manifest, records), indent=2, default=str))
+            print(json.dumps(view.summary_json(manifest, records), indent=2, default=str))
         else:
-            console.print(render_table(manifest, records, final=True))
+            console.print(view.render_table(manifest, records, final=True))
         ok = all(r.status == JobStatus.COMPLETED for r in records.values())
         counts = {s.value: sum(1 for r in records.values() if r.status == s) for s in JobStatus}
         console.print(
@@ -277,6 +205,6 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     signal.pause()
-        return 0 if ok else 1
+        return EXIT_OK if ok else Unsatisfied.exit_code
     finally:
         fleet.stop()

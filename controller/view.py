@@ -1,116 +1,361 @@
-"""Plain-text views of job records shared by the CLI, ``trainfleet up`` and the monitor.
+"""How the CLI and ``trainfleet up`` show things: every table, detail view and summary.
 
-Only formatting lives here: no I/O, no NATS. Markup strings use Rich's ``[style]…[/]``
-syntax, which both Rich tables and Textual widgets render.
+The CLI (cli.py) parses and dispatches; each verb hands its result here. Shared
+text of records and events (state colours, bars, durations) is broker/display.py,
+which the monitor uses too. Every printer takes plain values (what ops.py and the
+control service return), so ``--json`` and the text views show the same data.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from trainfleet.broker import display, tickets
+from trainfleet.broker.display import fmt_bytes, fmt_metrics
+from trainfleet.broker.logs import LogEntry
 from trainfleet.broker.schema import JobRecord, JobStatus
-
-STATE_STYLE = {
-    "pending": "dim",
-    "claimed": "yellow",
-    "running": "cyan",
-    "completed": "green",
-    "failed": "bold red",
-    "cancelled": "magenta",
-}
-
-BAR_WIDTH = 10
+from trainfleet.controller.explain import JobPlan, Match
+from trainfleet.controller.manifest import Manifest
 
 
-def progress_of(rec: JobRecord) -> tuple[int, int] | None:
-    """(step, total) from the record's last progress report, when the trainer gave both."""
-    step, total = (rec.progress or {}).get("step"), (rec.progress or {}).get("total")
-    if isinstance(step, int) and isinstance(total, int) and total > 0:
-        return max(0, min(step, total)), total
-    return None
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str, sort_keys=True))
 
 
-def bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
-    filled = max(0, min(width, round(width * step / total))) if total > 0 else 0
-    return "█" * filled + "░" * (width - filled)
+def show(value: Any, as_json: bool, render: Callable[[Any], str | None]) -> None:
+    """``value`` as JSON with ``--json``, else as ``render`` shows it: the text it returns is
+    printed (a table prints itself and returns None)."""
+    if as_json:
+        print_json(value)
+        return
+    text = render(value)
+    if text is not None:
+        print(text)
 
 
-def progress_text(rec: JobRecord, width: int = BAR_WIDTH) -> str:
-    """``███░░░░░░░ 3/10`` while the trainer reports, a full bar once completed, else empty."""
-    if rec.status == JobStatus.COMPLETED:
-        return bar(1, 1, width)
-    frac = progress_of(rec)
-    if frac is None or rec.status.terminal or rec.status == JobStatus.PENDING:
-        return ""
-    return f"{bar(*frac, width)} {frac[0]}/{frac[1]}"
+# -- manifests -----------------------------------------------------------------
+def manifest_problems(path: str, problems: list[Any], as_json: bool) -> None:
+    if as_json:
+        print_json({"ok": False, "problems": [p.to_dict() for p in problems]})
+        return
+    print(f"{len(problems)} problem(s) in {path}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
-def fmt_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def manifest_jobs(path: str, manifest: Manifest) -> str:
+    lines = [
+        f"{path}: {len(manifest.jobs)} job(s), {len(manifest.models)} model(s), {len(manifest.hosts)} host polic(ies)"
+    ]
+    for spec in manifest.jobs:
+        lines.append(
+            f"  {spec.job_id[:12]}  {spec.name:<28} {spec.model}/{spec.mode:<12} seed={spec.seed:<4} "
+            f"prio={spec.priority:<3} class={tickets.ticket_class(spec)}"
+        )
+    return "\n".join(lines)
 
 
-def fmt_metrics(metrics: dict[str, Any], limit: int | None = None) -> str:
-    items = list(metrics.items())[:limit] if limit else list(metrics.items())
-    return " ".join(f"{k}={fmt_value(v)}" for k, v in items)
+def sync_report(report: dict[str, Any]) -> str:
+    return (
+        f"{len(report['created'])} new, {len(report['updated'])} updated, "
+        f"{len(report['unchanged'])} unchanged, {len(report['not_in_manifest'])} only in the fleet"
+    )
 
 
-def headline(rec: JobRecord, limit: int = 2) -> str:
-    """The final headline metric once the trainer wrote one, else the latest reported metrics."""
-    if not rec.status.terminal:  # metrics of an earlier generation would mislead: show this run's
-        return fmt_metrics((rec.progress or {}).get("metrics") or {}, limit)
-    name = rec.metrics.get("headline") if rec.metrics else None
-    if name and name in rec.metrics:
-        return f"{name}={fmt_value(rec.metrics[name])}"
+# -- status, jobs, workers ---------------------------------------------------------
+def fleet_status(out: dict[str, Any]) -> str:
+    counts = "  ".join(f"{state}={n}" for state, n in out["jobs"].items() if n)
+    hosts = out["hosts"]
+    alive = f" ({', '.join(hosts['alive'])})" if hosts["alive"] else ""
+    stale = f" ({', '.join(hosts['stale'])})" if hosts["stale"] else ""
+    return (
+        f"jobs: {out['total']}" + (f"  {counts}" if counts else "") + "\n"
+        f"workers: {len(hosts['alive'])} alive{alive}, {len(hosts['stale'])} stale{stale}"
+    )
+
+
+def _row_progress(row: dict[str, Any]) -> str:
+    progress = row.get("progress") or {}
+    step, total = progress.get("step"), progress.get("total")
+    if row["state"] in ("claimed", "running") and isinstance(step, int) and isinstance(total, int) and total > 0:
+        return f"{display.bar(min(step, total), total, 8)} {step}/{total}"
     return ""
 
 
-def styled_state(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, '')}]{state}[/]" if state in STATE_STYLE else state
+def jobs_table(rows: list[dict[str, Any]], filtered: bool) -> None:
+    print(f"{'ID':<12}  {'NAME':<28} {'STATE':<10} {'HOST':<12} {'TRY':>3} {'PRIO':>4}  {'PROGRESS':<16} METRIC")
+    for r in rows:
+        metric = fmt_metrics(r["metric"] or (r["progress"] or {}).get("metrics") or {}, 2)
+        print(
+            f"{r['job_id'][:12]}  {r['name']:<28} {r['state']:<10} {r['host'] or '-':<12} "
+            f"{r['attempts']:>3} {r['priority']:>4}  {_row_progress(r):<16} {metric}".rstrip()
+        )
+    if not rows:
+        print("(no jobs" + (" match" if filtered else "") + ")", file=sys.stderr)
 
 
-def duration(rec: JobRecord, now: float | None = None) -> float | None:
-    if rec.started_at is None:
-        return None
-    return (rec.finished_at or (time.time() if now is None else now)) - rec.started_at
+def workers_table(workers: list[dict[str, Any]]) -> None:
+    print(f"{'HOST':<16} {'STATE':<6} {'CORES':>5} {'RAM GiB':>8} {'GPUS':>4} {'SEEN':>6}  {'JOBS':<14} CLASSES")
+    for w in workers:
+        cap = w["capability"]
+        seen = f"{w['age_s']:>5.0f}s" + ("" if w["alive"] else " stale")
+        jobs = ",".join(j[:12] for j in w["current_jobs"]) or "-"
+        print(
+            f"{w['host_id']:<16} {w['state']:<6} {cap['cores_usable']:>5g} {cap['ram_available_gib']:>8.1f} "
+            f"{len(cap['gpus']):>4} {seen:>6}  {jobs:<14} {','.join(w['classes'])}"
+        )
+    if not workers:
+        print("(no workers registered)", file=sys.stderr)
 
 
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+# -- show ----------------------------------------------------------------------------
+def job_detail(data: dict[str, Any]) -> None:
+    """``trainfleet show``: the record, its history and the bundle's provenance."""
+    _print_detail(data, msgspec.convert(_record_fields(data), JobRecord))
 
 
-def fmt_time(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+def _print_history(data: dict[str, Any]) -> None:
+    note = "; older revisions already dropped" if data["history_truncated"] else ""
+    print(f"history (revisions the jobs KV keeps, heartbeats collapsed{note}):")
+    for t in data["history"]:
+        print(
+            f"  rev {t['revision']:<6} {display.fmt_time(t['at'])}  {t['status']:<10} {t['host'] or '-':<12} "
+            f"attempt {t['attempt']}  gen {t['generation']}" + (f"  {t['reason']}" if t["reason"] else "")
+        )
 
 
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+def _print_provenance(prov: dict[str, Any]) -> None:
+    host = prov.get("host") or {}
+    timings = prov.get("timings") or {}
+    gpus = ", ".join(g.get("name", "?") for g in host.get("gpus") or []) or "none"
+    print("provenance (from the bundle):")
+    print(
+        f"  {'host':<11} {host.get('host_id', '-')}  {host.get('platform', '')}  "
+        f"{host.get('cores_usable', '?')} cores  {host.get('ram_total_gib', '?')} GiB  GPU: {gpus}"
+    )
+    print(f"  {'code':<11} {prov.get('code_commit') or '-'}")
+    versions = prov.get("versions") or {}
+    print(f"  {'versions':<11} " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"  {'attempt':<11} {prov.get('attempt', '-')} (generation {prov.get('generation', '-')})")
+    dur = timings.get("duration_s")
+    print(
+        f"  {'timings':<11} started {display.fmt_time(timings.get('started_at'))}, finished "
+        f"{display.fmt_time(timings.get('finished_at'))}" + (f" ({display.fmt_duration(dur)})" if dur else "")
+    )
+    if prov.get("argv"):
+        print(f"  {'argv':<11} {' '.join(map(str, prov['argv']))}")
 
 
-def event_text(kind: str, event: dict[str, Any], attempt: int | None) -> str:
-    """One line for an event on a job's events subject (progress, or the agent's started/finished)."""
-    if kind == "progress":
-        step, total = event.get("step"), event.get("total")
-        where = ""
-        if isinstance(step, int) and isinstance(total, int) and total > 0:
-            where = f"{bar(min(step, total), total)} {step}/{total} "
-        elif step is not None:
-            where = f"step {step} "
-        return f"[progress] {where}{fmt_metrics(event.get('metrics') or {})}".rstrip()
-    host = f" on {event['host']}" if event.get("host") else ""
-    outcome = f": {event['outcome']}" if event.get("outcome") else ""
-    return f"[{kind}] attempt {attempt if attempt is not None else '?'}{host}{outcome}"
+def _print_detail(data: dict[str, Any], rec: JobRecord) -> None:
+    spec = rec.spec
+    print(f"{spec.name}  ({rec.job_id})")
+    host = f" on {rec.claimed_by}" if rec.claimed_by else ""
+    print(
+        f"  {'state':<11} {rec.status.value}{host}  (attempt {rec.attempt} of {rec.max_attempts}, "
+        f"generation {rec.generation}, revision {data['revision']})"
+    )
+    print(f"  {'model':<11} {spec.model}/{spec.mode}  seed={spec.seed}  priority={spec.priority}  class={rec.klass}")
+    print(f"  {'hyper':<11} {json.dumps(spec.hyper, sort_keys=True)}")
+    needs = [
+        f"{k}={','.join(v) if isinstance(v, list) else v}"
+        for k, v in msgspec.to_builtins(spec.constraints).items()
+        if v
+    ]
+    needs += [f"requires={','.join(spec.requires)}"] if spec.requires else []
+    if needs:
+        print(f"  {'needs':<11} {'  '.join(needs)}")
+    if rec.status.held and (progress := display.progress_text(rec)):
+        print(f"  {'progress':<11} {progress}  {display.fmt_metrics((rec.progress or {}).get('metrics') or {})}")
+    if rec.metrics:
+        head = rec.metrics.get("headline")
+        ordered = {head: rec.metrics[head]} if head in rec.metrics else {}
+        ordered.update((k, v) for k, v in sorted(rec.metrics.items()) if k not in (head, "headline"))
+        print(f"  {'metrics':<11} {display.fmt_metrics(ordered)}")
+    if rec.artifact:
+        print(f"  {'artifact':<11} {rec.artifact}  ({display.fmt_bytes(rec.artifact_bytes)})")
+    print(
+        f"  {'times':<11} created {display.fmt_time(rec.created_at)}, started {display.fmt_time(rec.started_at)}, "
+        f"finished {display.fmt_time(rec.finished_at)}"
+        + (f" ({display.fmt_duration(display.duration(rec))})" if rec.started_at else "")
+    )
+    for host_id, why in sorted(rec.excluded_hosts.items()):
+        print(f"  {'excluded':<11} {host_id}: {why}")
+    if rec.reason:
+        print(f"  {'reason':<11} {rec.reason}")
+    if rec.last_error:
+        print("  last error:")
+        for line in rec.last_error.splitlines():
+            print(f"    {line}")
+    _print_history(data)
+    if data["provenance"]:
+        _print_provenance(data["provenance"])
+    elif data["provenance_error"]:
+        print(f"provenance: unavailable ({data['provenance_error']})")
+
+
+def _record_fields(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k in JobRecord.__struct_fields__}
+
+
+# -- logs ------------------------------------------------------------------------------
+class LogPrinter:
+    """Prints a job's log entries as they come, with a separator where another run begins."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.shown: tuple[int | None, int | None] | None = None
+
+    def entry(self, entry: LogEntry) -> None:
+        if self.as_json:
+            print(json.dumps(entry.to_json(), default=str), flush=True)
+            return
+        if entry.kind != "log":
+            print(display.event_text(entry.kind, entry.event or {}, entry.attempt), flush=True)
+            return
+        if self.shown is not None and entry.run != self.shown:
+            gen = f" (generation {entry.generation})" if entry.generation is not None else ""
+            print(f"--- attempt {entry.attempt}{gen} ---", flush=True)
+        self.shown = entry.run
+        print(entry.line, file=sys.stderr if entry.stream == "stderr" else sys.stdout, flush=True)
+
+
+# -- artifacts -------------------------------------------------------------------------
+def artifacts_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'ARTIFACT':<16} {'SIZE':>10}  {'JOB':<28} {'HOST':<12} STATE")
+    for r in rows:
+        job = r["name"] or "(orphan: no record points at it)"
+        state = r["state"] or "-"
+        if not r["stored"]:
+            state += "  MISSING from the object store"
+        print(f"{r['artifact'][:16]} {fmt_bytes(r['bytes']):>10}  {job:<28} {r['host'] or '-':<12} {state}")
+    if not rows:
+        print("(no artifacts)", file=sys.stderr)
+
+
+def artifact_fetched(result: dict[str, Any]) -> str:
+    lines = [f"downloaded {result['path']} ({result['bytes']} bytes, sha256 verified)"]
+    if result["extracted"]:
+        lines.append(f"extracted into {result['extracted']}")
+    return "\n".join(lines)
+
+
+def sweep_report(result: dict[str, Any]) -> str:
+    verb_text = "would purge" if result["dry_run"] else "purged"
+    return (
+        f"{verb_text} {result['chunk_sets']} stray chunk set(s), {result['chunks']} chunk(s) "
+        f"(no object points at them; newest chunk older than {result['older_than_s']:g}s)"
+    )
+
+
+# -- explain and plan --------------------------------------------------------------------
+def render_explain(record: JobRecord, matches: list[Match]) -> str:
+    lines = [
+        f"{record.spec.name} ({record.job_id[:12]}) is {record.status.value}; ticket class "
+        f"{', '.join(tickets.offered_classes(record))}"
+    ]
+    if record.reason:
+        lines.append(f"  last reason: {record.reason}")
+    if not matches:
+        lines.append("  no workers are registered")
+    for m in matches:
+        verdict = "can run it" if m.eligible else "cannot run it"
+        lines.append(f"  {m.host_id:<16} {verdict}{'' if m.alive else ' (stale)'}")
+        lines += [f"      ✗ {r}" for r in m.reasons]
+        lines += [f"      · {n}" for n in m.notes]
+    if matches and not any(m.eligible and m.alive for m in matches):
+        lines.append("  → no live worker can run this job now")
+    return "\n".join(lines)
+
+
+def render_plan(plans: list[JobPlan]) -> str:
+    lines = []
+    for p in plans:
+        hosts = ", ".join(p.hosts) if p.hosts else "NONE"
+        lines.append(f"{p.job_id[:12]}  {p.name:<28} {p.klass:<12} → {hosts}")
+        if not p.runnable:
+            for host, reasons in sorted(p.rejected.items()):
+                lines.append(f"      {host}: {'; '.join(reasons)}")
+    never = [p.name for p in plans if not p.runnable]
+    if never:
+        lines.append(f"warning: {len(never)} job(s) no registered host can ever run: {', '.join(never)}")
+    return "\n".join(lines)
+
+
+# -- trainfleet up ------------------------------------------------------------------------
+def _progress_cell(rec: JobRecord) -> str:
+    text = display.progress_text(rec)
+    return f"[green]{text}[/]" if rec.status == JobStatus.COMPLETED else text
+
+
+def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bool = False) -> Table:
+    now = time.time()
+    done = sum(1 for r in records.values() if r.status.terminal)
+    title = f"trainfleet · {manifest.path} · {done}/{len(manifest.jobs)} done"
+    table = Table(title=title, title_justify="left", expand=False)
+    # Minimum widths keep the live table from jumping as bars and metrics appear.
+    columns = (
+        ("job", 0),
+        ("model/mode", 0),
+        ("state", 9),
+        ("host", 6),
+        ("try", 3),
+        ("time", 6),
+        ("artifact", 12) if final else ("progress", 16),
+        ("metric", 0 if final else 28),
+    )
+    for col, width in columns:
+        table.add_column(col, no_wrap=True, min_width=width or None)
+    for spec in sorted(manifest.jobs, key=lambda s: (-s.priority, s.name)):
+        rec = records.get(spec.job_id)
+        if rec is None:
+            table.add_row(spec.name, f"{spec.model}/{spec.mode}", "[dim]unsynced[/]", "", "", "", "", "")
+            continue
+        table.add_row(
+            spec.name,
+            f"{spec.model}/{spec.mode}",
+            display.styled_state(rec.status.value),
+            rec.claimed_by or "-",
+            str(rec.attempt),
+            display.fmt_duration(display.duration(rec, now)),
+            (rec.artifact or "-")[:12] if final else _progress_cell(rec),
+            display.headline(rec),
+        )
+    return table
+
+
+def summary_json(manifest: Manifest, records: dict[str, JobRecord]) -> list[dict[str, Any]]:
+    out = []
+    for spec in manifest.jobs:
+        rec = records.get(spec.job_id)
+        out.append(
+            {
+                "job_id": spec.job_id,
+                "name": spec.name,
+                "state": rec.status.value if rec else "unsynced",
+                "host": rec.claimed_by if rec else None,
+                "attempts": rec.attempt if rec else 0,
+                "duration_s": display.duration(rec) if rec else None,
+                "artifact": rec.artifact if rec else None,
+                "metrics": rec.metrics if rec else {},
+                "last_error": rec.last_error if rec else None,
+            }
+        )
+    return out
+
+
+def print_changes(console: Console, records: dict[str, JobRecord], seen: dict[str, str]) -> None:
+    for job_id, rec in sorted(records.items(), key=lambda kv: kv[1].spec.name):
+        key = f"{rec.status.value}/{rec.attempt}"
+        if seen.get(job_id) != key:
+            seen[job_id] = key
+            host = f" on {rec.claimed_by}" if rec.claimed_by else ""
+            extra = f" {display.headline(rec)}" if rec.status.terminal else ""
+            console.print(f"{time.strftime('%H:%M:%S')} {rec.spec.name:<28} {rec.status.value}{host}{extra}")

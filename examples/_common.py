@@ -1,4 +1,4 @@
-"""Shared plumbing for the example trainers: CLI parsing, seeding, output files, errors.
+"""Shared plumbing for the example trainers: CLI entry, seeding, data split, outputs, errors.
 
 Kept free of torch and scikit-learn imports so each trainer pays only for what it uses.
 """
@@ -10,16 +10,20 @@ import json
 import os
 import random
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 OUTPUT_DIR_ENV = "TRAINFLEET_OUTPUT_DIR"
 METRICS_FILE = "metrics.json"
+TEST_FRACTION = 0.25
+
+ArrayT = TypeVar("ArrayT")
 
 
 class TrainerError(Exception):
@@ -34,6 +38,16 @@ class Hyper:
     parse: Callable[[str], Any]
     default: Any
     help: str
+
+
+@dataclass(frozen=True)
+class Split(Generic[ArrayT]):
+    """A train/test split of one dataset: numpy arrays or torch tensors, as the trainer uses."""
+
+    x_train: ArrayT
+    y_train: ArrayT
+    x_test: ArrayT
+    y_test: ArrayT
 
 
 def positive_int(text: str) -> int:
@@ -126,6 +140,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
+def cli_main(
+    prog: str,
+    description: str,
+    modes: Sequence[str],
+    hypers: Sequence[Hyper],
+    train: Callable[[argparse.Namespace], object],
+    argv: Sequence[str] | None,
+) -> int:
+    """A trainer's CLI entry: parse ``argv``, run ``train(args)``, return the exit status.
+
+    A usage error exits 2 from argparse itself, before anything is trained.
+    """
+    args = parse_args(build_parser(prog, description, modes, hypers), argv)
+    return run_main(prog, lambda: train(args))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's and numpy's global generators (torch is seeded by its trainer)."""
     random.seed(seed)
@@ -165,6 +195,28 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any], headline: str) -> Path
     return path
 
 
+def run_metrics(final: dict[str, float], started: float, data: Split[Any], device: str, **extra: Any) -> dict[str, Any]:
+    """The last evaluation plus what every run records: device, seconds since ``started``, split sizes."""
+    return {
+        **final,
+        "device": device,
+        "train_seconds": round(time.perf_counter() - started, 4),
+        "n_train": len(data.x_train),
+        "n_test": len(data.x_test),
+        **extra,
+    }
+
+
+def save_outputs(
+    prog: str, out_dir: Path, model_file: str, model_bytes: bytes, metrics: dict[str, Any], headline: str
+) -> dict[str, Any]:
+    """Write the model file, then ``metrics.json``, and log the closing line; returns ``metrics``."""
+    atomic_write_bytes(out_dir / model_file, model_bytes)
+    write_metrics(out_dir, metrics, headline)
+    log(f"{prog}: done {headline}={metrics[headline]:.4f} in {metrics['train_seconds']:.2f}s -> {out_dir}")
+    return metrics
+
+
 def _plain(value: Any) -> Any:
     """numpy/torch scalars to Python numbers so json can encode them."""
     if isinstance(value, bool | int | float | str) or value is None:
@@ -177,6 +229,12 @@ def _plain(value: Any) -> Any:
 def log(message: str) -> None:
     """A human-readable progress line; flushed because stdout is a pipe under the agent."""
     print(message, flush=True)
+
+
+def log_step(prog: str, unit: str, step: int, total: int, result: dict[str, float]) -> None:
+    """The progress line after one epoch/stage: ``prog: epoch 3/10 key=value ...``."""
+    shown = " ".join(f"{key}={value:.4f}" for key, value in result.items())
+    log(f"{prog}: {unit} {step}/{total} {shown}")
 
 
 def run_main(prog: str, main: Callable[[], object]) -> int:

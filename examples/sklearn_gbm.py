@@ -20,7 +20,6 @@ import pickle
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,19 +30,20 @@ from sklearn.model_selection import train_test_split
 
 from trainfleet.agent import progress
 from trainfleet.examples._common import (
+    TEST_FRACTION,
     Hyper,
+    Split,
     TrainerError,
-    atomic_write_bytes,
-    build_parser,
+    cli_main,
     log,
-    parse_args,
+    log_step,
     parse_bool,
     positive_float,
     positive_int,
     prepare_out_dir,
-    run_main,
+    run_metrics,
+    save_outputs,
     seed_everything,
-    write_metrics,
 )
 
 PROG = "sklearn_gbm"
@@ -57,23 +57,14 @@ HYPERS = (
     Hyper("fail", parse_bool, False, "raise after loading the data (for testing failure paths)"),
 )
 STAGE_ITERS = 10
-TEST_FRACTION = 0.25
 
-
-@dataclass(frozen=True)
-class Data:
-    """A train/test split of one bundled dataset."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+# Digits or diabetes, as numpy arrays.
+Data = Split[np.ndarray]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit status (argparse exits 2 by itself)."""
-    args = parse_args(build_parser(PROG, DESCRIPTION, MODES, HYPERS), argv)
-    return run_main(PROG, lambda: train(args))
+    return cli_main(PROG, DESCRIPTION, MODES, HYPERS, train, argv)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,21 +78,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args)
     started = time.perf_counter()
     final = fit(model, data, args)
-    metrics = {
-        **final,
-        "device": "cpu",
-        "train_seconds": round(time.perf_counter() - started, 4),
-        "n_train": len(data.x_train),
-        "n_test": len(data.x_test),
-        "n_iter": int(model.n_iter_),
-    }
-    atomic_write_bytes(out_dir / "model.pkl", pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
-    write_metrics(out_dir, metrics, HEADLINES[args.mode])
-    log(
-        f"{PROG}: done {HEADLINES[args.mode]}={metrics[HEADLINES[args.mode]]:.4f} "
-        f"in {metrics['train_seconds']:.2f}s -> {out_dir}"
-    )
-    return metrics
+    metrics = run_metrics(final, started, data, "cpu", n_iter=int(model.n_iter_))
+    model_bytes = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+    return save_outputs(PROG, out_dir, "model.pkl", model_bytes, metrics, HEADLINES[args.mode])
 
 
 def load_data(mode: str, seed: int) -> Data:
@@ -148,8 +127,7 @@ def fit(model: Any, data: Data, args: argparse.Namespace) -> dict[str, float]:
         model.set_params(max_iter=done)
         model.fit(data.x_train, data.y_train)
         result = evaluate(model, data, args.mode)
-        shown = " ".join(f"{key}={value:.4f}" for key, value in result.items())
-        log(f"{PROG}: iteration {done}/{args.max_iter} {shown}")
+        log_step(PROG, "iteration", done, args.max_iter, result)
         progress.report(step=done, total=args.max_iter, **_progress_metrics(result, args.mode))
     return result
 

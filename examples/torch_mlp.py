@@ -20,8 +20,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,18 +30,19 @@ from torch import nn
 
 from trainfleet.agent import progress
 from trainfleet.examples._common import (
+    TEST_FRACTION,
     Hyper,
+    Split,
     TrainerError,
-    atomic_write_bytes,
-    build_parser,
+    cli_main,
     log,
-    parse_args,
+    log_step,
     positive_float,
     positive_int,
     prepare_out_dir,
-    run_main,
+    run_metrics,
+    save_outputs,
     seed_everything,
-    write_metrics,
 )
 
 PROG = "torch_mlp"
@@ -57,23 +56,14 @@ HYPERS = (
     Hyper("batch_size", positive_int, 64, "minibatch size"),
     Hyper("bottleneck", positive_int, 8, "code size (autoencode only; ignored otherwise)"),
 )
-TEST_FRACTION = 0.25
 
-
-@dataclass(frozen=True)
-class Data:
-    """Standardised digits on the training device."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+# Standardised digits on the training device.
+Data = Split[torch.Tensor]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit status (argparse exits 2 by itself)."""
-    args = parse_args(build_parser(PROG, DESCRIPTION, MODES, HYPERS), argv)
-    return run_main(PROG, lambda: train(args))
+    return cli_main(PROG, DESCRIPTION, MODES, HYPERS, train, argv)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,21 +78,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     started = time.perf_counter()
     final = fit(model, data, args)
-    metrics = {
-        **final,
-        "device": str(device),
-        "train_seconds": round(time.perf_counter() - started, 4),
-        "n_train": len(data.x_train),
-        "n_test": len(data.x_test),
-        "epochs": args.epochs,
-    }
-    _save_model(model, out_dir / "model.pt")
-    write_metrics(out_dir, metrics, HEADLINES[args.mode])
-    log(
-        f"{PROG}: done {HEADLINES[args.mode]}={metrics[HEADLINES[args.mode]]:.4f} "
-        f"in {metrics['train_seconds']:.2f}s -> {out_dir}"
-    )
-    return metrics
+    metrics = run_metrics(final, started, data, str(device), epochs=args.epochs)
+    return save_outputs(PROG, out_dir, "model.pt", _model_bytes(model), metrics, HEADLINES[args.mode])
 
 
 def _setup_torch(seed: int) -> torch.device:
@@ -166,8 +143,7 @@ def fit(model: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, flo
     for epoch in range(1, args.epochs + 1):
         train_loss = _train_epoch(model, optimiser, data, args, shuffle)
         result = {"train_loss": train_loss, **evaluate(model, data, args.mode)}
-        shown = " ".join(f"{key}={value:.4f}" for key, value in result.items())
-        log(f"{PROG}: epoch {epoch}/{args.epochs} {shown}")
+        log_step(PROG, "epoch", epoch, args.epochs, result)
         _check_finite(train_loss, epoch)
         progress.report(step=epoch, total=args.epochs, **_progress_metrics(result, args.mode))
     return result
@@ -225,11 +201,11 @@ def _check_finite(loss: float, epoch: int) -> None:
         raise TrainerError(f"training diverged at epoch {epoch} (loss={loss}); try a smaller --lr")
 
 
-def _save_model(model: nn.Module, path: Path) -> None:
-    """Save the state_dict from CPU tensors so any host can load it without CUDA."""
+def _model_bytes(model: nn.Module) -> bytes:
+    """The saved state_dict, from CPU tensors so any host can load it without CUDA."""
     buffer = io.BytesIO()
     torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import pytest
 
 from trainfleet.agent.agent import Agent, AgentOptions
 from trainfleet.broker.connection import Broker
+from trainfleet.broker.records import load_records
 from trainfleet.broker.schema import Capability, JobRecord
 from trainfleet.broker.server import EmbeddedServer
 from trainfleet.broker.settings import Settings
 from trainfleet.controller.controller import Controller
 from trainfleet.controller.manifest import Manifest, parse_manifest
-from trainfleet.controller.store import load_records
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -289,3 +289,8 @@ async def trainer_starts(broker: Broker, job_ids: list[str] | set[str] | None = 
             if event.kind == "started" and (job_ids is None or event.job_id in job_ids):
                 counts[event.job_id] = counts.get(event.job_id, 0) + 1
     return counts
+
+
+async def stock_artifacts(broker: Broker) -> Any:
+    """The artifacts bucket through nats-py's own object store (a stock client, for interop)."""
+    return await broker.js.object_store(broker.names.artifacts_bucket)

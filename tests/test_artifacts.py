@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from trainfleet.agent import artifacts
+from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.bundle import build_bundle, extract, read_provenance
 from trainfleet.broker.errors import ArtifactError
+
+from .conftest import stock_artifacts
 
 
 def make_output(root: Path) -> Path:
@@ -33,20 +36,20 @@ def zst_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> 
 
 def test_bundle_id_is_the_sha256_of_its_bytes_and_round_trips(tmp_path):
     out = make_output(tmp_path)
-    bundle = artifacts.build_bundle(out, {"job": {"job_id": "x"}}, tmp_path / "b.tar.zst")
+    bundle = build_bundle(out, {"job": {"job_id": "x"}}, tmp_path / "b.tar.zst")
     assert bundle.sha256 == hashlib.sha256(bundle.path.read_bytes()).hexdigest()
     assert bundle.size == bundle.path.stat().st_size
-    target = artifacts.extract(bundle.path, tmp_path / "x")
+    target = extract(bundle.path, tmp_path / "x")
     assert (target / "output" / "model.bin").read_bytes() == (out / "model.bin").read_bytes()
     assert (target / "output" / "sub" / "metrics.json").exists()
-    assert artifacts.read_provenance(bundle.path) == {"job": {"job_id": "x"}}
+    assert read_provenance(bundle.path) == {"job": {"job_id": "x"}}
 
 
 def test_symlinks_in_the_output_dir_never_travel(tmp_path):
     out = make_output(tmp_path)
     (out / "escape").symlink_to("/etc/passwd")
-    bundle = artifacts.build_bundle(out, {}, tmp_path / "b.tar.zst")
-    target = artifacts.extract(bundle.path, tmp_path / "x")
+    bundle = build_bundle(out, {}, tmp_path / "b.tar.zst")
+    target = extract(bundle.path, tmp_path / "x")
     assert not (target / "output" / "escape").exists()
 
 
@@ -56,7 +59,7 @@ def test_extraction_refuses_paths_that_leave_the_target(tmp_path, name):
     info.size = 4
     bad = zst_tar(tmp_path / "bad.tar.zst", [(info, b"evil")])
     with pytest.raises(ArtifactError, match="outside"):
-        artifacts.extract(bad, tmp_path / "target")
+        extract(bad, tmp_path / "target")
     assert not (tmp_path / "evil.txt").exists()
 
 
@@ -66,39 +69,39 @@ def test_extraction_refuses_links_and_devices(tmp_path):
     link.linkname = "/etc/passwd"
     bad = zst_tar(tmp_path / "bad.tar.zst", [(link, None)])
     with pytest.raises(ArtifactError, match="only regular files"):
-        artifacts.extract(bad, tmp_path / "target")
+        extract(bad, tmp_path / "target")
 
 
 def test_a_truncated_bundle_is_rejected_with_a_clear_error(tmp_path):
-    bundle = artifacts.build_bundle(make_output(tmp_path), {}, tmp_path / "b.tar.zst")
+    bundle = build_bundle(make_output(tmp_path), {}, tmp_path / "b.tar.zst")
     data = bundle.path.read_bytes()
     cut = tmp_path / "cut.tar.zst"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtifactError, match="not a valid trainfleet bundle"):
-        artifacts.extract(cut, tmp_path / "target")
+        extract(cut, tmp_path / "target")
 
 
 async def test_upload_deduplicates_and_download_verifies(broker, tmp_path):
-    bundle = artifacts.build_bundle(make_output(tmp_path), {"p": 1}, tmp_path / "b.tar.zst")
-    assert await artifacts.upload(broker, bundle) == bundle.sha256
-    info_before = await broker.artifacts.get_info(bundle.sha256)
+    bundle = build_bundle(make_output(tmp_path), {"p": 1}, tmp_path / "b.tar.zst")
+    assert await Artifacts(broker).put(bundle) == bundle.sha256
+    info_before = await (await stock_artifacts(broker)).get_info(bundle.sha256)
     # The same bytes again: nothing new is written
-    assert await artifacts.upload(broker, bundle) == bundle.sha256
-    assert (await broker.artifacts.get_info(bundle.sha256)).nuid == info_before.nuid
-    got = await artifacts.download(broker, bundle.sha256, tmp_path / "dl" / "got.tar.zst")
+    assert await Artifacts(broker).put(bundle) == bundle.sha256
+    assert (await (await stock_artifacts(broker)).get_info(bundle.sha256)).nuid == info_before.nuid
+    got = await Artifacts(broker).get(bundle.sha256, tmp_path / "dl" / "got.tar.zst")
     assert got.read_bytes() == bundle.path.read_bytes()
 
 
 async def test_download_with_a_digest_mismatch_fails_and_leaves_nothing(broker, tmp_path):
     # An object stored under a name that is not the sha256 of its bytes (tampered or corrupt)
     fake_id = "0" * 64
-    await broker.artifacts.put(fake_id, b"these bytes do not hash to zeros")
+    await (await stock_artifacts(broker)).put(fake_id, b"these bytes do not hash to zeros")
     dest = tmp_path / "dl" / "x.tar.zst"
     with pytest.raises(ArtifactError, match="hash to"):
-        await artifacts.download(broker, fake_id, dest)
+        await Artifacts(broker).get(fake_id, dest)
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
 
 async def test_download_of_a_missing_artifact_is_a_clear_error(broker, tmp_path):
     with pytest.raises(ArtifactError, match="not in the object store"):
-        await artifacts.download(broker, "f" * 64, tmp_path / "x")
+        await Artifacts(broker).get("f" * 64, tmp_path / "x")

@@ -15,7 +15,7 @@ import pytest
 
 from trainfleet.broker.schema import JobStatus
 
-from .conftest import KVAudit, linreg_manifest, records, trainer_starts, wait_terminal
+from .conftest import KVAudit, linreg_manifest, records, stock_artifacts, trainer_starts, wait_terminal
 
 JOBS = int(os.environ.get("TRAINFLEET_CHAOS_JOBS", "200"))
 AGENTS = 4
@@ -115,7 +115,7 @@ async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, br
     doubled = [i for i in ids if completions.get((i, 1), 0) > 1]
     starts = await trainer_starts(broker, ids)
     referenced = {r.artifact for r in (await records(broker)).values()}
-    stored = {o.name for o in await broker.artifacts.list()}
+    stored = {o.name for o in await (await stock_artifacts(broker)).list()}
     print(
         f"\nchaos: {JOBS} jobs, {AGENTS} agents, {sum(a.kills for a in agents)} SIGKILLs | "
         f"lost={len(lost)} double-accepted={len(doubled)} "

@@ -15,11 +15,12 @@ import nats.js.errors
 import pytest
 
 from trainfleet.broker.errors import TrainfleetError
+from trainfleet.broker.records import get_record
 from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, encode
+from trainfleet.broker.tickets import scan_tickets
 from trainfleet.controller.controller import Controller
-from trainfleet.controller.store import get_record, scan_tickets
 
-from .conftest import KVAudit, linreg_manifest, records, trainer_starts, wait_for, wait_terminal
+from .conftest import KVAudit, linreg_manifest, records, stock_artifacts, trainer_starts, wait_for, wait_terminal
 
 LONG = 400_000  # linreg epochs: tens of seconds of real training, longer than any test waits
 MEDIUM = 12_000  # a few seconds
@@ -349,5 +350,5 @@ async def test_an_oversized_artifact_fails_the_job_with_a_clear_error(fleet, bro
     assert rec.status == JobStatus.FAILED and "over max_artifact_bytes 100" in rec.last_error
     assert rec.artifact is None
     with pytest.raises(nats.js.errors.NotFoundError):  # nats-py's way of saying "no objects"
-        await broker.artifacts.list()
+        await (await stock_artifacts(broker)).list()
     assert await scan_tickets(broker) == []

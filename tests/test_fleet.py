@@ -7,10 +7,12 @@ import json
 
 import nats.js.errors
 
-from trainfleet.agent import artifacts
+from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.bundle import extract
+from trainfleet.broker.records import record_history
 from trainfleet.broker.schema import JobRecord, JobStatus, decode
+from trainfleet.broker.tickets import scan_tickets
 from trainfleet.controller.manifest import parse_manifest
-from trainfleet.controller.store import key_history, scan_tickets
 
 from .conftest import REPO, KVAudit, gbm_jobs, gbm_manifest, records, wait_for, wait_terminal
 
@@ -18,7 +20,7 @@ from .conftest import REPO, KVAudit, gbm_jobs, gbm_manifest, records, wait_for, 
 async def status_history(broker, job_id: str) -> list[tuple[str, str | None, int]]:
     """(status, claimed_by, attempt) for every revision the KV keeps of a job."""
     out = []
-    for entry in await key_history(broker, broker.jobs, job_id):
+    for entry in await record_history(broker, job_id):
         rec: JobRecord = decode(entry.value, JobRecord)
         out.append((rec.status.value, rec.claimed_by, rec.attempt))
     return out
@@ -46,9 +48,9 @@ async def test_two_agents_complete_every_job_exactly_once_with_verified_artifact
         # every held revision the KV keeps names one holder and one attempt
         assert {(h[1], h[2]) for h in history if h[0] != "pending"} == {(rec.claimed_by, 1)}
         # and its artifact downloads, verifies by sha256 and holds the trainer's output + provenance
-        bundle = await artifacts.download(broker, rec.artifact, tmp_path / f"{spec.name}.tar.zst")
+        bundle = await Artifacts(broker).get(rec.artifact, tmp_path / f"{spec.name}.tar.zst")
         assert hashlib.sha256(bundle.read_bytes()).hexdigest() == rec.artifact
-        out = artifacts.extract(bundle, tmp_path / spec.name)
+        out = extract(bundle, tmp_path / spec.name)
         metrics = json.loads((out / "output" / "metrics.json").read_text())
         assert metrics[metrics["headline"]] == rec.metrics[metrics["headline"]]
         provenance = json.loads((out / "provenance.json").read_text())
@@ -165,16 +167,16 @@ async def test_upload_failure_leaves_the_job_retryable(fleet, broker, monkeypatc
     manifest = gbm_manifest(gbm_jobs(1))
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
-    real_upload = artifacts.upload
+    real_upload = Artifacts.put
     calls = {"n": 0}
 
-    async def flaky_upload(b, bundle):
+    async def flaky_upload(store, bundle):
         calls["n"] += 1
         if calls["n"] == 1:
             raise nats.js.errors.ServiceUnavailableError(description="injected upload failure")
-        return await real_upload(b, bundle)
+        return await real_upload(store, bundle)
 
-    monkeypatch.setattr(artifacts, "upload", flaky_upload)
+    monkeypatch.setattr(Artifacts, "put", flaky_upload)
     audit = await KVAudit(broker).start()
     fleet.start_agent("a1")
     job_id = manifest.jobs[0].job_id

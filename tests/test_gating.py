@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
+from trainfleet.broker.records import get_record
 from trainfleet.broker.schema import GpuInfo, JobStatus, WorkerRecord
-from trainfleet.controller.explain import explain_job, plan_manifest, render_explain, render_plan
-from trainfleet.controller.store import get_record, load_workers
+from trainfleet.broker.workers import load_workers
+from trainfleet.controller.explain import explain_job, plan_manifest
+from trainfleet.controller.view import render_explain, render_plan
 
 from .conftest import LINREG_MODEL, fake_capability, linreg_manifest, records, wait_for, wait_terminal
 

@@ -12,9 +12,10 @@ import pytest
 
 from trainfleet.agent.capability import detect, render_text
 from trainfleet.broker.schema import JobStatus
-from trainfleet.controller.explain import explain_job, render_explain
+from trainfleet.broker.workers import load_workers
+from trainfleet.controller.explain import explain_job
 from trainfleet.controller.manifest import parse_manifest
-from trainfleet.controller.store import load_workers
+from trainfleet.controller.view import render_explain
 
 from .conftest import records, wait_for, wait_terminal
 

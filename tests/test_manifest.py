@@ -10,13 +10,13 @@ import pytest
 
 from trainfleet.broker.errors import ManifestError, ManifestProblem
 from trainfleet.broker.schema import Constraints, JobSpec
+from trainfleet.broker.tickets import ticket_class
 from trainfleet.controller.manifest import (
     HostPolicy,
     Manifest,
     job_id_for,
     load_manifest,
     parse_manifest,
-    ticket_class,
 )
 
 BASE = """\

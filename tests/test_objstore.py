@@ -20,9 +20,10 @@ from nats.js import api
 from nats.js.object_store import ObjectStore
 
 from bench.proxy import LatencyProxy
-from trainfleet.agent import artifacts
-from trainfleet.broker.errors import ArtifactError
-from trainfleet.broker.objstore import ObjectNotFound, ObjectStoreClient, TransferStats, encode_name
+from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.bundle import Bundle
+from trainfleet.broker.errors import ArtifactError, ObjectNotFound
+from trainfleet.broker.objstore import ObjectStoreClient, TransferStats, encode_name
 from trainfleet.broker.server import EmbeddedServer
 
 BUCKET = "t"
@@ -271,11 +272,11 @@ async def test_an_upload_whose_bytes_do_not_match_the_bundle_id_is_refused_and_r
     # Given a bundle whose file changed after it was hashed (same size, other bytes)
     path = tmp_path / "b.tar.zst"
     path.write_bytes(b"original")
-    bundle = artifacts.Bundle(path=path, sha256=hashlib.sha256(b"original").hexdigest(), size=8)
+    bundle = Bundle(path=path, sha256=hashlib.sha256(b"original").hexdigest(), size=8)
     path.write_bytes(b"tampered")
     with pytest.raises(ArtifactError, match="changed on disk"):
-        await artifacts.upload(broker, bundle)
-    assert await artifacts.object_store(broker).info(bundle.sha256) is None
+        await Artifacts(broker).put(bundle)
+    assert await Artifacts(broker).store.info(bundle.sha256) is None
 
 
 async def test_the_latency_proxy_delays_cuts_and_restores_a_link(nats_server):

@@ -15,16 +15,18 @@ import msgspec
 import pytest
 from nats.micro.service import ServiceVerb, control_subject
 
-from trainfleet.agent import artifacts
-from trainfleet.broker.connection import JOBS_KV_HISTORY
+from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.bundle import Bundle, build_bundle
+from trainfleet.broker.control import ENDPOINT_DOCS, request
 from trainfleet.broker.errors import ArtifactError, BrokerError, TrainfleetError
+from trainfleet.broker.logs import LiveProgress, LogEntry, read_logs
+from trainfleet.broker.provision import JOBS_KV_HISTORY
+from trainfleet.broker.records import get_record, record_history
 from trainfleet.broker.schema import JobRecord, JobStatus, ProgressEvent, decode, encode
 from trainfleet.controller import ops
 from trainfleet.controller.controller import Controller
-from trainfleet.controller.service import ENDPOINT_DOCS, request
-from trainfleet.controller.store import get_record, key_history
 
-from .conftest import gbm_jobs, gbm_manifest, wait_for, wait_terminal
+from .conftest import gbm_jobs, gbm_manifest, stock_artifacts, wait_for, wait_terminal
 
 
 async def put_record(broker, name: str = "job-0", **changes) -> JobRecord:
@@ -184,12 +186,12 @@ async def test_key_history_reads_every_kept_revision_and_marks_deletes(broker):
     for beat in range(12):
         rec = await write(broker, rec, heartbeat_at=float(beat))
     await broker.jobs.delete(rec.job_id)
-    entries = await key_history(broker, broker.jobs, rec.job_id)
+    entries = await record_history(broker, rec.job_id)
     assert len(entries) == JOBS_KV_HISTORY
     assert [e.operation for e in entries] == [None] * (JOBS_KV_HISTORY - 1) + ["DEL"]
     assert [e.revision for e in entries] == sorted(e.revision for e in entries)
     assert decode(entries[-2].value, JobRecord).heartbeat_at == 11.0
-    assert await key_history(broker, broker.jobs, "no-such-job") == []
+    assert await record_history(broker, "no-such-job") == []
     assert await ops.job_history(broker, "no-such-job") == ([], False)
 
 
@@ -206,8 +208,8 @@ async def test_logs_read_every_line_in_order_and_filter_by_attempt(broker):
     other = await put_record(broker, name="other")
     await publish_line(broker, other.job_id, "someone else's line")
 
-    async def read(**kwargs) -> list[ops.LogEntry]:
-        async with contextlib.aclosing(ops.read_logs(broker, rec.job_id, **kwargs)) as entries:
+    async def read(**kwargs) -> list[LogEntry]:
+        async with contextlib.aclosing(read_logs(broker, rec.job_id, **kwargs)) as entries:
             return [e async for e in entries]
 
     lines = await read()
@@ -227,7 +229,7 @@ async def test_logs_read_every_line_in_order_and_filter_by_attempt(broker):
 
 async def test_logs_of_a_job_without_output_end_at_once(broker):
     rec = await put_record(broker, status=JobStatus.CANCELLED)
-    async with contextlib.aclosing(ops.read_logs(broker, rec.job_id, follow=True)) as entries:
+    async with contextlib.aclosing(read_logs(broker, rec.job_id, follow=True)) as entries:
         assert [e async for e in entries] == []
 
 
@@ -239,7 +241,7 @@ async def test_following_logs_streams_live_lines_until_the_job_is_terminal(broke
     first_seen = asyncio.Event()
 
     async def follow() -> None:
-        async with contextlib.aclosing(ops.read_logs(broker, rec.job_id, follow=True, poll_s=0.2)) as entries:
+        async with contextlib.aclosing(read_logs(broker, rec.job_id, follow=True, poll_s=0.2)) as entries:
             async for entry in entries:
                 seen.append(entry.line or "")
                 first_seen.set()
@@ -264,7 +266,7 @@ async def test_progress_events_of_a_real_trainer_arrive_in_order(fleet, broker):
     fleet.start_agent("a1")
     job_id = manifest.jobs[0].job_id
     await wait_terminal(broker, [job_id])
-    async with contextlib.aclosing(ops.read_logs(broker, job_id, events=True)) as entries:
+    async with contextlib.aclosing(read_logs(broker, job_id, events=True)) as entries:
         events = [e for e in [e async for e in entries] if e.kind != "log"]
     progress = [e.event for e in events if e.kind == "progress"]
     steps = [p["step"] for p in progress]
@@ -277,7 +279,7 @@ async def test_progress_events_of_a_real_trainer_arrive_in_order(fleet, broker):
 
 
 async def test_live_progress_overlays_the_current_attempt_only(broker):
-    live = await ops.LiveProgress().start(broker)
+    live = await LiveProgress().start(broker)
     try:
         rec = await put_record(broker, status=JobStatus.RUNNING, claimed_by="a1", attempt=2)
         for attempt, step in ((1, 9), (2, 3)):
@@ -295,46 +297,46 @@ async def test_live_progress_overlays_the_current_attempt_only(broker):
 
 
 # -- provenance and artifacts --------------------------------------------------------
-def make_bundle(tmp_path: Path, name: str, payload: bytes, provenance: dict) -> artifacts.Bundle:
+def make_bundle(tmp_path: Path, name: str, payload: bytes, provenance: dict) -> Bundle:
     out = tmp_path / name
     out.mkdir()
     (out / "model.bin").write_bytes(payload)
-    return artifacts.build_bundle(out, provenance, tmp_path / f"{name}.tar.zst")
+    return build_bundle(out, provenance, tmp_path / f"{name}.tar.zst")
 
 
 async def test_provenance_comes_from_the_first_chunks_of_a_large_bundle(broker, tmp_path, monkeypatch):
     # Given a bundle of several MiB of incompressible output (several object-store chunks)
     provenance = {"job": {"job_id": "x"}, "code_commit": "abc123", "versions": {"python": "3.11"}}
     bundle = make_bundle(tmp_path, "big", os.urandom(4 << 20), provenance)
-    await artifacts.upload(broker, bundle)
-    chunks = (await broker.artifacts.get_info(bundle.sha256)).chunks
+    await Artifacts(broker).put(bundle)
+    chunks = (await (await stock_artifacts(broker)).get_info(bundle.sha256)).chunks
     reads = {"n": 0}
-    real_get_msg = broker.js.get_msg
+    real_request = broker.nc.request
 
-    async def counting_get_msg(*args, **kwargs):
-        reads["n"] += bool(kwargs.get("next"))  # chunk reads (the object's info is read too)
-        return await real_get_msg(*args, **kwargs)
+    async def counting_request(subject, payload=b"", *args, **kwargs):
+        reads["n"] += b"next_by_subj" in payload  # chunk reads (the object's info is read too)
+        return await real_request(subject, payload, *args, **kwargs)
 
-    monkeypatch.setattr(broker.js, "get_msg", counting_get_msg)
+    monkeypatch.setattr(broker.nc, "request", counting_request)
     # When show reads its provenance
-    assert await ops.fetch_provenance(broker, bundle.sha256) == provenance
+    assert await Artifacts(broker).provenance(bundle.sha256) == provenance
     # Then it read only the start of the bundle
     assert chunks > 1 and reads["n"] == 1
 
 
 async def test_provenance_of_a_missing_or_foreign_object_is_an_artifact_error(broker, tmp_path):
     with pytest.raises(ArtifactError, match="not in the object store"):
-        await ops.fetch_provenance(broker, "0" * 64)
-    await broker.artifacts.put("f" * 64, b"definitely not zstd")
+        await Artifacts(broker).provenance("0" * 64)
+    await (await stock_artifacts(broker)).put("f" * 64, b"definitely not zstd")
     with pytest.raises(ArtifactError):
-        await ops.fetch_provenance(broker, "f" * 64)
+        await Artifacts(broker).provenance("f" * 64)
 
 
 async def test_artifact_listing_marks_orphans_and_missing_bundles(broker, tmp_path):
     kept = make_bundle(tmp_path, "kept", b"model", {"job": {}})
     orphan = make_bundle(tmp_path, "orphan", b"fenced agent's model", {"job": {}})
     for bundle in (kept, orphan):
-        await artifacts.upload(broker, bundle)
+        await Artifacts(broker).put(bundle)
     await put_record(
         broker, name="done", status=JobStatus.COMPLETED, claimed_by="a1", artifact=kept.sha256, artifact_bytes=kept.size
     )
@@ -361,7 +363,7 @@ async def test_artifact_listing_marks_orphans_and_missing_bundles(broker, tmp_pa
 
 async def test_job_detail_has_record_history_and_provenance(broker, tmp_path):
     bundle = make_bundle(tmp_path, "b", b"m", {"job": {"name": "done"}, "attempt": 1})
-    await artifacts.upload(broker, bundle)
+    await Artifacts(broker).put(bundle)
     rec = await put_record(broker, name="done")
     await write(broker, rec, status=JobStatus.COMPLETED, artifact=bundle.sha256, attempt=1, claimed_by="a1")
     detail = await ops.job_detail(broker, "done")
@@ -375,11 +377,11 @@ UPLOADER = """
 import asyncio, sys
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.settings import Settings
-from trainfleet.agent import artifacts
+from trainfleet.broker.artifacts import Artifacts
 
 async def main():
     broker = await Broker.connect(Settings(url=sys.argv[1]))
-    store = artifacts.object_store(broker)
+    store = Artifacts(broker).store
     store.window_bytes = 1 << 20  # a slow, steady upload: easy to cut off mid-way
     await store.put_file("cut-off", sys.argv[2])
 
@@ -388,7 +390,7 @@ asyncio.run(main())
 
 
 async def stored_chunk_sets(broker) -> dict[str, int]:
-    store = artifacts.object_store(broker)
+    store = Artifacts(broker).store
     prefix = f"$O.{store.bucket}.C."
     return {s[len(prefix) :]: n for s, n in (await store._subject_counts(prefix + ">")).items()}
 
@@ -398,8 +400,8 @@ async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_
 ):
     # Given a stored artifact, and an upload whose process is SIGKILLed after some chunks are in
     kept = make_bundle(tmp_path, "kept", b"k" * 300_000, {"job_id": "kept"})
-    await artifacts.upload(broker, kept)
-    store = artifacts.object_store(broker)
+    await Artifacts(broker).put(kept)
+    store = Artifacts(broker).store
     kept_nuid = (await store.info(kept.sha256)).nuid
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(256 << 20))
@@ -436,7 +438,7 @@ async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_
     assert (report["chunk_sets"], report["chunks"], report["nuids"]) == (1, *cut.values(), list(cut))
     assert await stored_chunk_sets(broker) == {kept_nuid: sets[kept_nuid]}
     # Then the stored artifact still downloads, verified
-    dest = await artifacts.download(broker, kept.sha256, tmp_path / "dl" / "kept.tar.zst")
+    dest = await Artifacts(broker).get(kept.sha256, tmp_path / "dl" / "kept.tar.zst")
     assert dest.read_bytes() == kept.path.read_bytes()
 
 
@@ -446,7 +448,7 @@ async def _upload_under_way(broker, kept_nuid: str) -> bool:
 
 async def test_the_controller_sweeps_stray_chunks_on_its_own(broker, settings):
     # Given chunks no info points at (as a cut-off upload leaves them)
-    store = artifacts.object_store(broker)
+    store = Artifacts(broker).store
     for _ in range(3):
         await broker.js.publish(store.chunk_subject("strayNUID"), b"s" * 1000)
     assert await stored_chunk_sets(broker) == {"strayNUID": 3}

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
-from trainfleet.broker.connection import ConsumerUnavailable, TicketPuller
+from trainfleet.broker.errors import ConsumerUnavailable
+from trainfleet.broker.provision import ensure_consumer
+from trainfleet.broker.tickets import TicketPuller
 
 from .conftest import wait_for
 
@@ -21,7 +23,7 @@ async def puller(broker):
 
 
 async def test_an_empty_class_answers_none_at_once_and_a_queued_ticket_comes_back(broker, puller):
-    durable = await broker.ensure_consumer("cpu")
+    durable = await ensure_consumer(broker.js, broker.settings, "cpu")
     assert await puller.pull(durable) is None
     await broker.js.publish(broker.names.jobs_subject("cpu"), b"ticket-1")
     msg = await puller.pull(durable)
@@ -31,7 +33,7 @@ async def test_an_empty_class_answers_none_at_once_and_a_queued_ticket_comes_bac
 
 
 async def test_a_waiting_pull_returns_a_ticket_published_while_it_waits(broker, puller):
-    durable = await broker.ensure_consumer("cpu")
+    durable = await ensure_consumer(broker.js, broker.settings, "cpu")
     pull = asyncio.create_task(puller.pull(durable, wait_s=5.0))
     await asyncio.sleep(0.1)
     await broker.js.publish(broker.names.jobs_subject("cpu"), b"late-publish")
@@ -46,7 +48,7 @@ async def test_a_missing_consumer_is_reported_so_the_agent_creates_it_again(brok
 
 async def test_a_ticket_answering_an_earlier_timed_out_pull_is_handed_to_the_next_pull(broker, puller):
     # Given a pull request whose caller gave up (its answer will land in the shared inbox later)
-    durable = await broker.ensure_consumer("cpu")
+    durable = await ensure_consumer(broker.js, broker.settings, "cpu")
     next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{broker.names.jobs_stream}.{durable}"
     await broker.nc.publish(next_subject, b'{"batch":1,"expires":5000000000}', reply=puller.inbox)
     await broker.nc.flush()

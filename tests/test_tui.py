@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from trainfleet.broker.records import get_record
 from trainfleet.broker.schema import Capability, JobRecord, JobStatus, WorkerRecord, encode
 from trainfleet.broker.settings import Settings
-from trainfleet.controller.store import get_record
 from trainfleet.tui.app import ConfirmScreen, MonitorApp
 
 from .conftest import gbm_jobs, gbm_manifest, records

@@ -26,13 +26,15 @@ from textual.coordinate import Coordinate
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Label, RichLog
 
-from trainfleet.broker.connection import WATCH_INACTIVE_S, Broker
-from trainfleet.broker.errors import SchemaError, TrainfleetError
-from trainfleet.broker.schema import JobRecord, decode
+from trainfleet.broker import display
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.control import request
+from trainfleet.broker.errors import TrainfleetError
+from trainfleet.broker.logs import LiveProgress, LogEntry, read_logs
+from trainfleet.broker.records import watch_records
+from trainfleet.broker.schema import JobRecord
 from trainfleet.broker.settings import Settings
-from trainfleet.controller import ops, view
-from trainfleet.controller.service import request
-from trainfleet.controller.store import load_workers
+from trainfleet.broker.workers import load_workers, stale_after_s
 
 JOB_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("id", "ID", 12),
@@ -59,18 +61,18 @@ def job_cells(rec: JobRecord) -> tuple[Any, ...]:
     return (
         rec.job_id[:12],
         rec.spec.name,
-        Text(state, style=view.STATE_STYLE.get(state, "")),
+        Text(state, style=display.STATE_STYLE.get(state, "")),
         rec.claimed_by or "-",
         str(rec.attempt),
-        Text(view.progress_text(rec), style="green"),
-        view.headline(rec),
+        Text(display.progress_text(rec), style="green"),
+        display.headline(rec),
     )
 
 
-def entry_text(entry: ops.LogEntry) -> Text:
+def entry_text(entry: LogEntry) -> Text:
     if entry.kind == "log":
         return Text(entry.line or "", style="red" if entry.stream == "stderr" else "")
-    return Text(view.event_text(entry.kind, entry.event or {}, entry.attempt), style="cyan")
+    return Text(display.event_text(entry.kind, entry.event or {}, entry.attempt), style="cyan")
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -126,7 +128,7 @@ class MonitorApp(App[None]):
         self.settings = settings
         self.broker: Broker | None = None
         self.records: dict[str, JobRecord] = {}
-        self.live = ops.LiveProgress()
+        self.live = LiveProgress()
         self.error: TrainfleetError | None = None
         self.log_job: str | None = None
         self._order: dict[str, tuple[int, str]] = {}  # id prefix -> sort key (priority first)
@@ -185,19 +187,12 @@ class MonitorApp(App[None]):
     @work(group="jobs", exclusive=True)
     async def watch_jobs(self) -> None:
         assert self.broker is not None
-        watcher = await self.broker.jobs.watchall(inactive_threshold=WATCH_INACTIVE_S)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    continue  # caught up with the bucket; live updates follow
-                if entry.operation is not None or entry.value is None:
-                    self.drop_job(entry.key)
-                    continue
-                with contextlib.suppress(SchemaError):
-                    self.show_job(decode(entry.value, JobRecord))
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+        async with contextlib.aclosing(watch_records(self.broker)) as changes:
+            async for change in changes:
+                if change.record is None:
+                    self.drop_job(change.job_id)
+                else:
+                    self.show_job(change.record)
 
     def show_job(self, rec: JobRecord) -> None:
         """Add or update the row of ``rec``."""
@@ -256,7 +251,7 @@ class MonitorApp(App[None]):
             workers = await load_workers(self.broker)
             table = self.workers_table
             table.clear()
-            stale_after = ops.stale_after_s(self.broker)
+            stale_after = stale_after_s(self.broker.settings)
             for w in workers:
                 age = time.time() - w.last_seen
                 seen = Text(f"{age:.0f}s", style="" if age <= stale_after else "bold red")
@@ -281,7 +276,7 @@ class MonitorApp(App[None]):
         pane = self.log_pane
         pane.clear()
         pane.border_title = f"logs · {rec.spec.name}"
-        reader = ops.read_logs(self.broker, rec.job_id, follow=True, events=True)
+        reader = read_logs(self.broker, rec.job_id, follow=True, events=True)
         try:
             async with contextlib.aclosing(reader) as entries:
                 async for entry in entries:

@@ -1,7 +1,8 @@
 """Can this host run this job? Every failing constraint, each with a reason.
 
 Used by the agent after fetching a ticket (a non-empty answer is a delayed
-NAK plus a recorded reason) and by ``trainfleet explain`` for every worker.
+NAK plus a recorded reason) and by ``trainfleet explain`` / ``plan`` for every
+registered worker, so both give the same answer. Pure functions: no NATS.
 """
 
 from __future__ import annotations
@@ -9,14 +10,35 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 
+import msgspec
+
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec
+
+# ML modules an agent reports as importable (Capability.modules), for a job's ``requires``.
+KNOWN_MODULES = ("torch", "sklearn", "numpy", "scipy", "pandas", "jax", "tensorflow", "xgboost", "lightgbm")
 
 
 def module_available(name: str) -> bool:
+    """Whether ``name`` can be imported here (found on the path, not imported)."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def reported_module_check(cap: Capability) -> Callable[[str], bool]:
+    """A worker's modules as it reported them; modules outside the known list can't be judged remotely."""
+
+    def has(module: str) -> bool:
+        return module in cap.modules or module not in KNOWN_MODULES
+
+    return has
+
+
+def at_best(cap: Capability) -> Capability:
+    """The host with nothing else running: what it could *ever* offer."""
+    gpus = tuple(msgspec.structs.replace(g, vram_free_gib=g.vram_total_gib) for g in cap.gpus)
+    return msgspec.structs.replace(cap, ram_available_gib=cap.ram_total_gib, gpus=gpus)
 
 
 def _gpu_reasons(spec: JobSpec, cap: Capability) -> list[str]:

@@ -1,9 +1,10 @@
-"""Artifact bundles: tar of the trainer's output dir plus provenance, zstd-compressed.
+"""The artifact bundle format: the trainer's output dir plus provenance, as a zstd-compressed tar.
 
-The bundle id is the sha256 of the compressed bytes, so identical bundles
-deduplicate in the object store. Bundles are streamed to and from disk (the
-memory used does not grow with the artifact), downloads are verified against
-the id, and extraction refuses any member that would land outside the target.
+``provenance.json`` is the first member, then ``output/**``. The bundle id is the
+sha256 of the compressed bytes, so identical bundles deduplicate in the object store.
+Bundles are streamed to and from disk (memory does not grow with the artifact), and
+extraction refuses any member that would land outside the target. No NATS here:
+broker/artifacts.py moves bundles in and out of the object store.
 """
 
 from __future__ import annotations
@@ -20,18 +21,11 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ArtifactError
-from trainfleet.broker.objstore import ObjectNotFound, ObjectStoreClient, parse_digest
 
 PROVENANCE_NAME = "provenance.json"
 OUTPUT_PREFIX = "output"
 ZSTD_LEVEL = 3
-CHUNK = 1 << 20
-# Bigger chunks than the ADR's 128 KiB default: with sync_interval always the server
-# fsyncs once per stored message, so bytes per fsync bound the upload rate (BENCHMARKS.md).
-ARTIFACT_CHUNK_BYTES = 1 << 20
-ARTIFACT_WINDOW_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -82,52 +76,6 @@ def build_bundle(output_dir: str | os.PathLike, provenance: dict[str, Any], dest
     return Bundle(path=dest, sha256=hashing.digest.hexdigest(), size=hashing.size)
 
 
-def object_store(broker: Broker) -> ObjectStoreClient:
-    """The artifacts bucket through the pipelined transfer path (standard object-store format)."""
-    chunk = min(ARTIFACT_CHUNK_BYTES, broker.nc.max_payload or ARTIFACT_CHUNK_BYTES)
-    return ObjectStoreClient(
-        broker.nc, broker.names.artifacts_bucket, chunk_bytes=chunk, window_bytes=ARTIFACT_WINDOW_BYTES
-    )
-
-
-async def upload(broker: Broker, bundle: Bundle) -> str:
-    """Put the bundle under its sha256 unless an identical object is already stored."""
-    store = object_store(broker)
-    existing = await store.info(bundle.sha256)
-    if existing is not None and existing.size == bundle.size:
-        return bundle.sha256
-    info = await store.put_file(bundle.sha256, bundle.path)
-    stored = parse_digest(info.digest)
-    if info.size != bundle.size or stored is None or stored.hex() != bundle.sha256:
-        # The file changed between bundling and upload: never leave bytes under a name they don't hash to.
-        await store.delete(bundle.sha256)
-        raise ArtifactError(
-            f"artifact {bundle.sha256}: uploaded {info.size} bytes hashing to "
-            f"{stored.hex() if stored else '?'}, expected {bundle.size} bytes (bundle changed on disk)"
-        )
-    return bundle.sha256
-
-
-async def download(broker: Broker, sha256: str, dest: str | os.PathLike) -> Path:
-    """Fetch artifact ``sha256`` into ``dest``, verifying the digest; nothing is left on mismatch."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # The sha256 is computed while the chunks stream to disk: no second pass over the file.
-        await object_store(broker).get_file(sha256, dest, expect_sha256_hex=sha256)
-    except ObjectNotFound as exc:
-        raise ArtifactError(f"artifact {sha256} is not in the object store") from exc
-    return dest
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_member(member: tarfile.TarInfo, target: Path) -> None:
     name = member.name
     resolved = (target / name).resolve()
@@ -166,3 +114,24 @@ def read_provenance(bundle_path: str | os.PathLike) -> dict[str, Any]:
     except (tarfile.TarError, zstandard.ZstdError, ValueError) as exc:
         raise ArtifactError(f"{bundle_path}: cannot read provenance: {exc}") from exc
     raise ArtifactError(f"{bundle_path}: bundle has no {PROVENANCE_NAME}")
+
+
+def provenance_from_prefix(data: bytes) -> dict[str, Any] | None:
+    """provenance.json from the start of a tar, or None when ``data`` does not hold it all yet."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            member = tar.firstmember or tar.next()
+    except (tarfile.TarError, EOFError):
+        return None
+    if member is None:
+        return None
+    if member.name != PROVENANCE_NAME:
+        raise ArtifactError(f"bundle does not start with {PROVENANCE_NAME} (first member: {member.name!r})")
+    end = member.offset_data + member.size
+    if end > len(data):
+        return None
+    try:
+        value = json.loads(data[member.offset_data : end])
+    except ValueError as exc:
+        raise ArtifactError(f"{PROVENANCE_NAME} is not JSON: {exc}") from exc
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,60 @@
+"""``trainfleet agent``: run an agent on this host, or print what it detects.
+
+The CLI (controller/cli.py) adds this verb with :func:`add_arguments` and dispatches
+to :func:`cmd_agent`; everything the agent command means lives here, beside the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import msgspec
+
+from trainfleet.broker.errors import EXIT_OK
+from trainfleet.broker.settings import from_flags
+
+HELP = "run an agent on this host (or --detect to print its capability)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host-id", help="host id (env TRAINFLEET_HOST_ID; default: hostname)")
+    p.add_argument("--detect", action="store_true", help="print detected capability and exit")
+    p.add_argument("--json", action="store_true", help="with --detect: JSON")
+    p.add_argument("--cpu-slots", type=int, default=1, help="CPU jobs at once (default 1)")
+    p.add_argument("--gpu-slots", type=int, help="GPU jobs at once (default: one per visible GPU)")
+    p.add_argument("--no-cpu", action="store_true", help="a GPU host that takes no CPU-only jobs")
+    p.add_argument("--max-cores", type=float, help="offer at most this many cores")
+    p.add_argument("--max-ram-gib", type=float, help="offer at most this much RAM")
+    p.add_argument("--max-vram-gib", type=float, help="offer at most this much VRAM per GPU")
+    p.add_argument("--workdir", help="where trainer outputs are written (default: a temp dir)")
+    p.add_argument(
+        "--no-torch-probe",
+        action="store_true",
+        help="skip the torch/CUDA cross-check subprocess (faster start; torch jobs still need torch)",
+    )
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from trainfleet.agent.capability import apply_overrides, detect, render_text
+
+    cap = detect(args.host_id, probe_torch=not args.no_torch_probe)
+    cap = apply_overrides(cap, max_cores=args.max_cores, max_ram_gib=args.max_ram_gib, max_vram_gib=args.max_vram_gib)
+    if args.detect:
+        if args.json:
+            print(json.dumps(msgspec.to_builtins(cap), indent=2, default=str, sort_keys=True))
+        else:
+            print(render_text(cap))
+        return EXIT_OK
+    from trainfleet.agent.agent import Agent, AgentOptions
+
+    options = AgentOptions(
+        host_id=cap.host_id,
+        cpu_slots=args.cpu_slots,
+        gpu_slots=args.gpu_slots,
+        serve_cpu=not args.no_cpu,
+        workdir=args.workdir,
+    )
+    asyncio.run(Agent(from_flags(args), options, capability=cap).run())
+    return EXIT_OK

@@ -1,0 +1,340 @@
+"""A held job: one job this agent holds the lease on, from its claim to its settlement.
+
+:class:`HeldJob` owns the job's life on the agent: :meth:`HeldJob.run` starts the
+trainer and holds the lease until the trainer exits, the lease is lost or the
+agent hands the job back (renewing it every heartbeat and watching the record for
+cancel, requeue and takeover); :meth:`HeldJob.settle` then records the outcome
+once: completed (bundle uploaded first), failed, fenced, handed back, or back to
+pending when an upload failed. Every write is a CAS on the record; a write that
+finds the record no longer ours loses the lease, and nothing the trainer produced
+is recorded then.
+
+Role: agent (CASes the record it holds, renews and answers its ticket, uploads artifacts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import importlib.metadata
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from trainfleet.agent.relay import Relay
+from trainfleet.agent.trainer import TrainerProcess, build_argv
+from trainfleet.broker import tickets
+from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.bundle import build_bundle
+from trainfleet.broker.connection import Broker
+from trainfleet.broker.errors import TRANSIENT, JobNotFound, SchemaError
+from trainfleet.broker.records import Stored, get_record, update_record, watch_records
+from trainfleet.broker.schema import Capability, JobRecord, JobStatus
+from trainfleet.broker.settings import Settings
+
+log = logging.getLogger("trainfleet.agent")
+
+# Libraries whose versions go into every bundle's provenance.
+PROVENANCE_DISTRIBUTIONS = ("trainfleet", "torch", "scikit-learn", "numpy", "nats-py")
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    FENCED = "fenced"
+    HANDED_BACK = "handed back"
+    RETRY = "retry"
+
+
+@dataclass
+class HeldJob:
+    """Everything the agent tracks about one job it holds, and what it does with it."""
+
+    broker: Broker
+    host: Capability  # this host, as the agent saw it at the claim
+    msg: Msg  # the ticket: its ack-wait is the lease
+    record: JobRecord  # as last written by us
+    revision: int
+    slot: str  # "cpu" or "gpu:<index>"
+    workdir: Path
+    threads: int  # OMP_NUM_THREADS for the trainer
+    lease_lost: asyncio.Event = field(default_factory=asyncio.Event)
+    handing_back: asyncio.Event = field(default_factory=asyncio.Event)
+    last_renewal: float = field(default_factory=time.monotonic)
+    trainer: TrainerProcess | None = None
+    exit_code: int | None = None
+    relay: Relay = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.relay = Relay(self.broker, self.host.host_id, self.record)
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+    @property
+    def settings(self) -> Settings:
+        return self.broker.settings
+
+    def hand_back(self) -> None:
+        """Ask the job to stop its trainer and give the job back (the agent is shutting down)."""
+        self.handing_back.set()
+
+    # -- run ---------------------------------------------------------------
+    async def run(self) -> None:
+        """Start the trainer and hold the lease until it exits, the lease is lost, or we hand back."""
+        await tickets.answer(self.msg.in_progress())
+        env = self.trainer_env()
+        device = "cpu" if self.slot == "cpu" else f"{self.slot} {env['CUDA_VISIBLE_DEVICES']}"
+        now = time.time()
+        running = self.record.evolve(status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, device=device)
+        if not await self._write(running):
+            return
+        trainer = TrainerProcess(
+            self.record.spec,
+            self.workdir / "output",
+            env=env,
+            on_output=self.relay.output,
+            on_progress=self.relay.report,
+        )
+        self.trainer = trainer
+        try:
+            await trainer.start()
+        except OSError as exc:
+            self.exit_code = 127
+            trainer.stderr_tail.append(f"cannot start trainer {build_argv(self.record.spec, Path('OUT'))}: {exc}")
+            return
+        await self.relay.mark("started")
+        await self._hold(trainer)
+
+    async def _hold(self, trainer: TrainerProcess) -> None:
+        """Renew and watch while the trainer runs; stop it when the lease is lost or we hand back."""
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        watch = asyncio.create_task(self._watch())
+        waiter = asyncio.create_task(trainer.wait())
+        lost = asyncio.create_task(self.lease_lost.wait())
+        back = asyncio.create_task(self.handing_back.wait())
+        try:
+            await asyncio.wait({waiter, lost, back}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                await trainer.stop(self.settings.term_grace_s)
+            self.exit_code = await waiter
+        finally:
+            for task in (heartbeat, watch, lost, back, waiter):
+                task.cancel()
+
+    def trainer_env(self) -> dict[str, str]:
+        """What the trainer gets besides its own job's variables: which GPU, how many threads."""
+        env = {"TRAINFLEET_HOST_ID": self.host.host_id, "TRAINFLEET_ATTEMPT": str(self.record.attempt)}
+        if self.slot.startswith("gpu:"):
+            index = int(self.slot.split(":", 1)[1])
+            gpu = next((g for g in self.host.gpus if g.index == index), None)
+            env["CUDA_VISIBLE_DEVICES"] = gpu.uuid if gpu and gpu.uuid else str(index)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
+
+    # -- the lease -----------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        """Renew the lease every heartbeat: the ticket's ack-wait, then the record's heartbeat."""
+        settings = self.settings
+        while not self.lease_lost.is_set():
+            await asyncio.sleep(settings.heartbeat_s)
+            await tickets.answer(self.msg.in_progress())
+            try:
+                beat = self.record.evolve(heartbeat_at=time.time(), progress=dict(self.relay.progress))
+                if not await self._write(beat, patience_s=settings.heartbeat_s):
+                    log.warning("job %s: lease lost; stopping trainer", self.job_id[:12])
+                    return
+            except (SchemaError, nats.js.errors.Error, *TRANSIENT) as exc:
+                if time.monotonic() - self.last_renewal > settings.lease_s:
+                    log.warning("job %s: could not renew for a whole lease (%r); stopping", self.job_id[:12], exc)
+                    self.lease_lost.set()
+                    return
+
+    async def _watch(self) -> None:
+        """Cancel, requeue and takeover are seen at once through a KV watch, not only at the next
+        heartbeat (the heartbeat CAS stays the authority when the watch is down)."""
+        try:
+            async with contextlib.aclosing(watch_records(self.broker, self.job_id)) as changes:
+                async for change in changes:
+                    if change.record is None or change.revision <= self.revision:
+                        continue
+                    if not self._still_ours(change.record):
+                        log.warning("job %s: record changed under us; lease lost", self.job_id[:12])
+                        self.lease_lost.set()
+                        return
+        except (nats.js.errors.Error, *TRANSIENT) as exc:
+            log.debug("job %s: record watch ended: %r", self.job_id[:12], exc)
+
+    def _still_ours(self, record: JobRecord) -> bool:
+        mine = self.record
+        return (
+            record.status.held
+            and record.claimed_by == self.host.host_id
+            and record.attempt == mine.attempt
+            and record.generation == mine.generation
+        )
+
+    async def _write(self, wanted: JobRecord, patience_s: float | None = None) -> bool:
+        """CAS a record we hold. A conflicting write that leaves it ours (a reload editing the
+        name, say) is retried on top of it; one that doesn't (cancel, requeue, takeover) loses
+        the lease. Transient errors are retried for ``patience_s`` (default: a whole lease)."""
+        first = True
+
+        def change(current: JobRecord) -> JobRecord | None:
+            nonlocal wanted, first
+            if first:  # the record we know, at the revision we know: no read needed
+                first = False
+                return wanted
+            if current == wanted:  # our write landed; only its ack was lost
+                return current
+            if not self._still_ours(current):
+                return None
+            wanted = msgspec.structs.replace(wanted, spec=current.spec, excluded_hosts=current.excluded_hosts)
+            return wanted
+
+        patience = self.settings.lease_s if patience_s is None else patience_s
+        try:
+            stored = await update_record(
+                self.broker,
+                self.job_id,
+                change,
+                known=Stored(self.record, self.revision),
+                attempts=None,
+                patience_s=patience,
+            )
+        except JobNotFound:
+            stored = None
+        if stored is None:
+            self.lease_lost.set()
+            return False
+        self.record, self.revision = stored.record, stored.revision
+        self.last_renewal = time.monotonic()
+        return True
+
+    # -- settle --------------------------------------------------------------
+    async def settle(self) -> Outcome:
+        """Record how the job ended, once: fenced, handed back, completed or failed."""
+        if self.lease_lost.is_set():
+            return await self._fenced()
+        if self.handing_back.is_set():
+            back = self.record.evolve(
+                status=JobStatus.PENDING,
+                claimed_by=None,
+                ticket_seq=None,
+                progress={},
+                reason=f"handed back by {self.host.host_id} at shutdown",
+            )
+            return await self._conclude(back, Outcome.HANDED_BACK, self.msg.nak)
+        if self.exit_code == 0:
+            return await self._complete()
+        error = self.trainer.error_tail() if self.trainer else ""
+        reason = f"trainer exited with {self.exit_code}"
+        return await self._fail(error or reason, reason=reason)
+
+    async def _conclude(self, record: JobRecord, outcome: Outcome, answer: Any) -> Outcome:
+        """Write the final record and answer the ticket (``answer()``: ack or NAK); fenced when
+        the record is no longer ours."""
+        if not await self._write(record):
+            return await self._fenced()
+        await tickets.answer(answer())
+        return outcome
+
+    async def _fail(self, error: str, reason: str | None = None) -> Outcome:
+        failed = self.record.evolve(
+            status=JobStatus.FAILED,
+            finished_at=time.time(),
+            metrics=self._metrics(),
+            last_error=error,
+            reason=reason or error.splitlines()[0][:200],
+        )
+        return await self._conclude(failed, Outcome.FAILED, self.msg.ack)
+
+    async def _complete(self) -> Outcome:
+        """Bundle and upload the output, then CAS to completed. Any upload failure leaves the job
+        retryable: back to pending, the ticket NAKed for another try."""
+        limit = self.settings.max_artifact_bytes
+        try:
+            bundle = await asyncio.to_thread(
+                build_bundle, self.workdir / "output", self._provenance(), self.workdir / "bundle.tar.zst"
+            )
+            if bundle.size > limit:
+                return await self._fail(
+                    f"artifact bundle is {bundle.size} bytes, over max_artifact_bytes {limit}: write less into "
+                    "the output dir or raise TRAINFLEET_MAX_ARTIFACT_BYTES"
+                )
+            await Artifacts(self.broker).put(bundle)
+        except Exception as exc:
+            log.warning("job %s: artifact upload failed: %r; handing back for retry", self.job_id[:12], exc)
+            retry = self.record.evolve(
+                status=JobStatus.PENDING,
+                claimed_by=None,
+                ticket_seq=None,
+                last_error=f"artifact upload failed: {exc!r}",
+            )
+            return await self._conclude(retry, Outcome.RETRY, lambda: self.msg.nak(delay=self.settings.nak_delay_s))
+        done = self.record.evolve(
+            status=JobStatus.COMPLETED,
+            finished_at=time.time(),
+            artifact=bundle.sha256,
+            artifact_bytes=bundle.size,
+            metrics=self._metrics(),
+            last_error=None,
+            reason=None,
+        )
+        return await self._conclude(done, Outcome.COMPLETED, self.msg.ack)
+
+    async def _fenced(self) -> Outcome:
+        """Our lease is gone: record nothing. Ack only a ticket nobody else can be using."""
+        with contextlib.suppress(Exception):
+            current = (await get_record(self.broker, self.job_id)).record
+            if current.status == JobStatus.CANCELLED or current.generation != self.record.generation:
+                await tickets.answer(self.msg.ack())
+        log.warning("job %s: fenced (lease lost); result discarded", self.job_id[:12])
+        return Outcome.FENCED
+
+    def _metrics(self) -> dict[str, Any]:
+        path = self.workdir / "output" / "metrics.json"
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _provenance(self) -> dict[str, Any]:
+        rec = self.record
+        versions = {"python": sys.version.split()[0]}
+        for dist in PROVENANCE_DISTRIBUTIONS:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                versions[dist] = importlib.metadata.version(dist)
+        now = time.time()
+        return {
+            "job": msgspec.to_builtins(rec.spec),
+            "host": msgspec.to_builtins(self.host),
+            "code_commit": self.host.code_commit,
+            "versions": versions,
+            "attempt": rec.attempt,
+            "generation": rec.generation,
+            "argv": build_argv(rec.spec, Path("OUT")),
+            "timings": {
+                "claimed_at": rec.claimed_at,
+                "started_at": rec.started_at,
+                "finished_at": now,
+                "duration_s": now - (rec.started_at or now),
+            },
+        }
+
+    def discard_workdir(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)

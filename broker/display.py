@@ -1,0 +1,118 @@
+"""How records and events read as text: state colours, progress bars, durations, sizes.
+
+Shared by every front end (the CLI and ``trainfleet up`` in controller/, the monitor in
+tui/), which may not import each other; each keeps its own layouts (controller/view.py
+for the CLI). Only formatting lives here: no I/O, no NATS. Markup strings use Rich's
+``[style]…[/]`` syntax, which both Rich tables and Textual widgets render.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from trainfleet.broker.schema import JobRecord, JobStatus
+
+STATE_STYLE = {
+    "pending": "dim",
+    "claimed": "yellow",
+    "running": "cyan",
+    "completed": "green",
+    "failed": "bold red",
+    "cancelled": "magenta",
+}
+
+BAR_WIDTH = 10
+
+
+def progress_of(rec: JobRecord) -> tuple[int, int] | None:
+    """(step, total) from the record's last progress report, when the trainer gave both."""
+    step, total = (rec.progress or {}).get("step"), (rec.progress or {}).get("total")
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        return max(0, min(step, total)), total
+    return None
+
+
+def bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
+    filled = max(0, min(width, round(width * step / total))) if total > 0 else 0
+    return "█" * filled + "░" * (width - filled)
+
+
+def progress_text(rec: JobRecord, width: int = BAR_WIDTH) -> str:
+    """``███░░░░░░░ 3/10`` while the trainer reports, a full bar once completed, else empty."""
+    if rec.status == JobStatus.COMPLETED:
+        return bar(1, 1, width)
+    frac = progress_of(rec)
+    if frac is None or rec.status.terminal or rec.status == JobStatus.PENDING:
+        return ""
+    return f"{bar(*frac, width)} {frac[0]}/{frac[1]}"
+
+
+def fmt_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def fmt_metrics(metrics: dict[str, Any], limit: int | None = None) -> str:
+    items = list(metrics.items())[:limit] if limit else list(metrics.items())
+    return " ".join(f"{k}={fmt_value(v)}" for k, v in items)
+
+
+def headline(rec: JobRecord, limit: int = 2) -> str:
+    """The final headline metric once the trainer wrote one, else the latest reported metrics."""
+    if not rec.status.terminal:  # metrics of an earlier generation would mislead: show this run's
+        return fmt_metrics((rec.progress or {}).get("metrics") or {}, limit)
+    name = rec.metrics.get("headline") if rec.metrics else None
+    if name and name in rec.metrics:
+        return f"{name}={fmt_value(rec.metrics[name])}"
+    return ""
+
+
+def styled_state(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, '')}]{state}[/]" if state in STATE_STYLE else state
+
+
+def duration(rec: JobRecord, now: float | None = None) -> float | None:
+    if rec.started_at is None:
+        return None
+    return (rec.finished_at or (time.time() if now is None else now)) - rec.started_at
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def event_text(kind: str, event: dict[str, Any], attempt: int | None) -> str:
+    """One line for an event on a job's events subject (progress, or the agent's started/finished)."""
+    if kind == "progress":
+        step, total = event.get("step"), event.get("total")
+        where = ""
+        if isinstance(step, int) and isinstance(total, int) and total > 0:
+            where = f"{bar(min(step, total), total)} {step}/{total} "
+        elif step is not None:
+            where = f"step {step} "
+        return f"[progress] {where}{fmt_metrics(event.get('metrics') or {})}".rstrip()
+    host = f" on {event['host']}" if event.get("host") else ""
+    outcome = f": {event['outcome']}" if event.get("outcome") else ""
+    return f"[{kind}] attempt {attempt if attempt is not None else '?'}{host}{outcome}"

@@ -1,0 +1,203 @@
+"""Job records: the jobs KV bucket, the source of truth for every job's state.
+
+Every state change is a compare-and-swap on the record's KV revision (:func:`cas`);
+:func:`update_record` is the one read → change → CAS loop that retries a lost CAS
+on a fresh read. Records are created by the controller (``sync``), claimed and
+renewed by the agent that holds them, cancelled and requeued by the controller.
+
+Roles: the controller creates and CASes records; an agent CASes the records it
+claims or holds; operators and viewers only read (get, load, watch, history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from trainfleet.broker import kv
+from trainfleet.broker.errors import TRANSIENT, AmbiguousJob, Conflict, JobNotFound, SchemaError
+from trainfleet.broker.schema import JobRecord, decode, encode
+
+if TYPE_CHECKING:
+    from trainfleet.broker.connection import Broker
+
+log = logging.getLogger("trainfleet.records")
+
+# Retry pause after a transient error inside update_record's patience.
+TRANSIENT_RETRY_S = 0.25
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A record as read, with the KV revision a compare-and-swap must name."""
+
+    record: JobRecord
+    revision: int
+
+
+# -- read ---------------------------------------------------------------------
+async def get_record(broker: Broker, job_id: str) -> Stored:
+    """The record of ``job_id`` (JobNotFound when there is none; SchemaError when unreadable)."""
+    try:
+        entry = await broker.jobs.get(job_id)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError) as exc:
+        raise JobNotFound(f"no job {job_id}") from exc
+    return Stored(decode(entry.value, JobRecord), entry.revision or 0)
+
+
+async def load_records(broker: Broker) -> dict[str, Stored]:
+    """Every readable job record with its KV revision (unreadable ones are logged and skipped)."""
+    out: dict[str, Stored] = {}
+    for entry in await kv.snapshot(broker.jobs):
+        try:
+            out[entry.key] = Stored(decode(entry.value, JobRecord), entry.revision or 0)
+        except SchemaError as exc:
+            log.warning("job record %s is unreadable: %s", entry.key, exc)
+    return out
+
+
+async def job_ids(broker: Broker) -> set[str]:
+    """Every live key of the jobs bucket, without reading the records."""
+    return {entry.key for entry in await kv.snapshot(broker.jobs, meta_only=True)}
+
+
+def resolve_job(records: dict[str, Stored], ref: str) -> Stored:
+    """A job by full id, unique id prefix, or exact name."""
+    if ref in records:
+        return records[ref]
+    by_name = [s for s in records.values() if s.record.spec.name == ref]
+    if len(by_name) == 1:
+        return by_name[0]
+    by_prefix = [s for key, s in records.items() if key.startswith(ref)] if len(ref) >= 4 else []
+    matches = {s.record.job_id: s for s in by_name + by_prefix}
+    if len(matches) == 1:
+        return next(iter(matches.values()))
+    if not matches:
+        raise JobNotFound(f"no job matches {ref!r} (give a name, an id, or an id prefix of 4+ characters)")
+    listed = ", ".join(f"{s.record.job_id[:12]} ({s.record.spec.name})" for s in matches.values())
+    raise AmbiguousJob(f"{ref!r} matches {len(matches)} jobs: {listed}; give more of the id")
+
+
+async def resolve(broker: Broker, ref: str) -> Stored:
+    """A job by full id, unique id prefix or exact name (JobNotFound / AmbiguousJob otherwise)."""
+    return resolve_job(await load_records(broker), ref)
+
+
+# -- write --------------------------------------------------------------------
+async def create_record(broker: Broker, record: JobRecord) -> bool:
+    """Create the record of a new job; False when a record with that id already exists."""
+    try:
+        await broker.jobs.create(record.job_id, encode(record))
+        return True
+    except nats.js.errors.KeyWrongLastSequenceError:
+        return False
+
+
+async def cas(broker: Broker, record: JobRecord, revision: int) -> int | None:
+    """Compare-and-swap a job record on its KV revision: the new revision, or None when
+    another write got there first (the caller re-reads and decides again)."""
+    try:
+        return await broker.jobs.update(record.job_id, encode(record), last=revision)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        return None
+
+
+Change = Callable[[JobRecord], JobRecord | None]
+
+
+async def update_record(
+    broker: Broker,
+    job_id: str,
+    change: Change,
+    *,
+    known: Stored | None = None,
+    attempts: int | None = 10,
+    patience_s: float = 0.0,
+) -> Stored | None:
+    """Read → ``change`` → CAS, again on a fresh read whenever another write wins.
+
+    ``change(current)`` returns the record to write; ``current`` itself when the record is
+    already as wanted (nothing is written); or None to write nothing and give up (then None is
+    returned). It may raise to refuse. ``known`` skips the first read (a holder that knows its
+    revision). Transient errors (a reconnect, a leader election, an API error) are retried for
+    ``patience_s``, on a fresh read. JobNotFound when the record is gone.
+    After ``attempts`` lost CASes (None: no limit) :class:`Conflict` is raised. Returns what
+    is stored now."""
+    deadline = time.monotonic() + patience_s
+    lost = 0
+    current = known
+    while True:
+        try:
+            if current is None:
+                current = await get_record(broker, job_id)
+            wanted = change(current.record)
+            if wanted is None:
+                return None
+            if wanted is current.record:
+                return current
+            revision = await cas(broker, wanted, current.revision)
+        except (*TRANSIENT, nats.js.errors.Error):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(TRANSIENT_RETRY_S)
+            current = None
+            continue
+        if revision is not None:
+            return Stored(wanted, revision)
+        lost += 1
+        if attempts is not None and lost >= attempts:
+            raise Conflict(f"job {job_id}: record kept changing; try again")
+        current = None
+
+
+# -- watch and history --------------------------------------------------------
+@dataclass(frozen=True)
+class RecordChange:
+    """One write to the jobs bucket as a watch sees it; ``record`` is None for a delete."""
+
+    job_id: str
+    revision: int
+    record: JobRecord | None
+
+
+async def watch_records(broker: Broker, job_id: str | None = None) -> AsyncIterator[RecordChange]:
+    """Every record (or the one of ``job_id``) as it is now, then every change as it is written.
+
+    Unreadable values are logged and skipped. Use under ``contextlib.aclosing`` so the
+    watcher's consumer goes when the caller stops."""
+    jobs = broker.jobs
+    if job_id is None:
+        watcher = await jobs.watchall(inactive_threshold=kv.WATCH_INACTIVE_S)
+    else:
+        watcher = await jobs.watch(job_id, inactive_threshold=kv.WATCH_INACTIVE_S)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                continue  # caught up with the bucket; live updates follow
+            revision = entry.revision or 0
+            if entry.operation is not None or entry.value is None:
+                yield RecordChange(entry.key, revision, None)
+                continue
+            try:
+                record = decode(entry.value, JobRecord)
+            except SchemaError as exc:
+                log.debug("watch: record %s is unreadable: %s", entry.key, exc)
+                continue
+            yield RecordChange(entry.key, revision, record)
+    finally:
+        try:
+            await watcher.stop()
+        except Exception as exc:  # the connection may be gone already
+            log.debug("stopping a record watch: %r", exc)
+
+
+async def record_history(broker: Broker, job_id: str) -> list[KeyValue.Entry]:
+    """Every revision of the record the jobs bucket keeps, oldest first ([] for no such job)."""
+    return await kv.key_history(broker.js, broker.names.jobs_bucket, job_id)
