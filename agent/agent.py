@@ -56,6 +56,45 @@ PULL_RETRY_S = 0.5
 HOST_POLICY_TIMEOUT_S = 3.0
 
 
+class Slots:
+    """What this agent can still take on: CPU slots (a count) and GPU slots (free GPU indexes).
+    A slot is named ``cpu`` or ``gpu:<index>``; releasing one wakes a loop waiting for room."""
+
+    def __init__(self, cpu: int, gpus: list[int], freed: asyncio.Event):
+        self.free_cpu = cpu
+        self.free_gpus = list(gpus)
+        self._freed = freed
+
+    def has_room_for(self, klass: str) -> bool:
+        """Whether a ticket of ``klass`` could be run now (a pinned class: on any slot)."""
+        if tickets.is_gpu_class(klass):
+            return bool(self.free_gpus)
+        if klass == tickets.cpu_class():
+            return self.free_cpu > 0
+        return self.free_cpu > 0 or bool(self.free_gpus)
+
+    def take(self, record: JobRecord) -> str | None:
+        """A slot for ``record`` (a GPU when it needs or prefers one and one is free), or None."""
+        c = record.spec.constraints
+        wants_gpu = c.require_cuda or (c.prefer_cuda and bool(self.free_gpus))
+        if wants_gpu or (tickets.is_gpu_class(record.klass) and self.free_gpus):
+            if self.free_gpus:
+                return f"gpu:{self.free_gpus.pop(0)}"
+            return None
+        if self.free_cpu > 0:
+            self.free_cpu -= 1
+            return "cpu"
+        return None
+
+    def release(self, slot: str) -> None:
+        if slot.startswith("gpu:"):
+            self.free_gpus.append(int(slot.split(":", 1)[1]))
+            self.free_gpus.sort()
+        else:
+            self.free_cpu += 1
+        self._freed.set()
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     host_id: str | None = None
@@ -88,8 +127,7 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: dict[str, str] = {}
         self._puller: TicketPuller | None = None
-        self.free_cpu = 0
-        self.free_gpus: list[int] = []
+        self.slots = Slots(0, [], self._slot_freed)
         self.started_at = time.time()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -108,7 +146,7 @@ class Agent:
         """Classes this agent serves, best fit first: pinned, big GPU tiers, then cpu."""
         assert self.capability is not None
         cap = self.capability
-        gpu = bool(self.free_gpus) or (cap.has_cuda and self.options.gpu_slots != 0)
+        gpu = bool(self.slots.free_gpus) or (cap.has_cuda and self.options.gpu_slots != 0)
         return tickets.classes_served(cap, gpu=gpu, cpu=self.options.serve_cpu or not cap.has_cuda)
 
     @property
@@ -249,35 +287,17 @@ class Agent:
         gpus = [g.index for g in self.capability.gpus]
         if self.options.gpu_slots is not None:
             gpus = gpus[: self.options.gpu_slots]
-        self.free_gpus = gpus
-        self.free_cpu = self.options.cpu_slots if (self.options.serve_cpu or not gpus) else 0
+        cpu = self.options.cpu_slots if (self.options.serve_cpu or not gpus) else 0
+        self.slots = Slots(cpu, gpus, self._slot_freed)
 
     def _has_slot_for(self, klass: str) -> bool:
-        if tickets.is_gpu_class(klass):
-            return bool(self.free_gpus)
-        if klass == tickets.cpu_class():
-            return self.free_cpu > 0
-        return self.free_cpu > 0 or bool(self.free_gpus)
+        return self.slots.has_room_for(klass)
 
     def take_slot(self, record: JobRecord) -> str | None:
-        c = record.spec.constraints
-        wants_gpu = c.require_cuda or (c.prefer_cuda and bool(self.free_gpus))
-        if wants_gpu or (tickets.is_gpu_class(record.klass) and self.free_gpus):
-            if self.free_gpus:
-                return f"gpu:{self.free_gpus.pop(0)}"
-            return None
-        if self.free_cpu > 0:
-            self.free_cpu -= 1
-            return "cpu"
-        return None
+        return self.slots.take(record)
 
     def release_slot(self, slot: str) -> None:
-        if slot.startswith("gpu:"):
-            self.free_gpus.append(int(slot.split(":", 1)[1]))
-            self.free_gpus.sort()
-        else:
-            self.free_cpu += 1
-        self._slot_freed.set()
+        self.slots.release(slot)
 
     def holds(self, job_id: str) -> bool:
         return job_id in self.running

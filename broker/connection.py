@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from trainfleet.broker import jsapi
-from trainfleet.broker.errors import BrokerError, NotProvisioned
+from trainfleet.broker.errors import NotProvisioned, Unreachable
 from trainfleet.broker.names import Names
 from trainfleet.broker.provision import provision_resources
 from trainfleet.broker.settings import Settings
@@ -51,7 +51,7 @@ async def wait_reachable(servers: list[str], wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while not await _reachable(servers, 2.0):
         if time.monotonic() >= deadline:
-            raise BrokerError(
+            raise Unreachable(
                 f"cannot connect to NATS at {','.join(servers)}: no server is listening"
                 + (f" (waited {wait_s:g}s)" if wait_s else "")
             )
@@ -92,7 +92,7 @@ async def connect_nats(
     try:
         return await nats.connect(**opts)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise BrokerError(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
+        raise Unreachable(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
 
 
 @dataclass

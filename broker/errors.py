@@ -4,16 +4,13 @@ Every error trainfleet raises on purpose is a class here, and each class carries
 the process exit code the CLI returns for it and the micro-service error code
 the control service answers with. Nothing else defines an exit code.
 
-=====  ==========================================================  ====================
-exit   meaning                                                     classes
-=====  ==========================================================  ====================
-0      done                                                        —
-1      jobs failed, no host can run it, or the operation refused   Refused, Unsatisfied, FleetError
-2      bad usage or an invalid manifest                            UsageError, ManifestError
-3      NATS unreachable, not provisioned, or no controller         BrokerError
-4      no job matches, or an id prefix matches several             JobNotFound, AmbiguousJob
-5      artifact missing, corrupt or unsafe                         ArtifactError
-=====  ==========================================================  ====================
+exit 0  done
+exit 1  jobs failed, no host can run it, or the operation was refused
+        (Refused, Conflict, Unsatisfied, FleetError, SchemaError, RemoteError)
+exit 2  bad usage or an invalid manifest (UsageError, ManifestError)
+exit 3  NATS unreachable, not provisioned, or no controller answering (BrokerError and kin)
+exit 4  no job matches, or an id prefix matches several (JobNotFound, AmbiguousJob)
+exit 5  artifact missing, corrupt or unsafe (ArtifactError, ObjectNotFound)
 """
 
 from __future__ import annotations
@@ -24,6 +21,13 @@ from typing import Any
 import nats.errors
 
 EXIT_OK = 0
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+# What --help says of the exit codes (the table above, in a line).
+EXIT_CODES_HELP = (
+    "exit codes: 0 ok, 1 failed (jobs or the operation), 2 bad usage or invalid manifest, "
+    "3 NATS unreachable / not provisioned / no controller answering, 4 no such job or ambiguous prefix, "
+    "5 artifact missing, corrupt or unsafe"
+)
 
 # Errors worth waiting out: a reconnect, a leader election, a slow server.
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -111,6 +115,10 @@ class BrokerError(TrainfleetError):
 
 class ServerStartError(BrokerError):
     """The embedded nats-server did not come up."""
+
+
+class Unreachable(BrokerError):
+    """No NATS server answers at the configured URL(s)."""
 
 
 class NotProvisioned(BrokerError):

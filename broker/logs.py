@@ -24,7 +24,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from trainfleet.broker.errors import TRANSIENT, BrokerError
+from trainfleet.broker.errors import TRANSIENT, BrokerError, NotProvisioned
 from trainfleet.broker.names import LOG_ATTEMPT_HEADER, LOG_GENERATION_HEADER, LOG_STREAM_HEADER
 from trainfleet.broker.records import get_record
 from trainfleet.broker.schema import JobRecord, ProgressEvent, encode
@@ -163,7 +163,7 @@ async def read_logs(
         sub = await broker.js.pull_subscribe(logs_subject, stream=names.logs_stream, config=config)
         info = await sub.consumer_info()
     except nats.js.errors.NotFoundError as exc:
-        raise BrokerError(f"the logs stream {names.logs_stream} does not exist: run `trainfleet provision`") from exc
+        raise NotProvisioned(f"the logs stream {names.logs_stream} does not exist: run `trainfleet provision`") from exc
     pending = info.num_pending
     current: tuple[int | None, int | None] = (None, None)  # (generation, attempt) of the last line
     finishing = False

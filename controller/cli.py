@@ -27,7 +27,15 @@ from typing import Any
 from trainfleet.agent import cli as agent_cli
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import request
-from trainfleet.broker.errors import EXIT_OK, ManifestError, TrainfleetError, Unsatisfied, UsageError
+from trainfleet.broker.errors import (
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ManifestError,
+    TrainfleetError,
+    Unsatisfied,
+    UsageError,
+)
 from trainfleet.broker.logs import read_logs
 from trainfleet.broker.records import resolve
 from trainfleet.broker.schema import JobStatus
@@ -208,11 +216,7 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 JOB_HELP = "job name, full id, or unique id prefix (4+ characters)"
-EPILOG = (
-    "exit codes: 0 ok, 1 failed (jobs or the operation), 2 bad usage or invalid manifest, "
-    "3 NATS unreachable / not provisioned / no controller answering, 4 no such job or ambiguous prefix, "
-    "5 artifact missing, corrupt or unsafe"
-)
+EPILOG = EXIT_CODES_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainfleet: {exc}", file=sys.stderr)
         return UsageError.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `trainfleet logs JOB | head`: the reader left; nothing more to say.
         sys.stderr.close()

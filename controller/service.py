@@ -182,4 +182,7 @@ async def start_service(ctl: Served) -> Any:
             handler=_wrap(name, handler),
             metadata={"description": description, "request": request_doc, "effect": effect},
         )
+    # Endpoints added after the service started are not flushed by nats-py: without this, a
+    # request sent right after start (an agent asking for its host policy) could find no one.
+    await ctl.b.nc.flush()
     return service
