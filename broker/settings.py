@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from trainfleet.broker.names import DEFAULT_PREFIX, Names
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# Settings the nats CLI's own environment variables also set (the same names it reads).
+NATS_ENV = {
+    "url": "NATS_URL",
+    "creds": "NATS_CREDS",
+    "nkey": "NATS_NKEY",
+    "user": "NATS_USER",
+    "password": "NATS_PASSWORD",
+    "token": "NATS_TOKEN",
+    "tls_ca": "NATS_CA",
+    "tls_cert": "NATS_CERT",
+    "tls_key": "NATS_KEY",
+    "context": "NATS_CONTEXT",
+}
 
 
 def seconds_to_ns(seconds: float) -> int:
@@ -50,6 +63,30 @@ class Settings:
     # once their newest chunk is this old (an upload still under way is never touched).
     artifact_sweep_s: float = 3600.0
     stray_chunk_age_s: float = 3600.0
+    # -- who we are to the server (see docs/security.md) ---------------------------
+    # Credentials: a creds file (user JWT + nkey seed), an nkey seed file, a user and
+    # password, or a token. Env: NATS_CREDS, NATS_NKEY, NATS_USER, NATS_PASSWORD, NATS_TOKEN.
+    creds: str | None = None
+    nkey: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    # TLS: the CA that signed the server's certificate, and our client certificate and key
+    # (mTLS). Env: NATS_CA, NATS_CERT, NATS_KEY.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # A nats CLI context (~/.config/nats/context/<name>.json) to take all of the above from.
+    context: str | None = None
+    # Replies to our requests arrive under this prefix; each role has its own (_INBOX_<role>),
+    # and the server lets each role subscribe only to its own.
+    inbox_prefix: str | None = None
+    # -- spec signing (see docs/security.md) ----------------------------------------
+    # Controller: the nkey seed file it signs job specs with (TRAINFLEET_SIGNING_KEY).
+    signing_key: str | None = None
+    # Agent: the controller public keys whose signatures it accepts (TRAINFLEET_TRUST_KEY,
+    # comma-separated: several during a key rotation). None configured: unsigned specs run.
+    trust_keys: tuple[str, ...] = ()
 
     @property
     def names(self) -> Names:
@@ -69,22 +106,46 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then ``NATS_URL`` and ``TRAINFLEET_<FIELD>`` env vars, then overrides."""
+        """Defaults, then the nats CLI's env vars (``NATS_URL``, ``NATS_CREDS``…, see NATS_ENV) and
+        ``TRAINFLEET_<FIELD>`` env vars, then overrides."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        if env.get("NATS_URL"):
-            values["url"] = env["NATS_URL"]
+        for name, var in NATS_ENV.items():
+            if env.get(var):
+                values[name] = env[var]
         for f in fields(cls):
             raw = env.get(f"TRAINFLEET_{f.name.upper()}")
+            if f.name == "trust_keys":
+                raw = env.get("TRAINFLEET_TRUST_KEY", raw)
             if raw is None:
                 continue
-            kind = type(getattr(cls, f.name, ""))
-            values[f.name] = kind(raw) if kind in (int, float) else raw
+            kind = type(f.default) if f.default is not None else str
+            if kind in (int, float):
+                values[f.name] = kind(raw)
+            elif kind is tuple:
+                values[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
+            else:
+                values[f.name] = raw
         return cls(**values).with_(**overrides).check()
 
 
-# Settings every command accepts as a flag (the CLI's --url, --prefix, --lease-s, --heartbeat-s).
-FLAG_FIELDS = ("url", "prefix", "lease_s", "heartbeat_s")
+# Settings every command accepts as a flag (--url, --prefix, --lease-s, --creds, --tls-ca, ...).
+FLAG_FIELDS = (
+    "url",
+    "prefix",
+    "lease_s",
+    "heartbeat_s",
+    "creds",
+    "nkey",
+    "user",
+    "password",
+    "token",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "context",
+    "inbox_prefix",
+)
 
 
 def from_flags(flags: Any) -> Settings:

@@ -209,6 +209,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-s", type=float, help="job lease = consumer ack-wait, seconds (default 120)")
     p.add_argument("--heartbeat-s", type=float, help="lease renewal interval, seconds (default 30; <= lease/3)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    auth = p.add_argument_group("connection security (docs/security.md)")
+    auth.add_argument("--creds", help="NATS credentials file, user JWT + seed (env NATS_CREDS)")
+    auth.add_argument("--nkey", help="nkey seed file (env NATS_NKEY)")
+    auth.add_argument("--user", help="user name (env NATS_USER)")
+    auth.add_argument("--password", help="password (env NATS_PASSWORD; prefer the env var: argv is visible to ps)")
+    auth.add_argument("--token", help="auth token (env NATS_TOKEN)")
+    auth.add_argument("--tls-ca", help="CA certificate that signed the server's (env NATS_CA)")
+    auth.add_argument("--tls-cert", help="client certificate for mTLS (env NATS_CERT)")
+    auth.add_argument("--tls-key", help="client certificate's key (env NATS_KEY)")
+    auth.add_argument("--context", help="nats CLI context name or file to take all of these from (env NATS_CONTEXT)")
+    auth.add_argument(
+        "--inbox-prefix", help="reply inbox prefix of this role, e.g. _INBOX_operator (env TRAINFLEET_INBOX_PREFIX)"
+    )
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
