@@ -40,8 +40,7 @@ from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import request
 from trainfleet.broker.errors import TRANSIENT, ConsumerUnavailable
-from trainfleet.broker.provision import ensure_consumer
-from trainfleet.broker.schema import Capability, JobRecord, WorkerRecord
+from trainfleet.broker.schema import Capability, JobRecord, JobSpec, WorkerRecord
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.tickets import TicketPuller
 from trainfleet.broker.workers import put_worker, remove_worker
@@ -50,8 +49,10 @@ log = logging.getLogger("trainfleet.agent")
 
 # How long a pull on a class whose doorbell rang waits for the ticket (returns as soon as it lands).
 RUNG_WAIT_S = 0.1
-# After a failed pull (server restarting, consumer gone) the loop waits this long before the next.
+# After a failed pull (server restarting) the loop waits this long before the next.
 PULL_RETRY_S = 0.5
+# A class whose consumer does not exist (nothing ticketed there yet) is tried again after this.
+CONSUMER_RECHECK_S = 5.0
 # How long the agent waits for a controller's host policy at start.
 HOST_POLICY_TIMEOUT_S = 3.0
 
@@ -73,9 +74,9 @@ class Slots:
             return self.free_cpu > 0
         return self.free_cpu > 0 or bool(self.free_gpus)
 
-    def take(self, record: JobRecord) -> str | None:
-        """A slot for ``record`` (a GPU when it needs or prefers one and one is free), or None."""
-        c = record.spec.constraints
+    def take(self, record: JobRecord, spec: JobSpec) -> str | None:
+        """A slot for the job (a GPU when it needs or prefers one and one is free), or None."""
+        c = spec.constraints
         wants_gpu = c.require_cuda or (c.prefer_cuda and bool(self.free_gpus))
         if wants_gpu or (tickets.is_gpu_class(record.klass) and self.free_gpus):
             if self.free_gpus:
@@ -125,7 +126,7 @@ class Agent:
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._consumers: dict[str, str] = {}
+        self._absent: dict[str, float] = {}  # class → when to look for its consumer again
         self._puller: TicketPuller | None = None
         self.slots = Slots(0, [], self._slot_freed)
         self.started_at = time.time()
@@ -167,12 +168,15 @@ class Agent:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        # Bind only: provisioning is the admin's (or the controller's) job, never an agent's.
         self.broker = await Broker.connect(
-            self.settings,
-            name=f"trainfleet-agent-{self.host_id}",
-            provision=True,
-            wait_s=self.settings.connect_wait_s,
+            self.settings, name=f"trainfleet-agent-{self.host_id}", wait_s=self.settings.connect_wait_s
         )
+        if not self.settings.trust_keys:
+            log.warning(
+                "no trusted controller key (--trust-key / TRAINFLEET_TRUST_KEY): this agent runs job specs "
+                "without checking who signed them; see docs/security.md"
+            )
         await self._apply_host_policy()
         await self._ring_on_new_tickets()
         self._puller = await TicketPuller(self.broker).start()
@@ -235,6 +239,7 @@ class Agent:
         # fetch away, instead of waiting out short pulls on empty classes ahead of it.
         rung, self._rung = self._rung, set()
         self._doorbell.clear()
+        servable = [k for k in servable if self._present(k, rung)]
         for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
             # A rung class's ticket may reach the doorbell a moment before the consumer can
             # deliver it: wait briefly for it there; empty classes answer at once.
@@ -268,18 +273,27 @@ class Agent:
 
     async def _fetch_one(self, klass: str, wait_s: float = 0.0) -> Msg | None:
         """The class's next ticket if one is waiting now (a no_wait pull: an empty class costs one
-        round trip, so a ticket published mid-round never waits out a pull on another class)."""
+        round trip, so a ticket published mid-round never waits out a pull on another class).
+
+        Agents never create consumers (the controller does, before it tickets a class): a class
+        whose consumer does not exist yet is skipped until its doorbell rings or a while passes."""
         assert self.broker is not None and self._puller is not None
         try:
-            durable = self._consumers.get(klass)
-            if durable is None:
-                durable = self._consumers[klass] = await ensure_consumer(self.broker.js, self.settings, klass)
-            return await self._puller.pull(durable, wait_s)
-        except (ConsumerUnavailable, nats.js.errors.Error, *TRANSIENT) as exc:
+            return await self._puller.pull(self.names.consumer(klass), wait_s)
+        except ConsumerUnavailable as exc:
+            log.debug("class %s has no consumer yet: %s", klass, exc)
+            self._absent[klass] = time.monotonic() + CONSUMER_RECHECK_S
+            return None
+        except (nats.js.errors.Error, *TRANSIENT) as exc:
             log.debug("fetch from %s failed: %r", klass, exc)
-            self._consumers.pop(klass, None)
             await asyncio.sleep(PULL_RETRY_S)
             return None
+
+    def _present(self, klass: str, rung: set[str]) -> bool:
+        """False while ``klass`` is known to have no consumer (and no ticket rang since)."""
+        if klass in rung:
+            self._absent.pop(klass, None)
+        return self._absent.get(klass, 0.0) <= time.monotonic()
 
     # -- slots (and the rest of what a claim needs: claim.Seat) ---------------
     def _init_slots(self) -> None:
@@ -293,8 +307,8 @@ class Agent:
     def _has_slot_for(self, klass: str) -> bool:
         return self.slots.has_room_for(klass)
 
-    def take_slot(self, record: JobRecord) -> str | None:
-        return self.slots.take(record)
+    def take_slot(self, record: JobRecord, spec: JobSpec) -> str | None:
+        return self.slots.take(record, spec)
 
     def release_slot(self, slot: str) -> None:
         self.slots.release(slot)
@@ -302,10 +316,10 @@ class Agent:
     def holds(self, job_id: str) -> bool:
         return job_id in self.running
 
-    def claim_capability(self, record: JobRecord) -> Capability:
+    def claim_capability(self, spec: JobSpec) -> Capability:
         """Free VRAM changes under other users' feet: re-read it when it matters."""
         assert self.capability is not None
-        if record.spec.constraints.min_vram_gib and self.capability.has_cuda:
+        if spec.constraints.min_vram_gib and self.capability.has_cuda:
             from trainfleet.agent.capability import refresh_gpus
 
             return refresh_gpus(self.capability)
@@ -338,7 +352,7 @@ class Agent:
             outcome = await job.settle()
             self.counters[outcome.value] += 1
             await job.relay.mark("finished", outcome.value)
-            log.info("job %s (%s) %s on %s", job.job_id[:12], job.record.spec.name, outcome.value, self.host_id)
+            log.info("job %s (%s) %s on %s", job.job_id[:12], job.spec.name, outcome.value, self.host_id)
         except Exception:
             log.exception("job %s failed in the agent; the lease will lapse and another agent retries", job.job_id[:12])
         finally:

@@ -3,11 +3,14 @@
 The ticket is only a hint; the record decides (:func:`judge`): claim it (pending,
 or a holder whose lease lapsed), drop it (stale generation, terminal, a duplicate
 of the holder's own ticket), or wait (someone holds it: NAK until the lease could
-lapse). A claim is a CAS of the record to ``claimed`` with ``attempt + 1``; losing
-the CAS means another write won, and the record is judged again. An ineligible
-host declines: it records why (once) and NAKs with a delay, never a hot loop.
+lapse). Before claiming, the agent opens the job's spec (specs bucket) and runs it only when
+its signature verifies against a controller key this agent trusts and its identity
+hashes to the job id; otherwise it refuses, recording why. A claim is a CAS of the
+record to ``claimed`` with ``attempt + 1``; losing the CAS means another write won,
+and the record is judged again. An ineligible host declines: it records why (once)
+and NAKs with a delay, never a hot loop.
 
-Role: agent (reads and CASes records, answers the tickets it fetched).
+Role: agent (reads specs, reads and CASes records, answers the tickets it fetched).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from trainfleet.agent.held import HeldJob
 from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.eligibility import ineligibility
-from trainfleet.broker.errors import JobNotFound, SchemaError
+from trainfleet.broker.errors import JobNotFound, SchemaError, UntrustedSpec
 from trainfleet.broker.records import Stored, cas, get_record
-from trainfleet.broker.schema import Capability, JobRecord, JobStatus, Ticket
+from trainfleet.broker.schema import Capability, JobRecord, JobSpec, JobStatus, Ticket
+from trainfleet.broker.specs import get_spec
 
 log = logging.getLogger("trainfleet.agent")
 
@@ -70,8 +74,8 @@ class Seat(Protocol):
     @property
     def host_id(self) -> str: ...
 
-    def claim_capability(self, record: JobRecord) -> Capability: ...
-    def take_slot(self, record: JobRecord) -> str | None: ...
+    def claim_capability(self, spec: JobSpec) -> Capability: ...
+    def take_slot(self, record: JobRecord, spec: JobSpec) -> str | None: ...
     def release_slot(self, slot: str) -> None: ...
     def holds(self, job_id: str) -> bool: ...
     def job_workdir(self, job_id: str, attempt: int) -> Path: ...
@@ -99,6 +103,7 @@ class Claimer:
             return None
         settings = self.broker.settings
         seq = msg.metadata.sequence.stream
+        spec: JobSpec | None = None  # read once, at the first verdict to claim
         for _ in range(CLAIM_ROUNDS):
             try:
                 stored = await get_record(self.broker, ticket.job_id)
@@ -120,7 +125,11 @@ class Claimer:
             if verdict is Verdict.WAIT:
                 await tickets.answer(msg.nak(delay=delay))
                 return None
-            result = await self._try_claim(msg, stored, seq, at)
+            if spec is None:
+                spec = await self._open_spec(msg, stored)
+                if spec is None:
+                    return None  # refused: the ticket was answered
+            result = await self._try_claim(msg, stored, spec, seq, at)
             if isinstance(result, HeldJob):
                 return result
             if result:
@@ -129,12 +138,24 @@ class Claimer:
         await tickets.answer(msg.nak(delay=settings.nak_delay_s))
         return None
 
-    async def _try_claim(self, msg: Msg, stored: Stored, seq: int, now: float) -> HeldJob | bool:
+    async def _open_spec(self, msg: Msg, stored: Stored) -> JobSpec | None:
+        """The job's spec if this agent may run it; else record why and put the ticket back
+        for long (an agent trusting other keys may take it)."""
+        settings = self.broker.settings
+        try:
+            return await get_spec(self.broker, stored.record.job_id, settings.trust_keys)
+        except (UntrustedSpec, SchemaError, JobNotFound) as exc:
+            log.warning("job %s: refusing its spec: %s", stored.record.job_id[:12], exc)
+            await self._note(stored, f"spec refused: {exc}")
+            await tickets.answer(msg.nak(delay=settings.nak_delay_s * UNREADABLE_NAK_FACTOR))
+            return None
+
+    async def _try_claim(self, msg: Msg, stored: Stored, spec: JobSpec, seq: int, now: float) -> HeldJob | bool:
         """CAS the record to claimed. Returns the held job, True when the ticket was answered
         (declined, or the job failed for too many attempts), False when another write won."""
         record, revision = stored.record, stored.revision
-        capability = self.seat.claim_capability(record)
-        reasons = ineligibility(record.spec, capability, record=record)
+        capability = self.seat.claim_capability(spec)
+        reasons = ineligibility(spec, capability, record=record)
         if reasons:
             await self._decline(msg, stored, reasons)
             return True
@@ -150,7 +171,7 @@ class Claimer:
                 return False
             await tickets.answer(msg.ack())
             return True
-        slot = self.seat.take_slot(record)
+        slot = self.seat.take_slot(record, spec)
         if slot is None:
             await tickets.answer(msg.nak(delay=NO_SLOT_NAK_S))
             return True
@@ -175,6 +196,7 @@ class Claimer:
             broker=self.broker,
             host=capability,
             msg=msg,
+            spec=spec,
             record=claimed,
             revision=new_rev,
             slot=slot,
@@ -184,8 +206,13 @@ class Claimer:
 
     async def _decline(self, msg: Msg, stored: Stored, reasons: list[str]) -> None:
         """Ineligible: record why (once) and put the ticket back after a delay, never a hot loop."""
+        await self._note(stored, "; ".join(reasons))
+        await tickets.answer(msg.nak(delay=self.broker.settings.nak_delay_s))
+
+    async def _note(self, stored: Stored, why: str) -> None:
+        """Write why this host does not take a pending job into its record (once: not again
+        while the same reason stands)."""
         record = stored.record
-        reason = f"{self.seat.host_id}: " + "; ".join(reasons)
+        reason = f"{self.seat.host_id}: {why}"
         if record.reason != reason and record.status == JobStatus.PENDING:
             await cas(self.broker, record.evolve(reason=reason), stored.revision)
-        await tickets.answer(msg.nak(delay=self.broker.settings.nak_delay_s))

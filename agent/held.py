@@ -39,7 +39,7 @@ from trainfleet.broker.bundle import build_bundle
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import TRANSIENT, JobNotFound, SchemaError
 from trainfleet.broker.records import Stored, get_record, update_record, watch_records
-from trainfleet.broker.schema import Capability, JobRecord, JobStatus
+from trainfleet.broker.schema import Capability, JobRecord, JobSpec, JobStatus
 from trainfleet.broker.settings import Settings
 
 log = logging.getLogger("trainfleet.agent")
@@ -63,6 +63,7 @@ class HeldJob:
     broker: Broker
     host: Capability  # this host, as the agent saw it at the claim
     msg: Msg  # the ticket: its ack-wait is the lease
+    spec: JobSpec  # what to run: opened and verified at the claim, never re-read while held
     record: JobRecord  # as last written by us
     revision: int
     slot: str  # "cpu" or "gpu:<index>"
@@ -101,7 +102,7 @@ class HeldJob:
         if not await self._write(running):
             return
         trainer = TrainerProcess(
-            self.record.spec,
+            self.spec,
             self.workdir / "output",
             env=env,
             on_output=self.relay.output,
@@ -112,7 +113,7 @@ class HeldJob:
             await trainer.start()
         except OSError as exc:
             self.exit_code = 127
-            trainer.stderr_tail.append(f"cannot start trainer {build_argv(self.record.spec, Path('OUT'))}: {exc}")
+            trainer.stderr_tail.append(f"cannot start trainer {build_argv(self.spec, Path('OUT'))}: {exc}")
             return
         await self.relay.mark("started")
         await self._hold(trainer)
@@ -188,9 +189,9 @@ class HeldJob:
         )
 
     async def _write(self, wanted: JobRecord, patience_s: float | None = None) -> bool:
-        """CAS a record we hold. A conflicting write that leaves it ours (a reload editing the
-        name, say) is retried on top of it; one that doesn't (cancel, requeue, takeover) loses
-        the lease. Transient errors are retried for ``patience_s`` (default: a whole lease)."""
+        """CAS a record we hold. A conflicting write that leaves it ours (a reload changing the
+        host policy, say) is retried on top of it; one that doesn't (cancel, requeue, takeover)
+        loses the lease. Transient errors are retried for ``patience_s`` (default: a lease)."""
         first = True
 
         def change(current: JobRecord) -> JobRecord | None:
@@ -202,7 +203,12 @@ class HeldJob:
                 return current
             if not self._still_ours(current):
                 return None
-            wanted = msgspec.structs.replace(wanted, spec=current.spec, excluded_hosts=current.excluded_hosts)
+            wanted = msgspec.structs.replace(
+                wanted,
+                excluded_hosts=current.excluded_hosts,
+                max_attempts=current.max_attempts,
+                priority=current.priority,
+            )
             return wanted
 
         patience = self.settings.lease_s if patience_s is None else patience_s
@@ -321,13 +327,13 @@ class HeldJob:
                 versions[dist] = importlib.metadata.version(dist)
         now = time.time()
         return {
-            "job": msgspec.to_builtins(rec.spec),
+            "job": msgspec.to_builtins(self.spec),
             "host": msgspec.to_builtins(self.host),
             "code_commit": self.host.code_commit,
             "versions": versions,
             "attempt": rec.attempt,
             "generation": rec.generation,
-            "argv": build_argv(rec.spec, Path("OUT")),
+            "argv": build_argv(self.spec, Path("OUT")),
             "timings": {
                 "claimed_at": rec.claimed_at,
                 "started_at": rec.started_at,

@@ -3,7 +3,8 @@
 The trainer gets ``command + --mode M --seed S --out DIR + --<hyper> value``,
 ``TRAINFLEET_JOB_ID`` / ``TRAINFLEET_OUTPUT_DIR`` in its env, and a pipe for
 progress reports (``TRAINFLEET_PROGRESS_FD``, see trainfleet.agent.progress).
-It runs in its own process group so stopping it takes its children too.
+Of the agent's own environment it inherits only an allowlist (INHERITED_ENV): never
+NATS credentials. It runs in its own process group so stopping it takes its children too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,33 @@ OutputCallback = Callable[[str, bytes], Awaitable[None]]
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
 
 STDERR_TAIL_LINES = 30
+# What a trainer inherits from the agent's environment: enough to find programs, libraries
+# and the GPU, never the agent's NATS credentials or settings (trainers are untrusted code).
+INHERITED_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TEMP",
+    "TMP",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "SYSTEMROOT",
+)
+INHERITED_PREFIXES = ("LC_", "NVIDIA_")
+
+
+def trainer_base_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The part of the agent's environment a trainer gets (an allowlist; see INHERITED_ENV)."""
+    environ = dict(os.environ) if environ is None else environ
+    return {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith(INHERITED_PREFIXES)}
 
 
 def _die_with_parent() -> None:
@@ -81,7 +109,7 @@ class TrainerProcess:
     async def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ)
+        env = trainer_base_env()
         env.update(self.extra_env)
         env.update(
             {

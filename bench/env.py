@@ -21,9 +21,11 @@ import msgspec
 
 from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
+from trainfleet.broker.provision import ensure_consumer
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, encode
 from trainfleet.broker.server import EmbeddedServer, nats_server_binary
 from trainfleet.broker.settings import Settings
+from trainfleet.broker.specs import job_id_for, put_spec
 
 # A trainer that does nothing but note when it started and write metrics.json.
 NOOP_TRAINER = (
@@ -54,6 +56,8 @@ async def fleet_env(*, sync_always: bool = True, root: Path | None = None, **set
     try:
         conf = Settings(url=server.url, **settings)
         broker = await Broker.connect(conf, name="bench", provision=True)
+        # As a controller would: agents bind to a class's consumer, never create it.
+        await ensure_consumer(broker.js, conf, tickets.cpu_class())
         try:
             yield Env(server=server, settings=conf, broker=broker, workdir=workdir)
         finally:
@@ -79,30 +83,33 @@ def bench_capability(host_id: str) -> Capability:
 
 
 def noop_spec(index: int, nonce: str, *, name: str = "bench") -> JobSpec:
-    job_id = hashlib.sha256(f"{nonce}:{index}".encode()).hexdigest()
-    return JobSpec(
-        job_id=job_id,
+    """A job running NOOP_TRAINER; the nonce (in its data) makes its id new in every run."""
+    spec = JobSpec(
+        job_id="",
         name=f"{name}-{index}",
         model="noop",
         mode="run",
         hyper={},
-        data={},
+        data={"nonce": nonce},
         seed=index,
         command=("{python}", "-c", NOOP_TRAINER),
     )
+    return msgspec.structs.replace(spec, job_id=job_id_for(spec.identity()))
 
 
 async def create_jobs(broker: Broker, specs: list[JobSpec], *, concurrency: int = 32) -> list[JobRecord]:
     """Pending records plus one ticket each, written the way the controller writes them."""
     now = time.time()
     records = [
-        JobRecord(job_id=s.job_id, spec=s, klass="cpu", offered=("cpu",), created_at=now, updated_at=now, queued_at=now)
+        JobRecord(job_id=s.job_id, klass="cpu", offered=("cpu",), created_at=now, updated_at=now, queued_at=now)
         for s in specs
     ]
     sem = asyncio.Semaphore(concurrency)
+    by_id = {s.job_id: s for s in specs}
 
     async def one(rec: JobRecord) -> None:
         async with sem:
+            await put_spec(broker, by_id[rec.job_id], None)
             await broker.jobs.create(rec.job_id, encode(rec))
             await publish_ticket(broker, rec)
 

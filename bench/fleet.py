@@ -27,6 +27,7 @@ from bench.env import NOOP_TRAINER, Env, bench_capability, fleet_env, noop_spec,
 from bench.report import Row, percentile
 from trainfleet.agent.agent import Agent, AgentOptions
 from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
+from trainfleet.broker.specs import put_spec
 
 
 @dataclass
@@ -74,9 +75,9 @@ async def fleet_samples(env: Env, count: int) -> list[Sample]:
     try:
         for i in range(count + 1):
             spec = noop_spec(i, nonce)
+            await put_spec(env.broker, spec, None)
             record = JobRecord(
                 job_id=spec.job_id,
-                spec=spec,
                 klass="cpu",
                 offered=("cpu",),
                 created_at=time.time(),

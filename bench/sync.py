@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 import uuid
 
+import msgspec
+
 from bench.env import fleet_env, publish_ticket
 from bench.report import Row
 from trainfleet.broker.schema import JobRecord, encode
@@ -63,13 +65,12 @@ async def raw_writes(manifest: Manifest) -> float:
     async with fleet_env() as env:
         now = time.time()
         records = [
-            JobRecord(
-                job_id=s.job_id, spec=s, klass="cpu", offered=("cpu",), created_at=now, updated_at=now, queued_at=now
-            )
+            JobRecord(job_id=s.job_id, klass="cpu", offered=("cpu",), created_at=now, updated_at=now, queued_at=now)
             for s in manifest.jobs
         ]
         started = time.perf_counter()
-        for rec in records:
+        for spec, rec in zip(manifest.jobs, records, strict=True):
+            await env.broker.specs.put(spec.job_id, msgspec.json.encode(spec))
             await env.broker.jobs.create(rec.job_id, encode(rec))
             await publish_ticket(env.broker, rec)
         return time.perf_counter() - started

@@ -1,5 +1,5 @@
 """The connection to NATS: :class:`Broker` bundles it with the JetStream context and handles
-to the jobs KV and the workers KV (artifacts.py reaches the object store).
+to the jobs, specs and workers KV buckets (artifacts.py reaches the object store).
 
 ``Broker.connect`` binds to existing resources; ``provision=True`` creates or updates them
 first (provision.py). What is done over the connection lives in a module per concept:
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,56 +28,85 @@ from trainfleet.broker import jsapi
 from trainfleet.broker.errors import NotProvisioned, Unreachable
 from trainfleet.broker.names import Names
 from trainfleet.broker.provision import provision_resources
+from trainfleet.broker.security import ClientSecurity, failure_reason, redact_url, remember, resolve, server_mismatch
 from trainfleet.broker.settings import Settings
 
 log = logging.getLogger("trainfleet.broker")
 
 
-async def _reachable(servers: list[str], timeout_s: float) -> bool:
+class _QuietSslEof(logging.Filter):
+    """asyncio warns on every TLS connection the server closes, because nats-py's protocol
+    asks to keep the transport half-open (which TLS cannot): noise, and nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietSslEof())
+
+
+async def _reachable(servers: list[str], timeout_s: float, *, read_info: bool = True) -> dict[str, Any] | None:
+    """The INFO of the first server that answers (``{}`` when it listens but sent none we could
+    read, or ``read_info`` is off), or None when nobody listens at any of ``servers``."""
     for url in servers:
         parts = urlsplit(url if "://" in url else f"nats://{url}")
         try:
-            _, writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), timeout_s
             )
         except (TimeoutError, OSError):
             continue
-        writer.close()
-        return True
-    return False
+        try:
+            return await _read_info(reader, timeout_s) if read_info else {}
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return None
 
 
-async def wait_reachable(servers: list[str], wait_s: float) -> None:
-    """Fail fast (or after ``wait_s``) when no server answers: nats-py would retry forever."""
+async def _read_info(reader: asyncio.StreamReader, timeout_s: float) -> dict[str, Any]:
+    # A server greets every client with INFO in plaintext (unless it wants TLS first): it says
+    # whether TLS is required before we send anything.
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        info = json.loads(line[5:]) if line.startswith(b"INFO ") else {}
+    except (TimeoutError, OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+async def wait_reachable(servers: list[str], wait_s: float, *, read_info: bool = True) -> dict[str, Any]:
+    """Fail fast (or after ``wait_s``) when no server answers: nats-py would retry forever.
+    Returns the INFO the first server to answer greeted us with (``{}`` when none was read)."""
     deadline = time.monotonic() + wait_s
-    while not await _reachable(servers, 2.0):
+    while (info := await _reachable(servers, 2.0, read_info=read_info)) is None:
         if time.monotonic() >= deadline:
             raise Unreachable(
-                f"cannot connect to NATS at {','.join(servers)}: no server is listening"
+                f"cannot connect to NATS at {redact_url(','.join(servers))}: no server is listening"
                 + (f" (waited {wait_s:g}s)" if wait_s else "")
             )
         await asyncio.sleep(1.0)
+    return info
 
 
 async def connect_nats(
     settings: Settings, *, name: str = "trainfleet", connect_timeout_s: float = 5.0, wait_s: float = 0.0, **options: Any
 ) -> Client:
-    """Open a NATS connection that keeps reconnecting forever once up (servers restart, links
-    drop). Long-running processes pass ``wait_s`` to wait for a server that is still starting."""
-
-    async def on_error(exc: Exception) -> None:
-        log.debug("nats error: %s", exc)
-
-    async def on_disconnect() -> None:
-        log.info("disconnected from NATS; reconnecting")
-
-    async def on_reconnect() -> None:
-        log.info("reconnected to NATS")
-
-    servers = [u.strip() for u in settings.url.split(",") if u.strip()]
-    await wait_reachable(servers, wait_s)
+    """Open a NATS connection with the credentials, TLS and context of ``settings`` that keeps
+    reconnecting forever once up (servers restart, links drop). Long-running processes pass
+    ``wait_s`` to wait for a server that is still starting; a refused login, a certificate that
+    does not verify or a missing file fails at once with :class:`Unreachable` saying which."""
+    try:
+        security = resolve(settings)
+    except Unreachable as exc:  # a context that cannot be read: we do not know the URL yet
+        raise Unreachable(f"cannot connect to NATS: {exc}") from None
+    try:
+        security.check()
+        secure = security.connect_options()
+    except Unreachable as exc:
+        raise Unreachable(f"cannot connect to NATS at {security.where}: {exc}") from None
     opts: dict[str, Any] = dict(
-        servers=servers,
         name=name,
         connect_timeout=connect_timeout_s,
         allow_reconnect=True,
@@ -84,15 +114,82 @@ async def connect_nats(
         reconnect_time_wait=0.5,
         ping_interval=10,
         max_outstanding_pings=3,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        disconnected_cb=_on_disconnect,
+        reconnected_cb=_on_reconnect,
     )
+    opts.update(secure)
     opts.update(options)
-    try:
-        return await nats.connect(**opts)
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise Unreachable(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
+    started = time.monotonic()
+    info = await wait_reachable(list(security.servers), wait_s, read_info=not security.tls_first)
+    problem = server_mismatch(info, security)
+    if problem:
+        raise Unreachable(f"cannot connect to NATS at {security.where}: {problem}")
+    # What is left of wait_s, plus two connect timeouts: nats-py retries what may pass meanwhile.
+    budget_s = max(0.0, wait_s - (time.monotonic() - started)) + 2 * connect_timeout_s
+    nc = await _FirstConnect(security).run(opts, budget_s)
+    remember(nc, security)
+    return nc
+
+
+async def _on_disconnect() -> None:
+    log.info("disconnected from NATS; reconnecting")
+
+
+async def _on_reconnect() -> None:
+    log.info("reconnected to NATS")
+
+
+class _FirstConnect:
+    """The first connect, bounded: nats-py (reconnecting forever) retries every failure, also
+    those that will never pass. Its error callback tells us of each; a fatal one ends it."""
+
+    def __init__(self, security: ClientSecurity):
+        self.security = security
+        self.connected = False
+        self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.last: BaseException | None = None
+
+    async def on_error(self, exc: Exception) -> None:
+        log.debug("nats error: %s", exc)
+        if self.connected or self.fatal.done():
+            return
+        self.last = exc
+        reason = failure_reason(exc, self.security)
+        if reason is not None:
+            self.fatal.set_result(reason)
+
+    async def run(self, opts: dict[str, Any], budget_s: float) -> Client:
+        nc = Client()
+        task = asyncio.ensure_future(nc.connect(**{"error_cb": self.on_error, **opts}))
+        try:
+            await asyncio.wait({task, self.fatal}, timeout=budget_s, return_when=asyncio.FIRST_COMPLETED)
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.connected = True
+                return nc
+            reason = self._reason(task, budget_s)
+        except BaseException:
+            await _abandon(nc, task)
+            raise
+        await _abandon(nc, task)
+        raise Unreachable(f"cannot connect to NATS at {self.security.where}: {reason}")
+
+    def _reason(self, task: asyncio.Future[Any], budget_s: float) -> str:
+        if self.fatal.done():
+            return self.fatal.result()
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            assert exc is not None
+            return failure_reason(exc, self.security) or f"{exc or type(exc).__name__}"
+        last = f" (last error: {self.last or type(self.last).__name__})" if self.last is not None else ""
+        return f"no connection within {budget_s:g}s{last}"
+
+
+async def _abandon(nc: Client, task: asyncio.Future[Any]) -> None:
+    """Stop a first connect that is still trying, and close what it opened."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 @dataclass
@@ -103,6 +200,7 @@ class Broker:
     js: JetStreamContext
     settings: Settings
     jobs: KeyValue
+    specs: KeyValue
     workers: KeyValue
 
     @property
@@ -127,14 +225,16 @@ class Broker:
             names = settings.names
             try:
                 jobs = await js.key_value(names.jobs_bucket)
+                specs = await js.key_value(names.specs_bucket)
                 workers = await js.key_value(names.workers_bucket)
                 await js.stream_info(jsapi.object_stream(names.artifacts_bucket))
             except nats.js.errors.NotFoundError as exc:
                 raise NotProvisioned(
-                    f"trainfleet resources (prefix {settings.prefix!r}) are not provisioned on {settings.url}: "
+                    f"trainfleet resources (prefix {settings.prefix!r}) are not provisioned on "
+                    f"{redact_url(settings.url)}: "
                     "run `trainfleet provision` or start the controller first"
                 ) from exc
-            return cls(nc=nc, js=js, settings=settings, jobs=jobs, workers=workers)
+            return cls(nc=nc, js=js, settings=settings, jobs=jobs, specs=specs, workers=workers)
         except BaseException:
             await nc.close()
             raise

@@ -33,10 +33,15 @@ from trainfleet.broker.names import Names
 ENDPOINT_DOCS: dict[str, tuple[str, str, str]] = {
     "sync": (
         "write",
-        '{"manifest": "<toml text>", "file": "<name>"}',
-        "create records and tickets for new jobs of a manifest; existing jobs keep their state",
+        '{"manifest": "<toml text>", "file": "<name>", "allow_command_change": false}',
+        "create specs, records and tickets for new jobs of a manifest; existing jobs keep their state "
+        "(a changed command is refused unless allow_command_change)",
     ),
-    "reload": ("write", "{}", "re-read the controller's --manifest file and sync it"),
+    "reload": (
+        "write",
+        '{"allow_command_change": false}',
+        "re-read the controller's --manifest file and sync it",
+    ),
     "cancel": (
         "write",
         '{"job": "<id, id prefix or name>"}',

@@ -10,26 +10,34 @@ into one reused buffer, hashes it and writes it to the file, checking order
 and size as it goes. The event loop only waits for the thread.
 
 Only what this path can do safely is attempted: plain ``nats://`` servers,
-authenticated by the user/password or token in the URL. When the server wants
-TLS or refuses the connection, :class:`DirectUnavailable` is raised before any
-byte is written and the caller falls back to the subscription path.
+logging in as the client did (user/password or token, from the URL or the
+client's settings; an nkey seed or creds file, signing the server's nonce) when
+:meth:`Endpoint.for_client` is asked. A client on TLS gets no endpoint (this
+path never downgrades it); when the server wants TLS or refuses the connection,
+:class:`DirectUnavailable` is raised before any byte is written and the caller
+falls back to the subscription path. No message carries a password or token.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import secrets
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 from urllib.parse import ParseResult
 
 from trainfleet.broker import jsapi
 from trainfleet.broker.errors import ArtifactError, DirectUnavailable
+from trainfleet.broker.security import ClientSecurity, parse_creds, security_of
 
 DEFAULT_PORT = 4222
-INBOX = "_TF_DIRECT.chunks"
+DEFAULT_INBOX_PREFIX = "_INBOX"
+# Our one subscription's sid: not a number, so a subclass's own SUB 1, 2... never collides.
+SID = "tfdirect"
 SETUP_TIMEOUT_S = 5.0
 READ_BUFFER_BYTES = 4 << 20
 STATUS_HEARTBEAT = jsapi.STATUS_HEARTBEAT.encode()
@@ -37,19 +45,54 @@ STATUS_HEARTBEAT = jsapi.STATUS_HEARTBEAT.encode()
 
 @dataclass(frozen=True)
 class Endpoint:
+    """Where and as whom the direct connection logs in; secrets stay out of ``repr``."""
+
     host: str
     port: int
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    nkey: str | None = None  # an nkey seed file: we sign the server's nonce with it
+    creds: str | None = None  # a creds file: its user JWT, and the nonce signed with its seed
+    # Chunks arrive under the client's inbox prefix: a role may subscribe only below its own.
+    inbox_prefix: str = DEFAULT_INBOX_PREFIX
 
     @classmethod
-    def of(cls, url: ParseResult | None) -> Endpoint | None:
-        """The plain-TCP endpoint of the client's current server, or None when it is not one."""
+    def of(cls, url: ParseResult | None, security: ClientSecurity | None = None) -> Endpoint | None:
+        """The plain-TCP endpoint of the client's current server, or None when it is not one.
+        Credentials come from ``security`` (how the client connected), else from the URL."""
         if url is None or url.scheme not in ("nats", "") or not url.hostname:
             return None
-        return cls(url.hostname, url.port or DEFAULT_PORT, url.username, url.password)
+        if security is not None and security.wants_tls:
+            return None  # this path speaks plain TCP only; never downgrade a TLS client
+        user, password, token = url.username, url.password, None
+        if user is not None and password is None:
+            user, token = None, user  # nats://TOKEN@host
+        endpoint = cls(url.hostname, url.port or DEFAULT_PORT, user, password, token)
+        if security is None:
+            return endpoint
+        # Which credential wins mirrors nats-py: creds, then nkey, then user/password, then token.
+        return replace(
+            endpoint,
+            creds=security.creds,
+            nkey=None if security.creds else security.nkey,
+            user=security.user if security.user is not None else endpoint.user,
+            password=security.password if security.user is not None else endpoint.password,
+            token=security.token if security.token is not None else endpoint.token,
+            inbox_prefix=security.inbox_prefix or DEFAULT_INBOX_PREFIX,
+        )
 
-    def connect_options(self) -> dict[str, Any]:
+    @classmethod
+    def for_client(cls, client: Any) -> Endpoint | None:
+        """The endpoint of ``client``'s current server, logging in as ``client`` did; None when
+        this path cannot (TLS)."""
+        security = security_of(client)
+        if security is None and client.options.get("tls") is not None:
+            return None  # a TLS client connect_nats did not open (nothing else is known of it but its URL)
+        return cls.of(client.connected_url, security)
+
+    def connect_options(self, nonce: str | None = None) -> dict[str, Any]:
+        """The CONNECT fields, with the server's ``nonce`` signed when we log in with an nkey."""
         opts: dict[str, Any] = {
             "verbose": False,
             "pedantic": False,
@@ -60,11 +103,30 @@ class Endpoint:
             "version": "trainfleet-direct",
             "name": "trainfleet-artifact-get",
         }
-        if self.user and self.password is not None:
+        if (self.creds or self.nkey) and nonce:
+            opts.update(self._signed(nonce))
+        elif self.user is not None and self.password is not None:
             opts.update(user=self.user, **{"pass": self.password})
-        elif self.user:
-            opts["auth_token"] = self.user
+        if self.token is not None:
+            opts["auth_token"] = self.token
         return opts
+
+    def _signed(self, nonce: str) -> dict[str, str]:
+        import nkeys
+
+        path = self.creds or self.nkey
+        assert path is not None
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            jwt, seed = parse_creds(data) if self.creds else (None, data.strip())
+            keys = nkeys.from_seed(bytearray(seed))
+            signed = {"sig": base64.b64encode(keys.sign(nonce.encode())).decode()}
+            signed.update({"jwt": jwt} if jwt else {"nkey": keys.public_key.decode()})
+            keys.wipe()
+        except Exception as exc:  # OSError, ValueError, and nkeys's own error types
+            raise DirectUnavailable(f"cannot sign the server nonce with {path}: {type(exc).__name__}") from None
+        return signed
 
 
 @dataclass
@@ -86,6 +148,7 @@ class DirectConnection:
         # Small requests go out at once (Nagle plus delayed acks would add ~40 ms to each).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = self.sock.makefile("rb", buffering=READ_BUFFER_BYTES)
+        self.inbox = f"{endpoint.inbox_prefix}.tfdirect.{secrets.token_hex(8)}"
         try:
             self._handshake(endpoint)
         except BaseException:
@@ -102,7 +165,13 @@ class DirectConnection:
             if info.get("tls_required"):
                 raise DirectUnavailable("the server wants TLS")
             self.max_payload = int(info.get("max_payload") or 1 << 20)
-            self.send(b"CONNECT " + json.dumps(endpoint.connect_options()).encode() + b"\r\nPING\r\n")
+            options = endpoint.connect_options(info.get("nonce"))
+            # Subscribing in the handshake: a login or a subscription the server refuses (-ERR
+            # before the PONG) is known before any byte is written, and the caller falls back.
+            self.send(
+                b"CONNECT " + json.dumps(options).encode() + b"\r\n",
+                f"SUB {self.inbox} {SID}\r\nPING\r\n".encode(),
+            )
             line = self.reader.readline()
         except (OSError, ValueError) as exc:
             raise DirectUnavailable(f"handshake failed: {exc}") from exc
@@ -192,12 +261,11 @@ class _Puller:
         want = min(self.window - in_flight, self.chunks - self.requested)
         if want > 0 and (want >= self.window // 2 or self.requested + want == self.chunks):
             body = b'{"batch":%d,"no_wait":true}' % want
-            self.conn.send(b"PUB %s %s %d\r\n%s\r\n" % (self.next_subject, INBOX.encode(), len(body), body))
+            self.conn.send(b"PUB %s %s %d\r\n%s\r\n" % (self.next_subject, self.conn.inbox.encode(), len(body), body))
             self.requested += want
             self.max_in_flight = max(self.max_in_flight, self.requested - self.received)
 
     def run(self) -> Pulled:
-        self.conn.send(f"SUB {INBOX} 1\r\n".encode())
         self.ask()
         while self.received < self.chunks:
             if self.cancelled.is_set():

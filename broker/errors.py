@@ -64,6 +64,11 @@ class FleetError(TrainfleetError):
     """A local fleet (``trainfleet up``) could not finish: a process died, or time ran out."""
 
 
+class UntrustedSpec(TrainfleetError):
+    """A job spec an agent will not run: unsigned or signed by a key it does not trust, changed
+    after signing, or not the spec of the job it was read for."""
+
+
 class SchemaError(TrainfleetError):
     """A message or record that cannot be decoded (garbage or a newer schema)."""
 

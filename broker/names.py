@@ -49,6 +49,10 @@ class Names:
         return f"{self.prefix}-jobs"
 
     @property
+    def specs_bucket(self) -> str:
+        return f"{self.prefix}-specs"
+
+    @property
     def workers_bucket(self) -> str:
         return f"{self.prefix}-workers"
 

@@ -640,7 +640,7 @@ class ObjectStoreClient:
         """Pull every chunk of ``info`` through an ephemeral consumer into ``fh``: over a direct
         connection where the server allows one, else through a subscription on this client."""
         direct = self.direct_min_bytes is not None and info.chunks and info.size >= self.direct_min_bytes
-        endpoint = Endpoint.of(self.nc.connected_url) if direct else None
+        endpoint = Endpoint.for_client(self.nc) if direct else None
         if endpoint is not None:
             try:
                 return await self._receive_direct(info, fh, endpoint)

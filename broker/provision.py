@@ -19,6 +19,8 @@ from trainfleet.broker.settings import Settings
 log = logging.getLogger("trainfleet.provision")
 
 JOBS_KV_HISTORY = 10
+# Earlier versions of a spec stay readable (a command change is audited in the bucket itself).
+SPECS_KV_HISTORY = 5
 DUPLICATE_WINDOW_S = 120.0
 # Pull requests a class consumer keeps waiting (one per fetching agent at most).
 MAX_WAITING_PULLS = 4096
@@ -91,6 +93,13 @@ async def provision_resources(js: JetStreamContext, settings: Settings) -> None:
             storage=api.StorageType.FILE,
             replicas=settings.replicas,
             description="trainfleet job records",
+        ),
+        api.KeyValueConfig(
+            bucket=names.specs_bucket,
+            history=SPECS_KV_HISTORY,
+            storage=api.StorageType.FILE,
+            replicas=settings.replicas,
+            description="trainfleet job specs, signed by the controller",
         ),
         api.KeyValueConfig(
             bucket=names.workers_bucket,

@@ -22,7 +22,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from trainfleet.broker import kv
-from trainfleet.broker.errors import TRANSIENT, AmbiguousJob, Conflict, JobNotFound, SchemaError
+from trainfleet.broker.errors import TRANSIENT, Conflict, JobNotFound, SchemaError
 from trainfleet.broker.schema import JobRecord, decode, encode
 
 if TYPE_CHECKING:
@@ -66,28 +66,6 @@ async def load_records(broker: Broker) -> dict[str, Stored]:
 async def job_ids(broker: Broker) -> set[str]:
     """Every live key of the jobs bucket, without reading the records."""
     return {entry.key for entry in await kv.snapshot(broker.jobs, meta_only=True)}
-
-
-def resolve_job(records: dict[str, Stored], ref: str) -> Stored:
-    """A job by full id, unique id prefix, or exact name."""
-    if ref in records:
-        return records[ref]
-    by_name = [s for s in records.values() if s.record.spec.name == ref]
-    if len(by_name) == 1:
-        return by_name[0]
-    by_prefix = [s for key, s in records.items() if key.startswith(ref)] if len(ref) >= 4 else []
-    matches = {s.record.job_id: s for s in by_name + by_prefix}
-    if len(matches) == 1:
-        return next(iter(matches.values()))
-    if not matches:
-        raise JobNotFound(f"no job matches {ref!r} (give a name, an id, or an id prefix of 4+ characters)")
-    listed = ", ".join(f"{s.record.job_id[:12]} ({s.record.spec.name})" for s in matches.values())
-    raise AmbiguousJob(f"{ref!r} matches {len(matches)} jobs: {listed}; give more of the id")
-
-
-async def resolve(broker: Broker, ref: str) -> Stored:
-    """A job by full id, unique id prefix or exact name (JobNotFound / AmbiguousJob otherwise)."""
-    return resolve_job(await load_records(broker), ref)
 
 
 # -- write --------------------------------------------------------------------

@@ -16,7 +16,8 @@ import msgspec
 
 from trainfleet.broker.errors import SchemaError
 
-SCHEMA_VERSION = 1
+# 2: job records hold state only; the spec moved to the specs bucket (broker/specs.py).
+SCHEMA_VERSION = 2
 
 
 class JobStatus(enum.StrEnum):
@@ -76,15 +77,15 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The source of truth for one job, stored in the jobs KV under its id.
+    """The state of one job, stored in the jobs KV under its id: the source of truth for state.
 
-    Every change is a compare-and-swap on the KV revision. ``generation`` is
-    bumped by requeue: a ticket whose generation differs is stale.
-    ``attempt`` counts claims, so a takeover after a lapsed lease is visible.
+    It holds no command: what to run is the job's signed spec (broker/specs.py). Every
+    change is a compare-and-swap on the KV revision. ``generation`` is bumped by requeue:
+    a ticket whose generation differs is stale. ``attempt`` counts claims, so a takeover
+    after a lapsed lease is visible.
     """
 
     job_id: str
-    spec: JobSpec
     status: JobStatus = JobStatus.PENDING
     generation: int = 1
     attempt: int = 0
@@ -99,9 +100,13 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     metrics: dict[str, Any] = {}
     last_error: str | None = None
     reason: str | None = None
+    # Scheduling, set by the controller from the spec: tickets are published in priority order.
+    priority: int = 0
     # Classes ticketed for this generation, and when it became pending (prefer_cuda grace).
     offered: tuple[str, ...] = ()
     queued_at: float = 0.0
+    # prefer_cuda: the class the job is also offered on once the grace window has passed.
+    fallback_class: str | None = None
     max_attempts: int = 3
     # Stream sequence of the ticket the current holder claimed with: another
     # ticket for a held job is a duplicate and is dropped, not redelivered.

@@ -31,7 +31,7 @@ def seconds_to_ns(seconds: float) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    url: str = DEFAULT_URL
+    url: str = field(default=DEFAULT_URL, repr=False)  # kept out of repr: it may hold user:password@
     prefix: str = DEFAULT_PREFIX
     # The lease is the jobs consumer's ack-wait; heartbeats renew it.
     lease_s: float = 120.0
@@ -151,3 +151,14 @@ FLAG_FIELDS = (
 def from_flags(flags: Any) -> Settings:
     """Settings from env, then the command-line flags that were given (an argparse namespace)."""
     return Settings.from_env(**{name: getattr(flags, name, None) for name in FLAG_FIELDS})
+
+
+def connection_env(settings: Settings) -> dict[str, str]:
+    """Environment variables that give a child process this connection and identity (URL,
+    credentials, TLS files, inbox prefix, signing and trust keys); unset ones are left out."""
+    env = {var: str(getattr(settings, name)) for name, var in NATS_ENV.items() if getattr(settings, name)}
+    extra = {"inbox_prefix": "TRAINFLEET_INBOX_PREFIX", "signing_key": "TRAINFLEET_SIGNING_KEY"}
+    env.update({var: str(getattr(settings, name)) for name, var in extra.items() if getattr(settings, name)})
+    if settings.trust_keys:
+        env["TRAINFLEET_TRUST_KEY"] = ",".join(settings.trust_keys)
+    return env

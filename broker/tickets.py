@@ -132,7 +132,7 @@ def ticket_message(
         job_id=record.job_id,
         generation=record.generation,
         klass=klass,
-        priority=record.spec.priority,
+        priority=record.priority,
         published_at=time.time(),
     )
     msg_id = f"{record.job_id}.{record.generation}.{klass}{dedupe_suffix}"

@@ -32,13 +32,15 @@ from trainfleet.broker.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     ManifestError,
+    Refused,
     TrainfleetError,
     Unsatisfied,
     UsageError,
 )
+from trainfleet.broker.jobs import resolve
 from trainfleet.broker.logs import read_logs
-from trainfleet.broker.records import resolve
 from trainfleet.broker.schema import JobStatus
+from trainfleet.broker.security import redact_url
 from trainfleet.broker.settings import from_flags
 from trainfleet.broker.workers import load_workers, stale_after_s
 from trainfleet.controller import explain, ops, view
@@ -94,7 +96,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         return broker
 
     broker = asyncio.run(provision())
-    print(f"provisioned trainfleet resources (prefix {broker.settings.prefix}) on {broker.settings.url}")
+    print(f"provisioned trainfleet resources (prefix {broker.settings.prefix}) on {redact_url(broker.settings.url)}")
     return EXIT_OK
 
 
@@ -105,13 +107,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc}") from exc
-    view.show(_control(args, "sync", {"manifest": text, "file": str(path.resolve())}), args.json, view.sync_report)
-    return EXIT_OK
+    body = {"manifest": text, "file": str(path.resolve()), "allow_command_change": args.allow_command_change}
+    return _print_sync(args, _control(args, "sync", body))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    view.show(_control(args, "reload"), args.json, view.sync_report)
-    return EXIT_OK
+    return _print_sync(args, _control(args, "reload", {"allow_command_change": args.allow_command_change}))
+
+
+def _print_sync(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """A refused command change is not a success: exit 1 so scripts notice."""
+    view.show(report, args.json, view.sync_report)
+    return Refused.exit_code if report.get("refused") else EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -202,6 +209,59 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return run_monitor(from_flags(args))
 
 
+def cmd_auth_init(args: argparse.Namespace) -> int:
+    from trainfleet.controller.auth import init_auth
+
+    hosts = [h.strip() for h in (args.agent_host or "").split(",") if h.strip()]
+    files = init_auth(args.dir, from_flags(args).names, agent_hosts=hosts, url=args.url, rotate=args.rotate)
+    result = {
+        "dir": str(files.directory),
+        "server_include": str(files.server_include),
+        "signing_public_key": files.signing_public_key,
+        "identities": {
+            i.name: {
+                "role": i.role,
+                "public_key": i.public_key,
+                "seed": str(files.seed_path(i.name)),
+                "env": str(files.env_path(i.name)),
+            }
+            for i in files.identities
+        },
+    }
+    view.show(result, args.json, view.auth_files)
+    return EXIT_OK
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from trainfleet.controller import certs
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    written = certs.write_cert_set(args.dir, hosts=hosts, roles=roles, days=args.days)
+    data = {
+        "directory": str(written.directory),
+        "ca": str(written.ca),
+        "ca_reused": written.ca_reused,
+        "server": [str(written.server), str(written.server_key)],
+        "tls_conf": str(written.tls_conf),
+        "roles": {
+            role: {"cert": str(c), "key": str(k), "user": certs.mapped_user(role)}
+            for role, (c, k) in written.roles.items()
+        },
+    }
+
+    def text(d: dict[str, Any]) -> str:
+        lines = [f"{'reused' if d['ca_reused'] else 'wrote'} CA {d['ca']}", f"wrote server cert {d['server'][0]}"]
+        lines += [
+            f"wrote {role} cert {r['cert']}  (verify_and_map user {r['user']!r})" for role, r in d["roles"].items()
+        ]
+        lines.append(f"wrote {d['tls_conf']}: include it from nats-server.conf (private keys are mode 0600)")
+        return "\n".join(lines)
+
+    view.show(data, args.json, text)
+    return EXIT_OK
+
+
 # -- parser ------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="NATS URL(s), comma-separated (env NATS_URL; default nats://127.0.0.1:4222)")
@@ -221,6 +281,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     auth.add_argument("--context", help="nats CLI context name or file to take all of these from (env NATS_CONTEXT)")
     auth.add_argument(
         "--inbox-prefix", help="reply inbox prefix of this role, e.g. _INBOX_operator (env TRAINFLEET_INBOX_PREFIX)"
+    )
+
+
+def _command_change_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-command-change",
+        action="store_true",
+        help="apply a changed command (or requires) to existing jobs; without it such jobs keep theirs "
+        "and are listed as refused (exit 1)",
     )
 
 
@@ -263,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long (default 1800)")
     p.add_argument("--no-live", action="store_true", help="print progress lines instead of a live table")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument(
+        "--auth-dir",
+        help="with --url: give the controller and agents their own roles' identities from this `auth init` "
+        "directory (made if missing); the embedded server always makes its own per run",
+    )
 
     p = verb("validate", cmd_validate, "check a manifest and list its jobs with ids (exit 2 on errors)")
     p.add_argument("manifest")
@@ -279,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     # -- control (through the trainfleet micro service: a controller must be running) --
     p = verb("sync", cmd_sync, "send a manifest to the controller (idempotent: existing jobs keep their state)")
     p.add_argument("manifest")
+    _command_change_flag(p)
     _json_flag(p)
     p = verb("reload", cmd_reload, "make the controller re-read its --manifest file")
+    _command_change_flag(p)
     _json_flag(p)
     p = verb("cancel", cmd_cancel, "cancel a job (a running trainer is stopped by its agent)")
     p.add_argument("job", help=JOB_HELP)
@@ -368,6 +444,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("--check", action="store_true", help="exit 1 when some job can never run")
     _json_flag(p)
+
+    p = sub.add_parser(
+        "auth",
+        help="make the identities and permissions of a secured fleet",
+        description="make the identities and permissions of a secured fleet",
+        epilog=EPILOG,
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = verb(
+        "init",
+        cmd_auth_init,
+        "write into DIR an nkey per role (admin, controller, operator, agent, viewer), "
+        "auth.conf (the nats-server permissions of each, no anonymous user), the controller's spec-signing "
+        "key, and an env file and nats context per identity; existing keys are kept",
+        parent=actions,
+    )
+    p.add_argument("dir", help="directory to write into (created mode 0700)")
+    p.add_argument(
+        "--agent-host",
+        metavar="HOSTS",
+        help="also make one agent identity per host (comma-separated) that may write only its own worker entry",
+    )
+    p.add_argument(
+        "--rotate", action="store_true", help="replace every existing key (running clients must get the new ones)"
+    )
+    _json_flag(p)
+
+    p = sub.add_parser(
+        "deploy",
+        help="make what a secured deployment needs (TLS certificates)",
+        description="make what a secured deployment needs (TLS certificates)",
+        epilog=EPILOG,
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "certs",
+        help="write a CA, a server certificate and one client certificate per role, plus tls.conf",
+        description="write into DIR a CA (ca.pem, reused if DIR has one), a server certificate for --hosts, "
+        "one client certificate per role (subject CN=trainfleet-<role>, the user nats-server's "
+        "verify_and_map maps it to) and tls.conf, a nats-server include; keys are mode 0600",
+        epilog=EPILOG,
+    )
+    p.add_argument("dir", help="directory to write into (created if missing)")
+    p.add_argument("--hosts", default="localhost,127.0.0.1", help="server hostnames/IPs, comma-separated (SANs)")
+    p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    p.add_argument(
+        "--roles", default="admin,controller,operator,agent,viewer", help="client certificates to make, comma-separated"
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    _json_flag(p)
+    p.set_defaults(fn=cmd_deploy_certs)
     return parser
 
 

@@ -20,30 +20,24 @@ import logging
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from trainfleet.broker import tickets
+from trainfleet.broker import specs, tickets
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import BrokerError, Refused, TrainfleetError, UsageError
-from trainfleet.broker.records import (
-    Stored,
-    cas,
-    create_record,
-    get_record,
-    job_ids,
-    load_records,
-    resolve,
-    update_record,
-)
+from trainfleet.broker.errors import BrokerError, NotProvisioned, Refused, TrainfleetError, UsageError
+from trainfleet.broker.jobs import Job, resolve
+from trainfleet.broker.provision import ensure_consumer
+from trainfleet.broker.records import Stored, cas, create_record, get_record, job_ids, load_records, update_record
 from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus
 from trainfleet.broker.settings import Settings
+from trainfleet.broker.specs import Signer
 from trainfleet.broker.tickets import TicketRef, publish_ticket
 from trainfleet.controller.manifest import Manifest, excluded_hosts, load_manifest, parse_manifest
 from trainfleet.controller.service import start_service
@@ -61,9 +55,22 @@ class SyncReport:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     not_in_manifest: list[str] = field(default_factory=list)
+    # Jobs whose command (or required modules) the manifest changes, left as they were:
+    # {"job_id", "name", "reason"} each. Sync again allowing command changes to apply them.
+    refused: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) for k, v in self.__dict__.items()}
+
+
+def execution_change(stored: JobSpec, wanted: JobSpec) -> str | None:
+    """What a spec change alters in what an agent runs (None: nothing, only name, priority or
+    constraints). The job id covers model, mode, hyper, data and seed; command and requires not."""
+    if stored.command != wanted.command:
+        return f"command {list(stored.command)} → {list(wanted.command)}"
+    if stored.requires != wanted.requires:
+        return f"requires {list(stored.requires)} → {list(wanted.requires)}"
+    return None
 
 
 class Controller:
@@ -77,12 +84,19 @@ class Controller:
         self._stopping = asyncio.Event()
         self._service: Any = None
         self._advisory_sub: Any = None
+        self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
+        self._consumers: set[str] = set()  # classes whose consumer this controller ensured
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
-        self.broker = await Broker.connect(
-            self.settings, name="trainfleet-controller", provision=True, wait_s=self.settings.connect_wait_s
-        )
+        self.broker = await self._connect()
+        if self.signer is None:
+            log.warning(
+                "no signing key (--signing-key / TRAINFLEET_SIGNING_KEY): job specs go out unsigned, and agents "
+                "that trust a controller key will refuse them; see docs/security.md"
+            )
+        # Every agent's usual classes exist from the start; pinned host classes as they are ticketed.
+        await self._ensure_classes([tickets.cpu_class(), *(tickets.gpu_class(t) for t in tickets.VRAM_TIERS_GIB)])
         if self.manifest_path:
             await self.sync(load_manifest(self.manifest_path))
         self._advisory_sub = await self.broker.nc.subscribe(
@@ -124,6 +138,33 @@ class Controller:
             await self.broker.close()
             self.broker = None
 
+    async def _connect(self) -> Broker:
+        """Bind to the fleet's resources; provision them first when they are missing (that needs
+        admin rights: with a controller-only credential, `trainfleet provision` must run first)."""
+        name = "trainfleet-controller"
+        try:
+            return await Broker.connect(self.settings, name=name, wait_s=self.settings.connect_wait_s)
+        except NotProvisioned:
+            log.info("resources not provisioned; provisioning them")
+        try:
+            return await Broker.connect(self.settings, name=name, provision=True)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise NotProvisioned(
+                f"trainfleet resources are not provisioned and this controller could not create them ({exc!r}): "
+                "run `trainfleet provision` with admin credentials"
+            ) from exc
+
+    async def _ensure_classes(self, classes: Iterable[str]) -> None:
+        """The durable consumer of every class about to be ticketed (agents only bind to them)."""
+        for klass in classes:
+            if klass not in self._consumers:
+                await ensure_consumer(self.b.js, self.settings, klass)
+                self._consumers.add(klass)
+
+    async def _ticket(self, rec: JobRecord, klass: str, *, dedupe_suffix: str = "") -> None:
+        await self._ensure_classes([klass])
+        await publish_ticket(self.b, rec, klass, dedupe_suffix=dedupe_suffix)
+
     @property
     def b(self) -> Broker:
         assert self.broker is not None, "controller not started"
@@ -133,11 +174,13 @@ class Controller:
     def _new_record(self, manifest: Manifest, spec: JobSpec) -> JobRecord:
         now = time.time()
         klass = tickets.ticket_class(spec)
+        eventual = tickets.eventual_classes(spec, klass)
         return JobRecord(
             job_id=spec.job_id,
-            spec=spec,
             klass=klass,
             offered=(klass,),
+            fallback_class=eventual[1] if len(eventual) > 1 else None,
+            priority=spec.priority,
             created_at=now,
             updated_at=now,
             queued_at=now,
@@ -145,16 +188,22 @@ class Controller:
             max_attempts=manifest.settings.max_attempts or self.settings.max_attempts,
         )
 
-    async def sync(self, manifest: Manifest) -> SyncReport:
-        """Idempotent: new jobs become pending with a ticket; existing records keep their state
-        (only non-identity fields such as name, priority and host policy are refreshed).
+    async def sync(self, manifest: Manifest, *, allow_command_change: bool = False) -> SyncReport:
+        """Idempotent: new jobs get a signed spec, a pending record and a ticket; existing jobs
+        keep their state (their spec's name, priority and constraints and their record's host
+        policy are refreshed). A changed command is applied only with ``allow_command_change``,
+        and logged; without it the job is reported as refused and keeps its command.
 
-        Record writes run SYNC_WINDOW at a time (each is an fsynced CAS, so one at a time is
-        bound by disk latency); tickets then go out pipelined, highest priority first."""
+        Specs and tickets go out pipelined; record writes run SYNC_WINDOW at a time (each is an
+        fsynced CAS, so one at a time is bound by disk latency). Specs are written first: an
+        agent that sees a record or a ticket finds its spec."""
         self.manifest = manifest
         report = SyncReport()
+        wanted = sorted(manifest.jobs, key=lambda s: -s.priority)
+        await specs.put_specs(self.b, await self._specs_to_write(wanted, report, allow_command_change), self.signer)
+        refused = {r["job_id"] for r in report.refused}
+        fresh = [self._new_record(manifest, s) for s in wanted if s.job_id not in refused]
         window = asyncio.Semaphore(SYNC_WINDOW)
-        fresh = [self._new_record(manifest, s) for s in sorted(manifest.jobs, key=lambda s: -s.priority)]
 
         async def create(rec: JobRecord) -> bool:
             async with window:
@@ -168,44 +217,87 @@ class Controller:
         new = [r for r, ok in zip(fresh, created, strict=True) if ok]
         existing = [r for r, ok in zip(fresh, created, strict=True) if not ok]
         changed = await asyncio.gather(*(refresh(r) for r in existing))
+        await self._ensure_classes({r.klass for r in new})
         await tickets.publish_tickets(self.b, new)
+        respecced = set(report.updated)
         report.created = [r.job_id for r in new]
-        report.updated = [r.job_id for r, c in zip(existing, changed, strict=True) if c]
-        report.unchanged = [r.job_id for r, c in zip(existing, changed, strict=True) if not c]
-        wanted = {s.job_id for s in manifest.jobs}
-        report.not_in_manifest = sorted(await job_ids(self.b) - wanted)
+        report.updated = [r.job_id for r, c in zip(existing, changed, strict=True) if c or r.job_id in respecced]
+        report.unchanged = [
+            r.job_id for r, c in zip(existing, changed, strict=True) if not c and r.job_id not in respecced
+        ]
+        report.not_in_manifest = sorted(await job_ids(self.b) - {s.job_id for s in manifest.jobs})
         log.info(
-            "sync %s: %d new, %d updated, %d unchanged, %d only in KV",
+            "sync %s: %d new, %d updated, %d unchanged, %d refused, %d only in KV",
             manifest.path,
             len(report.created),
             len(report.updated),
             len(report.unchanged),
+            len(report.refused),
             len(report.not_in_manifest),
         )
         return report
 
+    async def _specs_to_write(
+        self, wanted: list[JobSpec], report: SyncReport, allow_command_change: bool
+    ) -> list[JobSpec]:
+        """The specs a sync writes: new ones, changed ones (command changes only when allowed),
+        and any not signed by this controller's key. Existing jobs whose spec changes are
+        noted in ``report.updated``; refused command changes in ``report.refused``."""
+        stored = await specs.load_sealed(self.b)
+        key = self.signer.public_key if self.signer else ""
+        out = []
+        for spec in wanted:
+            old = stored.get(spec.job_id)
+            if old is None:
+                out.append(spec)
+                continue
+            change = execution_change(old.spec, spec)
+            if change and not allow_command_change:
+                log.warning("sync: job %s (%s) would change its %s; refused", spec.job_id[:12], spec.name, change)
+                report.refused.append(
+                    {
+                        "job_id": spec.job_id,
+                        "name": spec.name,
+                        "reason": f"{change}: refused (sync again allowing command changes to apply it)",
+                    }
+                )
+                continue
+            if change:
+                log.warning(
+                    "sync: job %s (%s) changes its %s (allowed by the operator)", spec.job_id[:12], spec.name, change
+                )
+            if old.spec != spec or old.key != key:
+                out.append(spec)
+                if old.spec != spec:
+                    report.updated.append(spec.job_id)
+        return out
+
     async def _refresh(self, fresh: JobRecord) -> bool:
-        """Bring an existing record's non-identity fields to the manifest's; False when they were."""
+        """Bring an existing record's scheduling and policy fields to the manifest's; False when they were."""
 
         def refreshed(rec: JobRecord) -> JobRecord | None:
-            keep = (rec.spec, rec.excluded_hosts, rec.max_attempts)
-            if keep == (fresh.spec, fresh.excluded_hosts, fresh.max_attempts):
+            keep = (rec.excluded_hosts, rec.max_attempts, rec.priority, rec.fallback_class)
+            if keep == (fresh.excluded_hosts, fresh.max_attempts, fresh.priority, fresh.fallback_class):
                 return None
-            return rec.evolve(spec=fresh.spec, excluded_hosts=fresh.excluded_hosts, max_attempts=fresh.max_attempts)
+            return rec.evolve(
+                excluded_hosts=fresh.excluded_hosts,
+                max_attempts=fresh.max_attempts,
+                priority=fresh.priority,
+                fallback_class=fresh.fallback_class,
+            )
 
         return await update_record(self.b, fresh.job_id, refreshed) is not None
 
-    async def reload(self) -> SyncReport:
+    async def reload(self, *, allow_command_change: bool = False) -> SyncReport:
+        """Re-read the --manifest file this controller was started with (only that file)."""
         if not self.manifest_path:
             raise UsageError("this controller was started without --manifest; use `trainfleet sync FILE`")
-        return await self.sync(load_manifest(self.manifest_path))
+        return await self.sync(load_manifest(self.manifest_path), allow_command_change=allow_command_change)
 
-    async def sync_text(self, text: str, file: str) -> SyncReport:
-        manifest = parse_manifest(text, file=file)
-        report = await self.sync(manifest)
-        if Path(file).is_file():
-            self.manifest_path = file
-        return report
+    async def sync_text(self, text: str, file: str, *, allow_command_change: bool = False) -> SyncReport:
+        """Sync manifest text an operator sent. ``file`` only names it in messages: it never
+        changes which file `reload` reads, and is never opened."""
+        return await self.sync(parse_manifest(text, file=file), allow_command_change=allow_command_change)
 
     async def sweep_artifacts(self) -> int:
         """Purge stray artifact chunks (uploads cut off mid-way); returns the chunk sets purged."""
@@ -244,7 +336,7 @@ class Controller:
                 and rec.ticket_seq not in seqs
                 and not any(g == rec.generation for g, _ in have)
             ):
-                await publish_ticket(self.b, rec, rec.klass, dedupe_suffix=f".r{int(now)}")
+                await self._ticket(rec, rec.klass, dedupe_suffix=f".r{int(now)}")
                 stats["takeover_tickets"] += 1
         if any(stats.values()):
             log.info("reconcile: %s", dict(stats))
@@ -278,7 +370,7 @@ class Controller:
             for ref in tail:
                 rec = records[ref.ticket.job_id].record if ref.ticket else None
                 if rec is not None:
-                    await publish_ticket(self.b, rec, klass, dedupe_suffix=f".o{ref.seq}")
+                    await self._ticket(rec, klass, dedupe_suffix=f".o{ref.seq}")
             moved += len(tail)
         return moved
 
@@ -288,10 +380,10 @@ class Controller:
         grace = self.settings.prefer_cuda_grace_s
         if self.manifest and self.manifest.settings.prefer_cuda_grace_s is not None:
             grace = self.manifest.settings.prefer_cuda_grace_s
-        cpu = tickets.cpu_class()
-        if not rec.spec.constraints.prefer_cuda or cpu in rec.offered or now - rec.queued_at < grace:
+        fallback = rec.fallback_class
+        if fallback is None or fallback in rec.offered or now - rec.queued_at < grace:
             return 0
-        await cas(self.b, rec.evolve(offered=(*rec.offered, cpu)), stored.revision)
+        await cas(self.b, rec.evolve(offered=(*rec.offered, fallback)), stored.revision)
         return 1
 
     async def _ensure_tickets(self, loaded: JobRecord, have: set[tuple[int, str]], *, changed: bool) -> int:
@@ -304,7 +396,7 @@ class Controller:
             return 0
         missing = tickets.missing_classes(rec, have)
         for klass in missing:
-            await publish_ticket(self.b, rec, klass, dedupe_suffix=f".r{int(time.time())}")
+            await self._ticket(rec, klass, dedupe_suffix=f".r{int(time.time())}")
         return len(missing)
 
     # -- advisories ---------------------------------------------------------
@@ -355,32 +447,33 @@ class Controller:
                 log.warning("job %s failed: %s", rec.job_id[:12], reason)
                 return "failed"
             return "raced"
-        await publish_ticket(self.b, rec, ticket.klass, dedupe_suffix=f".x{seq}")
+        await self._ticket(rec, ticket.klass, dedupe_suffix=f".x{seq}")
         return "reoffered"
 
     # -- operator actions ---------------------------------------------------
-    async def cancel(self, ref: str) -> JobRecord:
+    async def cancel(self, ref: str) -> Job:
         """Cancel a job that is not terminal; its agent sees the change and stops the trainer."""
-        job_id = (await resolve(self.b, ref)).record.job_id  # resolved once, not per CAS retry
+        job = await resolve(self.b, ref)  # resolved once, not per CAS retry
+        name = job.spec.name
 
         def cancelled(rec: JobRecord) -> JobRecord:
             if rec.status.terminal:
-                raise Refused(f"job {rec.spec.name} is already {rec.status.value}; nothing to cancel")
+                raise Refused(f"job {name} is already {rec.status.value}; nothing to cancel")
             return rec.evolve(status=JobStatus.CANCELLED, finished_at=time.time(), reason="cancelled by operator")
 
-        done = await update_record(self.b, job_id, cancelled)
+        done = await update_record(self.b, job.job_id, cancelled)
         assert done is not None
-        return done.record
+        return Job(job.spec, done.record, done.revision)
 
-    async def requeue(self, ref: str) -> JobRecord:
+    async def requeue(self, ref: str) -> Job:
         """Put a failed, cancelled or completed job back to pending as a new generation, with a ticket."""
-        job_id = (await resolve(self.b, ref)).record.job_id
+        job = await resolve(self.b, ref)
+        name = job.spec.name
 
         def requeued(rec: JobRecord) -> JobRecord:
             if rec.status not in REQUEUEABLE:
                 raise Refused(
-                    f"job {rec.spec.name} is {rec.status.value}; only failed, cancelled or "
-                    "completed jobs can be requeued"
+                    f"job {name} is {rec.status.value}; only failed, cancelled or completed jobs can be requeued"
                 )
             return rec.evolve(
                 status=JobStatus.PENDING,
@@ -402,10 +495,10 @@ class Controller:
                 device=None,
             )
 
-        fresh = await update_record(self.b, job_id, requeued)
+        fresh = await update_record(self.b, job.job_id, requeued)
         assert fresh is not None
-        await publish_ticket(self.b, fresh.record, fresh.record.klass)
-        return fresh.record
+        await self._ticket(fresh.record, fresh.record.klass)
+        return Job(job.spec, fresh.record, fresh.revision)
 
     def host_policy(self, host_id: str) -> dict[str, Any]:
         """The manifest's overrides for ``host_id`` (caps on what its agent offers), or {}."""

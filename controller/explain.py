@@ -17,7 +17,7 @@ from typing import Any
 from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.eligibility import at_best, ineligibility, reported_module_check
-from trainfleet.broker.records import resolve
+from trainfleet.broker.jobs import Job, resolve
 from trainfleet.broker.schema import JobRecord, WorkerRecord
 from trainfleet.broker.workers import load_workers
 from trainfleet.controller.manifest import Manifest, excluded_hosts
@@ -71,19 +71,20 @@ def _routing(klasses: tuple[str, ...], worker: WorkerRecord) -> list[str]:
 
 
 def explain_job(
-    record: JobRecord, workers: list[WorkerRecord], *, stale_after_s: float, now: float | None = None
+    job: Job, workers: list[WorkerRecord], *, stale_after_s: float, now: float | None = None
 ) -> list[Match]:
     """For every registered worker: can it run this job now, and if not, every failing constraint."""
     now = time.time() if now is None else now
+    record, spec = job.record, job.spec
     offered = tickets.offered_classes(record)
     out = []
     for worker in workers:
         cap = worker.capability
         reasons = _routing(tuple(offered), worker)
-        reasons += ineligibility(record.spec, cap, record=record, has_module=reported_module_check(cap))
+        reasons += ineligibility(spec, cap, record=record, has_module=reported_module_check(cap))
         notes = []
         cpu = tickets.cpu_class()
-        if record.spec.constraints.prefer_cuda and cpu in worker.classes and cpu not in offered:
+        if spec.constraints.prefer_cuda and cpu in worker.classes and cpu not in offered:
             notes.append("prefer_cuda: offered to cpu only after the grace window")
         alive = now - worker.last_seen <= stale_after_s
         if not alive:
@@ -99,7 +100,6 @@ def plan_manifest(manifest: Manifest, workers: list[WorkerRecord]) -> list[JobPl
         plan = JobPlan(spec.job_id, spec.name, tickets.ticket_class(spec))
         record = JobRecord(
             job_id=spec.job_id,
-            spec=spec,
             klass=plan.klass,
             offered=tickets.eventual_classes(spec, plan.klass),
             excluded_hosts=excluded_hosts(manifest, spec),
@@ -116,16 +116,17 @@ def plan_manifest(manifest: Manifest, workers: list[WorkerRecord]) -> list[JobPl
     return plans
 
 
-async def explain_ref(broker: Broker, ref: str, *, stale_after_s: float) -> tuple[JobRecord, list[Match]]:
+async def explain_ref(broker: Broker, ref: str, *, stale_after_s: float) -> tuple[Job, list[Match]]:
     """Resolve ``ref`` (name, id or prefix) and explain it against every registered worker."""
-    rec = (await resolve(broker, ref)).record
-    return rec, explain_job(rec, await load_workers(broker), stale_after_s=stale_after_s)
+    job = await resolve(broker, ref)
+    return job, explain_job(job, await load_workers(broker), stale_after_s=stale_after_s)
 
 
-def explain_json(record: JobRecord, matches: list[Match]) -> dict[str, Any]:
+def explain_json(job: Job, matches: list[Match]) -> dict[str, Any]:
+    record = job.record
     return {
         "job_id": record.job_id,
-        "name": record.spec.name,
+        "name": job.spec.name,
         "status": record.status.value,
         "classes": list(tickets.offered_classes(record)),
         "reason": record.reason,

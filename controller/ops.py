@@ -15,11 +15,12 @@ from typing import Any
 
 import msgspec
 
-from trainfleet.broker import bundle
+from trainfleet.broker import bundle, specs
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ArtifactError, JobNotFound, SchemaError
-from trainfleet.broker.records import load_records, record_history, resolve
+from trainfleet.broker.jobs import Job, load_jobs, resolve
+from trainfleet.broker.records import load_records, record_history
 from trainfleet.broker.schema import JobRecord, JobStatus, decode
 from trainfleet.broker.workers import load_workers, stale_after_s
 
@@ -45,20 +46,26 @@ async def fleet_status(broker: Broker, now: float | None = None) -> dict[str, An
     }
 
 
-def job_row(rec: JobRecord) -> dict[str, Any]:
+def job_json(job: Job) -> dict[str, Any]:
+    """A job as one JSON object: its record's fields, with its spec under ``spec``."""
+    return {**msgspec.to_builtins(job.record), "spec": msgspec.to_builtins(job.spec)}
+
+
+def job_row(job: Job) -> dict[str, Any]:
     """One line of ``trainfleet jobs``."""
+    rec, spec = job.record, job.spec
     headline = rec.metrics.get("headline") if rec.metrics else None
     duration = (rec.finished_at - rec.started_at) if rec.finished_at and rec.started_at else None
     return {
         "job_id": rec.job_id,
-        "name": rec.spec.name,
-        "model": rec.spec.model,
-        "mode": rec.spec.mode,
+        "name": spec.name,
+        "model": spec.model,
+        "mode": spec.mode,
         "state": rec.status.value,
         "host": rec.claimed_by,
         "attempts": rec.attempt,
         "generation": rec.generation,
-        "priority": rec.spec.priority,
+        "priority": spec.priority,
         "duration_s": duration,
         "artifact": rec.artifact,
         "metric": {headline: rec.metrics.get(headline)} if headline else None,
@@ -72,7 +79,7 @@ async def list_jobs(
     broker: Broker, *, state: str | None = None, model: str | None = None, host: str | None = None
 ) -> list[dict[str, Any]]:
     """Jobs matching every given filter, highest priority first (then by name)."""
-    rows = [job_row(s.record) for s in (await load_records(broker)).values()]
+    rows = [job_row(job) for job in (await load_jobs(broker)).values()]
     rows = [
         r
         for r in rows
@@ -149,11 +156,12 @@ async def job_history(broker: Broker, job_id: str) -> tuple[list[Transition], bo
 
 # -- show ----------------------------------------------------------------------
 async def job_detail(broker: Broker, ref: str, *, provenance: bool = True) -> dict[str, Any]:
-    """``trainfleet show``: the record (spec included), its revision, state history, provenance."""
-    stored = await resolve(broker, ref)
-    rec = stored.record
-    data = msgspec.to_builtins(rec)
-    data["revision"] = stored.revision
+    """``trainfleet show``: the record and its spec, its revision, state history, provenance."""
+    job = await resolve(broker, ref)
+    rec = job.record
+    data = job_json(job)
+    data["revision"] = job.revision
+    data["signed_by"] = await specs.signed_by(broker, job.job_id)
     history, truncated = await job_history(broker, rec.job_id)
     data["history"] = [asdict(t) for t in history]
     data["history_truncated"] = truncated
@@ -174,8 +182,8 @@ async def list_artifacts(broker: Broker) -> list[dict[str, Any]]:
     objects = {o.name: o for o in await Artifacts(broker).list()}
     rows: list[dict[str, Any]] = []
     referenced: set[str] = set()
-    for stored in sorted((await load_records(broker)).values(), key=lambda s: s.record.spec.name):
-        rec = stored.record
+    for job in sorted((await load_jobs(broker)).values(), key=lambda j: j.spec.name):
+        rec = job.record
         if not rec.artifact:
             continue
         referenced.add(rec.artifact)
@@ -184,7 +192,7 @@ async def list_artifacts(broker: Broker) -> list[dict[str, Any]]:
             {
                 "artifact": rec.artifact,
                 "job_id": rec.job_id,
-                "name": rec.spec.name,
+                "name": job.spec.name,
                 "host": rec.claimed_by,
                 "state": rec.status.value,
                 "bytes": obj.size if obj else rec.artifact_bytes,
@@ -215,14 +223,14 @@ async def _artifact_target(broker: Broker, ref: str) -> tuple[str, str]:
     """(artifact id, directory name) for a job reference, or for a stored artifact's full id
     (so orphans can be fetched too)."""
     try:
-        rec = (await resolve(broker, ref)).record
+        job = await resolve(broker, ref)
     except JobNotFound:
         if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
             return ref, ref[:12]
         raise
-    if not rec.artifact:
-        raise ArtifactError(f"job {rec.spec.name} has no artifact (it is {rec.status.value})")
-    return rec.artifact, rec.spec.name
+    if not job.record.artifact:
+        raise ArtifactError(f"job {job.spec.name} has no artifact (it is {job.record.status.value})")
+    return job.record.artifact, job.spec.name
 
 
 async def fetch_artifact(broker: Broker, ref: str, out: Path, *, extract: bool) -> dict[str, Any]:

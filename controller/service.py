@@ -16,15 +16,15 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import msgspec
 from nats import micro
 from nats.micro.request import Request
 
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import ENDPOINT_DOCS, error_reply, ok_reply
 from trainfleet.broker.errors import UsageError
+from trainfleet.broker.jobs import Job
 from trainfleet.broker.names import Names
-from trainfleet.broker.schema import JobRecord, JobStatus
+from trainfleet.broker.schema import JobStatus
 from trainfleet.broker.workers import stale_after_s
 from trainfleet.controller import ops
 
@@ -38,10 +38,10 @@ class Served(Protocol):
     @property
     def b(self) -> Broker: ...
 
-    async def sync_text(self, text: str, file: str) -> Any: ...
-    async def reload(self) -> Any: ...
-    async def cancel(self, ref: str) -> JobRecord: ...
-    async def requeue(self, ref: str) -> JobRecord: ...
+    async def sync_text(self, text: str, file: str, *, allow_command_change: bool = False) -> Any: ...
+    async def reload(self, *, allow_command_change: bool = False) -> Any: ...
+    async def cancel(self, ref: str) -> Job: ...
+    async def requeue(self, ref: str) -> Job: ...
     async def reconcile(self) -> dict[str, int]: ...
     def host_policy(self, host_id: str) -> dict[str, Any]: ...
 
@@ -57,6 +57,14 @@ def _job_ref(body: dict[str, Any]) -> str:
     if not isinstance(ref, str) or not ref:
         raise UsageError('request needs {"job": "<id, id prefix or name>"}')
     return ref
+
+
+def _allow(body: dict[str, Any]) -> bool:
+    """A sync's explicit consent to change jobs' commands (``"allow_command_change": true``)."""
+    allow = body.get("allow_command_change", False)
+    if not isinstance(allow, bool):
+        raise UsageError('"allow_command_change" must be true or false')
+    return allow
 
 
 def _filters(body: dict[str, Any]) -> dict[str, str | None]:
@@ -78,16 +86,16 @@ def handlers(ctl: Served) -> dict[str, Handler]:
         text, file = body.get("manifest"), body.get("file", "<request>")
         if not isinstance(text, str):
             raise UsageError('request needs {"manifest": "<toml text>", "file": "<name>"}')
-        return (await ctl.sync_text(text, str(file))).to_dict()
+        return (await ctl.sync_text(text, str(file), allow_command_change=_allow(body))).to_dict()
 
     async def reload(body: dict[str, Any]) -> Any:
-        return (await ctl.reload()).to_dict()
+        return (await ctl.reload(allow_command_change=_allow(body))).to_dict()
 
     async def cancel(body: dict[str, Any]) -> Any:
-        return msgspec.to_builtins(await ctl.cancel(_job_ref(body)))
+        return ops.job_json(await ctl.cancel(_job_ref(body)))
 
     async def requeue(body: dict[str, Any]) -> Any:
-        return msgspec.to_builtins(await ctl.requeue(_job_ref(body)))
+        return ops.job_json(await ctl.requeue(_job_ref(body)))
 
     async def status(body: dict[str, Any]) -> Any:
         return await ops.fleet_status(ctl.b)

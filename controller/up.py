@@ -29,9 +29,11 @@ from trainfleet.broker.errors import EXIT_OK, FleetError, ManifestError, Unsatis
 from trainfleet.broker.logs import LiveProgress
 from trainfleet.broker.records import load_records
 from trainfleet.broker.schema import JobRecord, JobStatus
+from trainfleet.broker.security import redact_url
 from trainfleet.broker.server import EmbeddedServer
-from trainfleet.broker.settings import Settings
+from trainfleet.broker.settings import NATS_ENV, Settings, connection_env
 from trainfleet.controller import view
+from trainfleet.controller.auth import AuthFiles, init_auth
 from trainfleet.controller.manifest import Manifest, load_manifest
 
 
@@ -76,11 +78,16 @@ class Fleet:
             log.close()
 
 
+# Variables of the caller's environment that a child must not inherit: each child gets exactly
+# the identity its role needs (connection_env), never the caller's.
+IDENTITY_VARS = (*NATS_ENV.values(), "TRAINFLEET_INBOX_PREFIX", "TRAINFLEET_SIGNING_KEY", "TRAINFLEET_TRUST_KEY")
+
+
 def _child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in IDENTITY_VARS}
+    env.update(connection_env(settings))
     env.update(
         {
-            "NATS_URL": settings.url,
             "TRAINFLEET_PREFIX": settings.prefix,
             "TRAINFLEET_LEASE_S": str(settings.lease_s),
             "TRAINFLEET_HEARTBEAT_S": str(settings.heartbeat_s),
@@ -90,20 +97,64 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Identities:
+    """Who each process of a local fleet is: the settings of ``up`` itself (it provisions, then
+    watches), of the controller and of the agents."""
+
+    admin: Settings
+    watcher: Settings
+    controller: Settings
+    agent: Settings
+
+
+def _as(settings: Settings, auth: AuthFiles, name: str) -> Settings:
+    env = auth.role_env(name)
+    return settings.with_(
+        nkey=env["NATS_NKEY"],
+        inbox_prefix=env["TRAINFLEET_INBOX_PREFIX"],
+        signing_key=env.get("TRAINFLEET_SIGNING_KEY"),
+        trust_keys=(env["TRAINFLEET_TRUST_KEY"],) if "TRAINFLEET_TRUST_KEY" in env else None,
+    )
+
+
+def identities(settings: Settings, auth: AuthFiles | None) -> Identities:
+    """Every role its own identity from ``auth``; without it, the caller's own for all."""
+    if auth is None:
+        return Identities(settings, settings, settings, settings)
+    return Identities(
+        _as(settings, auth, "admin"),
+        _as(settings, auth, "viewer"),
+        _as(settings, auth, "controller"),
+        _as(settings, auth, "agent"),
+    )
+
+
 def start_fleet(
-    manifest_path: str, settings: Settings, *, agents: int, data_dir: Path, embed: bool
-) -> tuple[Fleet, Settings]:
+    manifest_path: str, settings: Settings, *, agents: int, data_dir: Path, embed: bool, auth_dir: str | None = None
+) -> tuple[Fleet, Identities]:
     data_dir.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(data_dir=data_dir)
+    auth = None
     if embed:
-        fleet.server = EmbeddedServer(data_dir / "nats").start()
-        settings = settings.with_(url=fleet.server.url)
-    asyncio.run(_provision(settings))
-    env = _child_env(settings)
+        # Per-run identities (files mode 0600 in a 0700 dir): no other local user can connect,
+        # and each process gets only its own role's rights.
+        server = EmbeddedServer(data_dir / "nats")
+        auth = init_auth(data_dir / "auth", settings.names, url=server.url)
+        server.extra_config = auth.server_include.read_text()
+        fleet.server = server.start()
+        settings = settings.with_(url=server.url)
+    elif auth_dir:
+        auth = init_auth(auth_dir, settings.names, url=settings.url)  # existing keys are kept
+    who = identities(settings, auth)
+    asyncio.run(_provision(who.admin))
     cli = [sys.executable, "-m", "trainfleet.controller.cli"]
     # Local agents share this machine's cores: each offers its share, so trainers don't oversubscribe.
     cores_each = max(1.0, (os.cpu_count() or 1) / max(1, agents))
-    fleet.controller = fleet.spawn("controller", [*cli, "controller", "--manifest", manifest_path], env)
+    env = _child_env(who.agent)
+    fleet.controller = fleet.spawn(
+        "controller", [*cli, "controller", "--manifest", manifest_path], _child_env(who.controller)
+    )
     for i in range(1, agents + 1):
         argv = [
             *cli,
@@ -116,7 +167,7 @@ def start_fleet(
             f"{cores_each:g}",
         ]
         fleet.agents.append(fleet.spawn(f"agent-{i}", argv, env))
-    return fleet, settings
+    return fleet, who
 
 
 async def _provision(settings: Settings) -> None:
@@ -147,7 +198,7 @@ async def watch(
                 if display is not None:
                     display.update(view.render_table(manifest, records))
                 else:
-                    view.print_changes(console, records, seen)
+                    view.print_changes(console, manifest, records, seen)
                 if len(records) == len(wanted) and all(r.status.terminal for r in records.values()):
                     return records
                 if dead := fleet.dead():
@@ -177,14 +228,22 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     # treat both like Ctrl-C, which unwinds through fleet.stop() below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
-    fleet, settings = start_fleet(
-        str(Path(args.manifest).resolve()), settings, agents=args.agents, data_dir=data_dir, embed=embed
+    fleet, who = start_fleet(
+        str(Path(args.manifest).resolve()),
+        settings,
+        agents=args.agents,
+        data_dir=data_dir,
+        embed=embed,
+        auth_dir=args.auth_dir,
     )
-    console.print(f"NATS at {settings.url}" + (" (embedded)" if embed else ""))
+    url = redact_url(who.admin.url)
+    console.print(f"NATS at {url}" + (" (embedded, credentials in {})".format(data_dir / "auth") if embed else ""))
+    if not embed and not args.auth_dir:
+        console.print("every process of this fleet runs with your credentials (--auth-dir DIR gives each its role)")
     started = time.monotonic()
     try:
         live = console.is_terminal and not args.no_live
-        records = asyncio.run(watch(settings, manifest, fleet, console, live=live, timeout_s=args.timeout_s))
+        records = asyncio.run(watch(who.watcher, manifest, fleet, console, live=live, timeout_s=args.timeout_s))
         elapsed = time.monotonic() - started
         if args.json:
             print(json.dumps(view.summary_json(manifest, records), indent=2, default=str))
@@ -197,11 +256,16 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
             + ", ".join(f"{k} {v}" for k, v in counts.items() if v),
             highlight=False,
         )
+        names = {spec.job_id: spec.name for spec in manifest.jobs}
         for rec in records.values():
             if rec.status == JobStatus.FAILED:
-                console.print(f"[red]{rec.spec.name}[/]: {rec.reason}\n{rec.last_error or ''}", highlight=False)
+                console.print(f"[red]{names[rec.job_id]}[/]: {rec.reason}\n{rec.last_error or ''}", highlight=False)
         if args.keep:
-            console.print(f"fleet still running at {settings.url}; Ctrl-C to stop it")
+            console.print(f"fleet still running at {url}; Ctrl-C to stop it")
+            if embed:
+                console.print(
+                    f"connect as an operator: trainfleet status --context {data_dir / 'auth/context/operator.json'}"
+                )
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     signal.pause()

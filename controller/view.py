@@ -20,8 +20,9 @@ from rich.table import Table
 
 from trainfleet.broker import display, tickets
 from trainfleet.broker.display import fmt_bytes, fmt_metrics
+from trainfleet.broker.jobs import Job
 from trainfleet.broker.logs import LogEntry
-from trainfleet.broker.schema import JobRecord, JobStatus
+from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus
 from trainfleet.controller.explain import JobPlan, Match
 from trainfleet.controller.manifest import Manifest
 
@@ -64,10 +65,25 @@ def manifest_jobs(path: str, manifest: Manifest) -> str:
 
 
 def sync_report(report: dict[str, Any]) -> str:
-    return (
+    lines = [
         f"{len(report['created'])} new, {len(report['updated'])} updated, "
         f"{len(report['unchanged'])} unchanged, {len(report['not_in_manifest'])} only in the fleet"
-    )
+        + (f", {len(report['refused'])} refused" if report.get("refused") else "")
+    ]
+    for refused in report.get("refused") or []:
+        lines.append(f"  refused {refused['name']} ({refused['job_id'][:12]}): {refused['reason']}")
+    return "\n".join(lines)
+
+
+def auth_files(result: dict[str, Any]) -> str:
+    lines = [
+        f"wrote {result['dir']}:",
+        f"  server include  {result['server_include']}  (include it from nats-server.conf)",
+    ]
+    for name, ident in result["identities"].items():
+        lines.append(f"  {name:<16} {ident['public_key'][:16]}…  seed {ident['seed']}  env {ident['env']}")
+    lines.append(f"  spec signing key: public {result['signing_public_key']} (agents trust it: TRAINFLEET_TRUST_KEY)")
+    return "\n".join(lines)
 
 
 # -- status, jobs, workers ---------------------------------------------------------
@@ -119,7 +135,7 @@ def workers_table(workers: list[dict[str, Any]]) -> None:
 # -- show ----------------------------------------------------------------------------
 def job_detail(data: dict[str, Any]) -> None:
     """``trainfleet show``: the record, its history and the bundle's provenance."""
-    _print_detail(data, msgspec.convert(_record_fields(data), JobRecord))
+    _print_detail(data, msgspec.convert(_record_fields(data), JobRecord), msgspec.convert(data["spec"], JobSpec))
 
 
 def _print_history(data: dict[str, Any]) -> None:
@@ -154,8 +170,7 @@ def _print_provenance(prov: dict[str, Any]) -> None:
         print(f"  {'argv':<11} {' '.join(map(str, prov['argv']))}")
 
 
-def _print_detail(data: dict[str, Any], rec: JobRecord) -> None:
-    spec = rec.spec
+def _print_detail(data: dict[str, Any], rec: JobRecord, spec: JobSpec) -> None:
     print(f"{spec.name}  ({rec.job_id})")
     host = f" on {rec.claimed_by}" if rec.claimed_by else ""
     print(
@@ -164,6 +179,10 @@ def _print_detail(data: dict[str, Any], rec: JobRecord) -> None:
     )
     print(f"  {'model':<11} {spec.model}/{spec.mode}  seed={spec.seed}  priority={spec.priority}  class={rec.klass}")
     print(f"  {'hyper':<11} {json.dumps(spec.hyper, sort_keys=True)}")
+    print(
+        f"  {'command':<11} {' '.join(spec.command)}"
+        + (f"  (signed by {data['signed_by']})" if data.get("signed_by") else "  (unsigned)")
+    )
     needs = [
         f"{k}={','.join(v) if isinstance(v, list) else v}"
         for k, v in msgspec.to_builtins(spec.constraints).items()
@@ -256,9 +275,10 @@ def sweep_report(result: dict[str, Any]) -> str:
 
 
 # -- explain and plan --------------------------------------------------------------------
-def render_explain(record: JobRecord, matches: list[Match]) -> str:
+def render_explain(job: Job, matches: list[Match]) -> str:
+    record = job.record
     lines = [
-        f"{record.spec.name} ({record.job_id[:12]}) is {record.status.value}; ticket class "
+        f"{job.spec.name} ({record.job_id[:12]}) is {record.status.value}; ticket class "
         f"{', '.join(tickets.offered_classes(record))}"
     ]
     if record.reason:
@@ -351,11 +371,13 @@ def summary_json(manifest: Manifest, records: dict[str, JobRecord]) -> list[dict
     return out
 
 
-def print_changes(console: Console, records: dict[str, JobRecord], seen: dict[str, str]) -> None:
-    for job_id, rec in sorted(records.items(), key=lambda kv: kv[1].spec.name):
+def print_changes(console: Console, manifest: Manifest, records: dict[str, JobRecord], seen: dict[str, str]) -> None:
+    names = {spec.job_id: spec.name for spec in manifest.jobs}
+    for job_id, rec in sorted(records.items(), key=lambda kv: names.get(kv[0], kv[0])):
         key = f"{rec.status.value}/{rec.attempt}"
         if seen.get(job_id) != key:
             seen[job_id] = key
             host = f" on {rec.claimed_by}" if rec.claimed_by else ""
             extra = f" {display.headline(rec)}" if rec.status.terminal else ""
-            console.print(f"{time.strftime('%H:%M:%S')} {rec.spec.name:<28} {rec.status.value}{host}{extra}")
+            name = names.get(job_id, job_id[:12])
+            console.print(f"{time.strftime('%H:%M:%S')} {name:<28} {rec.status.value}{host}{extra}")

@@ -230,6 +230,17 @@ install_file() {
     fi
 }
 
+# One identity per role and the server's permissions (docs/security.md). Existing keys are
+# kept, so running the installer again changes nobody's identity. Copy an agent host its
+# agent.nk and agent.env only.
+install_auth() {
+    local auth=$ETC_DIR/auth
+    run "$PREFIX/venv/bin/trainfleet" auth init "$auth"
+    run chown -R "root:$SERVICE_USER" "$auth"
+    run chmod -R g+rX "$auth"
+    install_file "$auth/auth.conf" "$ETC_DIR/auth.conf" 0640 "$SERVICE_USER"
+}
+
 # The installed package cannot see this checkout's git history, so record the
 # commit (it goes into every artifact's provenance) in a drop-in that each
 # install rewrites.
@@ -253,6 +264,8 @@ install_system_files() {
     if has_role server; then
         units+=(nats-server.service)
         install_file "$SCRIPT_DIR/nats/nats-server.conf" "$ETC_DIR/nats-server.conf" 0640 "$SERVICE_USER"
+        install_file "$SCRIPT_DIR/nats/nats-server-tls.conf" "$ETC_DIR/nats-server-tls.conf" 0640 "$SERVICE_USER"
+        install_auth
     fi
     if has_role controller; then
         units+=(trainfleet-controller.service)
@@ -284,7 +297,8 @@ next_steps() {
         return
     fi
     if has_role server; then
-        printf '  * NATS: review %s/nats-server.conf (listen address, auth), then\n' "$ETC_DIR"
+        printf '  * NATS: review %s/nats-server.conf (listen address; roles in %s/auth), then\n' "$ETC_DIR" "$ETC_DIR"
+        printf '      %s/trainfleet provision --context %s/auth/context/admin.json (once the server runs)\n' "$bin" "$ETC_DIR"
         printf '      systemctl enable --now nats-server\n'
     fi
     if has_role controller; then

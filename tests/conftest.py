@@ -1,4 +1,8 @@
-"""Shared fixtures: a real nats-server per test, settings with short leases, fleet helpers."""
+"""Shared fixtures: a real nats-server per test, settings with short leases, fleet helpers.
+
+Every test server runs with the roles of `trainfleet auth init` (one set of identities per
+session): the test itself acts as admin (it provisions and pokes at records), the harness's
+controller and agents, spawned agents and the CLI each run under their own role."""
 
 from __future__ import annotations
 
@@ -16,20 +20,49 @@ import pytest
 
 from trainfleet.agent.agent import Agent, AgentOptions
 from trainfleet.broker.connection import Broker
+from trainfleet.broker.jobs import Job
 from trainfleet.broker.records import load_records
-from trainfleet.broker.schema import Capability, JobRecord
+from trainfleet.broker.schema import Capability, JobRecord, JobSpec, encode
 from trainfleet.broker.server import EmbeddedServer
 from trainfleet.broker.settings import Settings
+from trainfleet.broker.specs import put_spec
+from trainfleet.controller.auth import AuthFiles, init_auth
 from trainfleet.controller.controller import Controller
 from trainfleet.controller.manifest import Manifest, parse_manifest
 
 REPO = Path(__file__).resolve().parent.parent
+FLEET_AUTH: AuthFiles | None = None  # the session's identities (see fleet_auth)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fleet_auth(tmp_path_factory: pytest.TempPathFactory) -> AuthFiles:
+    """One `trainfleet auth init` per session: every test server enforces these roles."""
+    global FLEET_AUTH
+    FLEET_AUTH = init_auth(tmp_path_factory.mktemp("auth"), Settings().names)
+    return FLEET_AUTH
+
+
+def role_env(name: str) -> dict[str, str]:
+    """What a process running as identity ``name`` gets in its environment (NATS_NKEY...)."""
+    assert FLEET_AUTH is not None
+    return FLEET_AUTH.role_env(name)
+
+
+def as_role(settings: Settings, name: str) -> Settings:
+    """``settings`` for a client running as identity ``name`` (admin, controller, agent...)."""
+    env = role_env(name)
+    return settings.with_(
+        nkey=env["NATS_NKEY"],
+        inbox_prefix=env["TRAINFLEET_INBOX_PREFIX"],
+        signing_key=env.get("TRAINFLEET_SIGNING_KEY"),
+        trust_keys=(env["TRAINFLEET_TRUST_KEY"],) if "TRAINFLEET_TRUST_KEY" in env else None,
+    )
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A real JetStream server on a free loopback port, its store in tmp_path."""
-    server = EmbeddedServer(tmp_path / "nats").start()
+def nats_server(tmp_path: Path, fleet_auth: AuthFiles) -> Iterator[EmbeddedServer]:
+    """A real JetStream server on a free loopback port, its store in tmp_path, roles enforced."""
+    server = EmbeddedServer(tmp_path / "nats", extra_config=fleet_auth.server_include.read_text()).start()
     try:
         yield server
     finally:
@@ -38,7 +71,8 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 @pytest.fixture
 def settings(nats_server: EmbeddedServer) -> Settings:
-    return Settings(
+    """The test's own settings: the admin role (it provisions, and writes records as it likes)."""
+    base = Settings(
         url=nats_server.url,
         lease_s=6.0,
         heartbeat_s=1.0,
@@ -49,6 +83,7 @@ def settings(nats_server: EmbeddedServer) -> Settings:
         term_grace_s=2.0,
         worker_ttl_s=10.0,
     )
+    return as_role(base, "admin")
 
 
 @pytest.fixture
@@ -146,7 +181,7 @@ class FleetHarness:
     def __init__(self, settings: Settings, workdir: Path):
         self.settings = settings
         self.workdir = workdir
-        self.controller = Controller(settings, handle_signals=False)
+        self.controller = Controller(as_role(settings, "controller"), handle_signals=False)
         self.agents: dict[str, Agent] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.ctl_task: asyncio.Task[None] | None = None
@@ -158,7 +193,7 @@ class FleetHarness:
 
     def start_agent(self, host_id: str, capability: Capability | None = None, **opts: Any) -> Agent:
         options = AgentOptions(host_id=host_id, handle_signals=False, workdir=str(self.workdir / host_id), **opts)
-        agent = Agent(self.settings, options, capability=capability or fake_capability(host_id))
+        agent = Agent(as_role(self.settings, "agent"), options, capability=capability or fake_capability(host_id))
         self.agents[host_id] = agent
         self.tasks[host_id] = asyncio.create_task(agent.run())
         return agent
@@ -178,7 +213,8 @@ class FleetHarness:
 
 
 @pytest.fixture
-async def fleet(settings: Settings, tmp_path: Path) -> AsyncIterator[FleetHarness]:
+async def fleet(settings: Settings, broker: Broker, tmp_path: Path) -> AsyncIterator[FleetHarness]:
+    # (broker: provisioned by the admin; the controller's role may not create streams)
     harness = FleetHarness(settings, tmp_path / "agents")
     try:
         yield harness
@@ -294,3 +330,11 @@ async def trainer_starts(broker: Broker, job_ids: list[str] | set[str] | None = 
 async def stock_artifacts(broker: Broker) -> Any:
     """The artifacts bucket through nats-py's own object store (a stock client, for interop)."""
     return await broker.js.object_store(broker.names.artifacts_bucket)
+
+
+async def put_job(broker: Broker, spec: JobSpec, **changes: Any) -> Job:
+    """A job written straight to NATS, as a controller would (unsigned spec, then its record)."""
+    await put_spec(broker, spec, None)
+    rec = JobRecord(job_id=spec.job_id, priority=spec.priority, **changes)
+    revision = await broker.jobs.create(spec.job_id, encode(rec))
+    return Job(spec, rec, revision)

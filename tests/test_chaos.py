@@ -15,7 +15,16 @@ import pytest
 
 from trainfleet.broker.schema import JobStatus
 
-from .conftest import KVAudit, linreg_manifest, records, stock_artifacts, trainer_starts, wait_terminal
+from .conftest import (
+    KVAudit,
+    as_role,
+    linreg_manifest,
+    records,
+    role_env,
+    stock_artifacts,
+    trainer_starts,
+    wait_terminal,
+)
 
 JOBS = int(os.environ.get("TRAINFLEET_CHAOS_JOBS", "200"))
 AGENTS = 4
@@ -31,6 +40,7 @@ class AgentProc:
     def start(self) -> None:
         env = {
             **os.environ,
+            **role_env("agent"),
             "NATS_URL": self.settings.url,
             "TRAINFLEET_LEASE_S": str(self.settings.lease_s),
             "TRAINFLEET_HEARTBEAT_S": str(self.settings.heartbeat_s),
@@ -93,7 +103,7 @@ async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, br
     ids = [s.job_id for s in manifest.jobs]
     from trainfleet.controller.controller import Controller
 
-    fleet.controller = Controller(settings, handle_signals=False)
+    fleet.controller = Controller(as_role(settings, "controller"), handle_signals=False)
     ctl = await fleet.start_controller()
     audit = await KVAudit(broker).start()
     await ctl.sync(manifest)
@@ -124,6 +134,6 @@ async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, br
         f"max attempts={max(r.attempt for r in recs.values())}"
     )
     assert sum(a.kills for a in agents) >= 5
-    assert lost == [] and doubled == []
+    assert lost == [] and doubled == [], {i[:12]: (recs[i].status.value, recs[i].attempt, recs[i].reason) for i in lost}
     assert all(completions.get((i, 1)) == 1 for i in ids)
     assert all(starts.get(i, 0) >= 1 for i in ids)

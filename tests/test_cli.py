@@ -16,7 +16,7 @@ import pytest
 from trainfleet.broker.schema import Capability, JobRecord, JobStatus, WorkerRecord, encode
 from trainfleet.controller.manifest import parse_manifest
 
-from .conftest import GBM_MODEL, REPO, gbm_jobs, gbm_manifest, records, wait_terminal
+from .conftest import GBM_MODEL, REPO, gbm_jobs, gbm_manifest, put_job, records, role_env, wait_terminal
 
 CLI = [sys.executable, "-m", "trainfleet.controller.cli"]
 ZERO_COUNTS = {s.value: 0 for s in JobStatus}
@@ -30,7 +30,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
 
 async def arun_cli(*args: str, url: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *CLI, *args, env={**os.environ, "NATS_URL": url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        *CLI,
+        *args,
+        env={**os.environ, **role_env("operator"), "NATS_URL": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
@@ -138,6 +142,9 @@ def test_up_on_an_existing_server_exits_1_and_shows_the_error_when_a_job_fails(t
         "--json",
         "--url",
         nats_server.url,
+        "--auth-dir",  # the identities our server knows: each process gets its own role's
+        str(Path(role_env("admin")["NATS_NKEY"]).parent),
+        env=role_env("admin"),  # `up` provisions, so it needs admin rights
         timeout=400,
     )
     assert result.returncode == 1, result.stdout + result.stderr
@@ -214,8 +221,7 @@ async def test_ambiguous_id_prefix_is_a_clear_error_and_a_unique_one_resolves(br
     spec = gbm_manifest(gbm_jobs(1)).jobs[0]
     for suffix in ("1" * 60, "2" * 60):
         job_id = "abcd" + suffix
-        rec = JobRecord(job_id=job_id, spec=msgspec.structs.replace(spec, job_id=job_id, name=f"n{suffix[0]}"))
-        await broker.jobs.create(job_id, encode(rec))
+        await put_job(broker, msgspec.structs.replace(spec, job_id=job_id, name=f"n{suffix[0]}"))
     code, _, err = await arun_cli("show", "abcd", url=settings.url)
     assert code == 4 and "matches 2 jobs" in err
     code, out, _ = await arun_cli("show", "abcd2", "--json", url=settings.url)
@@ -277,7 +283,7 @@ hyper = {{ gate = "{gate}" }}
         "gated",
         "-f",
         "--events",
-        env={**os.environ, "NATS_URL": settings.url},
+        env={**os.environ, **role_env("operator"), "NATS_URL": settings.url},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -321,11 +327,9 @@ async def test_listings_have_json_shapes_and_filters_without_a_controller(broker
     high = gbm_jobs(1, prefix="high") + "priority = 9\nhyper = { max_iter = 11 }\n"
     gbm = gbm_manifest(gbm_jobs(2, prefix="low") + "\n" + high)
     for spec in gbm.jobs:
-        await broker.jobs.create(spec.job_id, encode(JobRecord(job_id=spec.job_id, spec=spec)))
+        await put_job(broker, spec)
     other = msgspec.structs.replace(gbm.jobs[0], job_id="f" * 64, name="mlp-0", model="mlp")
-    await broker.jobs.create(
-        other.job_id, encode(JobRecord(job_id=other.job_id, spec=other, status=JobStatus.RUNNING, claimed_by="box"))
-    )
+    await put_job(broker, other, status=JobStatus.RUNNING, claimed_by="box")
     worker = WorkerRecord(
         host_id="box",
         capability=Capability(host_id="box"),
@@ -378,7 +382,7 @@ async def test_listings_have_json_shapes_and_filters_without_a_controller(broker
     code, _, err = await arun_cli("cancel", "high-0", url=url)
     assert code == 3 and "no controller is running" in err
     await broker.jobs.put(
-        other.job_id, encode(JobRecord(job_id=other.job_id, spec=other, artifact="e" * 64, status=JobStatus.COMPLETED))
+        other.job_id, encode(JobRecord(job_id=other.job_id, artifact="e" * 64, status=JobStatus.COMPLETED))
     )
     code, _, err = await arun_cli("artifacts", "get", "mlp-0", "--out", str(tmp_path), url=url)
     assert code == 5 and "not in the object store" in err

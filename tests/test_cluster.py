@@ -77,7 +77,7 @@ async def test_losing_one_node_of_three_loses_no_job_and_trains_none_twice(tmp_p
         nodes[0].kill()
         # Then every job still completes, each exactly once
         recs = await wait_terminal(broker, ids, timeout_s=240)
-        assert all(recs[i].status == JobStatus.COMPLETED for i in ids), {r.spec.name: r.status for r in recs.values()}
+        assert all(recs[i].status == JobStatus.COMPLETED for i in ids), {r.job_id[:12]: r.status for r in recs.values()}
         # Exactly once: the agents live through the failover, so their own counts are exact (a
         # double accept would take two successful completion CASes, and fenced results are counted).
         counters = [a.counters for a in harness.agents.values()]

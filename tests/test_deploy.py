@@ -134,18 +134,36 @@ def test_the_expected_nats_configs_exist() -> None:
     assert {"nats-server.conf", "leafnode.conf", "cluster/n1.conf", "cluster/n2.conf", "cluster/n3.conf"} <= names
 
 
+def place_includes(directory: Path) -> None:
+    """What the shipped configs include, made as an operator makes them: auth.conf and
+    auth-mtls.conf (`trainfleet auth init`), tls.conf (`trainfleet deploy certs`)."""
+    from trainfleet.broker.settings import Settings
+    from trainfleet.controller.auth import init_auth
+    from trainfleet.controller.certs import write_cert_set
+
+    auth = init_auth(directory / "auth", Settings().names)
+    certs = write_cert_set(directory / "certs")
+    for made in (auth.server_include, auth.mtls_include, certs.tls_conf):
+        shutil.copy(made, directory / made.name)
+
+
 @pytest.mark.parametrize("conf", CONFS, ids=lambda p: str(p.relative_to(NATS_DIR)))
 def test_nats_config_is_accepted_by_nats_server(conf: Path, tmp_path: Path) -> None:
-    # Given a config from deploy/nats (its store_dir may point at /var/lib: -t only parses)
+    # Given a config from deploy/nats beside the files it includes (its store_dir may point
+    # at /var/lib: -t only parses)
+    place_includes(tmp_path)
+    copy = tmp_path / conf.name
+    shutil.copy(conf, copy)
     # When nats-server checks it
     proc = subprocess.run(
-        [nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=15, cwd=tmp_path
+        [nats_server_binary(), "-t", "-c", str(copy)], capture_output=True, text=True, timeout=15, cwd=tmp_path
     )
-    # Then it is valid, and JetStream fsyncs before it acks
+    # Then it is valid, JetStream fsyncs before it acks, and every client must log in with a role
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = conf.read_text()
     assert re.search(r"^\s*jetstream\s*\{", text, re.M)
     assert re.search(r"^\s*sync_interval:\s*always\s*$", text, re.M)
+    assert re.search(r'^include "auth(-mtls)?\.conf"\s*$', text, re.M)
 
 
 def test_single_server_listens_on_loopback_only() -> None:
@@ -155,17 +173,37 @@ def test_single_server_listens_on_loopback_only() -> None:
     assert re.search(r'^\s*store_dir:\s*"/var/lib/trainfleet/nats"', text, re.M)
 
 
-def test_commented_auth_example_is_a_valid_config(tmp_path: Path) -> None:
-    # Given the commented-out accounts block of nats-server.conf, uncommented
-    lines = (NATS_DIR / "nats-server.conf").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# accounts {"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("# system_account:"))
-    block = "\n".join(line[2:] for line in lines[start : end + 1])
-    conf = tmp_path / "auth.conf"
-    conf.write_text(f'listen: 127.0.0.1:4222\njetstream {{ store_dir: "{tmp_path}/js" }}\n{block}\n')
-    # When nats-server checks it, then it is valid
-    proc = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=15)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_the_shipped_server_config_lets_no_anonymous_client_in(tmp_path: Path) -> None:
+    # Given nats-server.conf on a free port with its auth.conf, started for real
+    place_includes(tmp_path)
+    port = free_ports(1)[0]
+    text = (NATS_DIR / "nats-server.conf").read_text()
+    text = text.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{port}").replace("http: 127.0.0.1:8222", "")
+    text = re.sub(r'store_dir:\s*"[^"]*"', f'store_dir: "{tmp_path / "js"}"', text)
+    conf = tmp_path / "nats-server.conf"
+    conf.write_text(text)
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    greeting = sock.recv(4096)
+                    # When a client sends CONNECT with no credentials
+                    sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+                    answer = sock.recv(4096)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+        # Then the server asks for a login (an nkey nonce) and refuses it
+        assert b'"auth_required":true' in greeting
+        assert b"Authorization Violation" in answer
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_leafnode_config_uses_the_edge_domain() -> None:
@@ -245,6 +283,7 @@ def test_cluster_configs_form_a_three_node_jetstream_cluster(
     # Given n1..n3 rewritten onto free loopback ports with stores in tmp_path
     binary = nats_server_binary()
     nodes = rewrite_cluster_confs(tmp_path)
+    place_includes(tmp_path)
     deadline = time.monotonic() + CLUSTER_TIMEOUT_S
     # When all three start
     for conf, _ in nodes:
@@ -284,7 +323,9 @@ def test_systemd_unit_structure(unit: str) -> None:
         assert exec_start[1:3] == ["-c", "/etc/trainfleet/nats-server.conf"]
     else:
         assert exec_start[:2] == ["/opt/trainfleet/venv/bin/trainfleet", verb]
-        assert svc["EnvironmentFile"] == f"/etc/trainfleet/{verb}.env"
+        # Its settings, then (optional: an unsecured lab runs without) its role's identity
+        env_files = re.findall(r"^EnvironmentFile=(.*)$", (SYSTEMD_DIR / unit).read_text(), re.M)
+        assert env_files == [f"/etc/trainfleet/{verb}.env", f"-/etc/trainfleet/auth/{verb}.env"]
     assert svc["KillSignal"] == "SIGTERM"
     assert svc["Restart"] == "on-failure"
     assert svc["User"] == "trainfleet"

@@ -20,7 +20,17 @@ from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, encode
 from trainfleet.broker.tickets import scan_tickets
 from trainfleet.controller.controller import Controller
 
-from .conftest import KVAudit, linreg_manifest, records, stock_artifacts, trainer_starts, wait_for, wait_terminal
+from .conftest import (
+    KVAudit,
+    as_role,
+    linreg_manifest,
+    records,
+    role_env,
+    stock_artifacts,
+    trainer_starts,
+    wait_for,
+    wait_terminal,
+)
 
 LONG = 400_000  # linreg epochs: tens of seconds of real training, longer than any test waits
 MEDIUM = 12_000  # a few seconds
@@ -51,6 +61,7 @@ async def wait_state(broker, job_id: str, *states: str, timeout_s: float = 60, *
 def spawn_agent(settings, host_id: str, workdir: Path) -> subprocess.Popen:
     env = {
         **os.environ,
+        **role_env("agent"),
         "NATS_URL": settings.url,
         "TRAINFLEET_LEASE_S": str(settings.lease_s),
         "TRAINFLEET_HEARTBEAT_S": str(settings.heartbeat_s),
@@ -126,7 +137,7 @@ async def test_a_record_taken_over_elsewhere_fences_the_old_holder(fleet, broker
 async def test_sigterm_hands_a_running_job_back_at_once(fleet, broker, settings, tmp_path):
     # A long lease: if the job waited for it, this test would time out
     fleet.settings = settings = settings.with_(lease_s=300.0, heartbeat_s=1.0, drain_timeout_s=0.5)
-    fleet.controller = Controller(settings, handle_signals=False)
+    fleet.controller = Controller(as_role(settings, "controller"), handle_signals=False)
     manifest = linreg_manifest(1, epochs=MEDIUM)
     job_id = manifest.jobs[0].job_id
     ctl = await fleet.start_controller()
@@ -196,7 +207,7 @@ async def test_an_exhausted_ticket_is_removed_and_the_job_reoffered(fleet, broke
     # Given a consumer that gives up after 2 deliveries and an agent that can never run the job
     settings = settings.with_(max_deliver=2)
     fleet.settings = settings
-    fleet.controller = Controller(settings, handle_signals=False)
+    fleet.controller = Controller(as_role(settings, "controller"), handle_signals=False)
     manifest = linreg_manifest(1, job_extra="min_ram_gib = 4096\n")
     job_id = manifest.jobs[0].job_id
     ctl = await fleet.start_controller()
@@ -215,7 +226,7 @@ async def test_an_exhausted_ticket_is_removed_and_the_job_reoffered(fleet, broke
 
 
 async def test_exhausted_ticket_of_a_job_with_no_attempts_left_fails_it(broker, settings):
-    ctl = Controller(settings, handle_signals=False)
+    ctl = Controller(as_role(settings, "controller"), handle_signals=False)
     await ctl.start()
     try:
         manifest = linreg_manifest(1, extra="[settings]\nmax_attempts = 2\n")
@@ -243,7 +254,7 @@ async def test_exhausted_ticket_of_a_job_with_no_attempts_left_fails_it(broker, 
 async def test_controller_restart_repairs_lost_tickets_and_duplicates_never_train_twice(fleet, broker, settings):
     manifest = linreg_manifest(6)
     ids = [s.job_id for s in manifest.jobs]
-    ctl = Controller(settings, handle_signals=False)
+    ctl = Controller(as_role(settings, "controller"), handle_signals=False)
     await ctl.start()
     await ctl.sync(manifest)
     await ctl.stop()  # the controller dies
@@ -278,7 +289,7 @@ async def test_nats_server_restart_mid_run_loses_nothing(fleet, broker, settings
     # The server restarts with its file store (same port)
     await asyncio.to_thread(nats_server.restart)
     recs = await wait_terminal(broker, ids, timeout_s=180)
-    assert all(recs[i].status == JobStatus.COMPLETED for i in ids), {r.spec.name: r.status for r in recs.values()}
+    assert all(recs[i].status == JobStatus.COMPLETED for i in ids), {r.job_id[:12]: r.status for r in recs.values()}
     starts = await trainer_starts(broker, ids)
     assert all(starts[i] >= 1 for i in ids)
 
@@ -293,7 +304,7 @@ async def test_records_of_an_unknown_schema_version_are_left_alone(fleet, broker
     await ctl.sync(manifest)
     # A record written by a newer trainfleet, with a ticket pointing at it
     future = {
-        **msgspec.to_builtins(JobRecord(job_id="f" * 64, spec=manifest.jobs[0])),
+        **msgspec.to_builtins(JobRecord(job_id="f" * 64)),
         "schema_version": 99,
         "job_id": "f" * 64,
     }
@@ -323,7 +334,7 @@ async def test_requeue_works_from_failed_and_cancelled(fleet, broker):
         b, encode(stored.record.evolve(status=JobStatus.FAILED, last_error="boom")), last=stored.revision
     )
     for ref in (a, b):
-        fresh = await ctl.requeue(ref)
+        fresh = (await ctl.requeue(ref)).record
         assert fresh.status == JobStatus.PENDING and fresh.generation == 2 and fresh.attempt == 0
     fleet.start_agent("a1")
 

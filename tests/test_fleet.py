@@ -11,6 +11,7 @@ from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.bundle import extract
 from trainfleet.broker.records import record_history
 from trainfleet.broker.schema import JobRecord, JobStatus, decode
+from trainfleet.broker.specs import get_spec
 from trainfleet.broker.tickets import scan_tickets
 from trainfleet.controller.manifest import parse_manifest
 
@@ -101,8 +102,8 @@ async def test_sync_refreshes_name_and_priority_and_keeps_jobs_removed_from_mani
     report = await ctl.sync(gbm_manifest(edited))
     recs = await records(broker)
     assert report.created == [] and len(report.updated) == 1 and len(report.not_in_manifest) == 1
-    renamed = recs[report.updated[0]]
-    assert renamed.spec.name == "renamed" and renamed.spec.priority == 5
+    renamed = await get_spec(broker, report.updated[0])
+    assert renamed.name == "renamed" and renamed.priority == 5 and recs[renamed.job_id].priority == 5
     assert recs[report.not_in_manifest[0]].status == JobStatus.PENDING  # stays until cancelled
 
 
@@ -127,7 +128,7 @@ async def test_cancelled_pending_job_is_never_claimed_and_requeue_runs_it_again(
     manifest = gbm_manifest(gbm_jobs(2))
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
-    cancelled = await ctl.cancel("job-0")
+    cancelled = (await ctl.cancel("job-0")).record
     assert cancelled.status == JobStatus.CANCELLED
     fleet.start_agent("a1")
     ids = [s.job_id for s in manifest.jobs]
@@ -135,7 +136,7 @@ async def test_cancelled_pending_job_is_never_claimed_and_requeue_runs_it_again(
     assert recs[ids[0]].status == JobStatus.CANCELLED and recs[ids[0]].attempt == 0
     assert recs[ids[1]].status == JobStatus.COMPLETED
     # Requeue the completed job: a new generation runs again
-    again = await ctl.requeue("job-1")
+    again = (await ctl.requeue("job-1")).record
     assert again.generation == 2 and again.status == JobStatus.PENDING
 
     async def rerun_done():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from trainfleet.broker.records import get_record
+from trainfleet.broker.jobs import get_job
 from trainfleet.broker.schema import GpuInfo, JobStatus, WorkerRecord
 from trainfleet.broker.workers import load_workers
 from trainfleet.controller.explain import explain_job, plan_manifest
@@ -65,9 +65,10 @@ async def test_min_vram_is_checked_against_free_vram_and_the_reason_is_recorded(
     fleet.start_agent("busy", gpu_host("busy", gpu(0, total=24, free=4)))
     rec = await wait_reason(broker, job_id, "min_vram_gib 8")
     assert rec.status == JobStatus.PENDING and rec.klass == "gpu.8"
-    matches = explain_job(rec, await load_workers(broker), stale_after_s=30)
+    job = await get_job(broker, job_id)
+    matches = explain_job(job, await load_workers(broker), stale_after_s=30)
     assert [(m.host_id, m.eligible) for m in matches] == [("busy", False)]
-    assert "free VRAM" in render_explain(rec, matches)
+    assert "free VRAM" in render_explain(job, matches)
     # A card with room takes it
     fleet.start_agent("roomy", gpu_host("roomy", gpu(0, total=24, free=20)))
     rec = (await wait_terminal(broker, [job_id]))[job_id]
@@ -121,9 +122,9 @@ async def test_manifest_host_policy_and_overrides_are_more_restrictive_than_dete
     rec = (await wait_terminal(broker, [job_id]))[job_id]
     assert rec.claimed_by == "box"
     assert box.capability.ram_available_gib == 1.0 and pi.capability.ram_available_gib == 12.0
-    heavy_rec = (await records(broker))[heavy_id]
-    assert heavy_rec.status == JobStatus.PENDING
-    matches = {m.host_id: m for m in explain_job(heavy_rec, await load_workers(broker), stale_after_s=30)}
+    heavy_job = await get_job(broker, heavy_id)
+    assert heavy_job.record.status == JobStatus.PENDING
+    matches = {m.host_id: m for m in explain_job(heavy_job, await load_workers(broker), stale_after_s=30)}
     assert any("deny_jobs" in r for r in matches["pi"].reasons)
     assert any("min_ram_gib" in r for r in matches["box"].reasons)
 
@@ -159,7 +160,7 @@ async def test_higher_priority_starts_first_when_agents_are_scarce(fleet, broker
     ids = [s.job_id for m in (low, high) for s in m.jobs]
     recs = await wait_terminal(broker, ids, timeout_s=90)
     order = sorted(recs.values(), key=lambda r: r.started_at)
-    assert [r.spec.priority for r in order[:2]] == [10, 10], [r.spec.name for r in order]
+    assert [r.priority for r in order[:2]] == [10, 10], [r.job_id[:12] for r in order]
 
 
 async def test_a_multi_gpu_host_runs_one_job_per_gpu_plus_cpu_jobs(fleet, broker):
@@ -225,12 +226,12 @@ async def test_explain_names_the_failing_constraint_for_each_worker(fleet, broke
     fleet.start_agent("laptop")
     fleet.start_agent("ws2", gpu_host("ws2"))
     await wait_for(lambda: _workers(broker, 2), 20)
-    rec = (await get_record(broker, manifest.jobs[0].job_id)).record
-    matches = {m.host_id: m for m in explain_job(rec, await load_workers(broker), stale_after_s=30)}
+    job = await get_job(broker, manifest.jobs[0].job_id)
+    matches = {m.host_id: m for m in explain_job(job, await load_workers(broker), stale_after_s=30)}
     assert any("require_cuda" in r for r in matches["laptop"].reasons)
     assert any("does not pull class gpu.0" in r for r in matches["laptop"].reasons)
     assert matches["ws2"].reasons == ("denied_hosts includes ws2",)
-    assert "no live worker can run this job now" in render_explain(rec, list(matches.values()))
+    assert "no live worker can run this job now" in render_explain(job, list(matches.values()))
 
 
 async def test_explain_and_plan_from_the_command_line(fleet, broker, settings, tmp_path):

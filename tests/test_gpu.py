@@ -11,13 +11,14 @@ import json
 import pytest
 
 from trainfleet.agent.capability import detect, render_text
+from trainfleet.broker.jobs import get_job
 from trainfleet.broker.schema import JobStatus
 from trainfleet.broker.workers import load_workers
 from trainfleet.controller.explain import explain_job
 from trainfleet.controller.manifest import parse_manifest
 from trainfleet.controller.view import render_explain
 
-from .conftest import records, wait_for, wait_terminal
+from .conftest import wait_for, wait_terminal
 
 # NVML first (fast); the torch cross-check subprocess only where there is a GPU at all.
 CAP = detect(probe_torch=False)
@@ -76,8 +77,8 @@ min_vram_gib = {vram + 1:.0f}
     assert rec.device.startswith("gpu:0 GPU-") and rec.metrics["device"].startswith("cuda")
     print(f"\non-gpu: {rec.device} metrics={json.dumps(rec.metrics)}")
     # The big job's tier is above what this card can serve: nobody pulls it; explain says why
-    big = (await records(broker))[too_big]
-    assert big.status == JobStatus.PENDING
+    big = await get_job(broker, too_big)
+    assert big.record.status == JobStatus.PENDING
     workers = await wait_for(lambda: load_workers(broker), 30)
     matches = explain_job(big, workers, stale_after_s=60)
     text = render_explain(big, matches)

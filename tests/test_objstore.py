@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
@@ -28,6 +28,17 @@ from trainfleet.broker.server import EmbeddedServer
 
 BUCKET = "t"
 CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def nats_server(tmp_path) -> Iterator[EmbeddedServer]:
+    """The object-store format is tested on a server without roles (test_roles covers who may
+    put and get artifacts; the direct get path does its own handshake)."""
+    server = EmbeddedServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -321,7 +332,7 @@ async def test_a_get_falls_back_to_the_client_connection_when_no_direct_one_can_
     from trainfleet.broker.directget import Endpoint
     from trainfleet.broker.server import free_port
 
-    monkeypatch.setattr(objstore.Endpoint, "of", staticmethod(lambda url: Endpoint("127.0.0.1", free_port())))
+    monkeypatch.setattr(objstore.Endpoint, "for_client", staticmethod(lambda c: Endpoint("127.0.0.1", free_port())))
     caplog.set_level(logging.INFO, logger="trainfleet.objstore")
     data = payload(5 * CHUNK + 1)
     await store.put_bytes("obj", data)

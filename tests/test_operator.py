@@ -26,16 +26,14 @@ from trainfleet.broker.schema import JobRecord, JobStatus, ProgressEvent, decode
 from trainfleet.controller import ops
 from trainfleet.controller.controller import Controller
 
-from .conftest import gbm_jobs, gbm_manifest, stock_artifacts, wait_for, wait_terminal
+from .conftest import as_role, gbm_jobs, gbm_manifest, put_job, role_env, stock_artifacts, wait_for, wait_terminal
 
 
 async def put_record(broker, name: str = "job-0", **changes) -> JobRecord:
     """A job record written straight to the KV (no controller needed)."""
     spec = gbm_manifest(gbm_jobs(1)).jobs[0]
     spec = msgspec.structs.replace(spec, name=name, job_id=hashlib.sha256(name.encode()).hexdigest())
-    rec = JobRecord(job_id=spec.job_id, spec=spec, created_at=1.0, updated_at=1.0, **changes)
-    await broker.jobs.create(rec.job_id, encode(rec))
-    return rec
+    return (await put_job(broker, spec, created_at=1.0, updated_at=1.0, **changes)).record
 
 
 async def write(broker, rec: JobRecord, **changes) -> JobRecord:
@@ -67,9 +65,10 @@ async def all_replies(nc, subject: str, count: int) -> list[dict]:
 
 
 @pytest.fixture
-async def controllers(settings):
-    """Two controller instances against one server: one queue group, one service name."""
-    ctls = [Controller(settings, handle_signals=False) for _ in range(2)]
+async def controllers(settings, broker):
+    """Two controller instances against one server: one queue group, one service name (the
+    resources provisioned by the admin: a controller role may not create them)."""
+    ctls = [Controller(as_role(settings, "controller"), handle_signals=False) for _ in range(2)]
     tasks = [asyncio.create_task(c.run()) for c in ctls]
     await wait_for(lambda: all(c._service is not None for c in ctls), what="both controllers serving")
     try:
@@ -380,7 +379,7 @@ from trainfleet.broker.settings import Settings
 from trainfleet.broker.artifacts import Artifacts
 
 async def main():
-    broker = await Broker.connect(Settings(url=sys.argv[1]))
+    broker = await Broker.connect(Settings.from_env(url=sys.argv[1]))
     store = Artifacts(broker).store
     store.window_bytes = 1 << 20  # a slow, steady upload: easy to cut off mid-way
     await store.put_file("cut-off", sys.argv[2])
@@ -405,7 +404,9 @@ async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_
     kept_nuid = (await store.info(kept.sha256)).nuid
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(256 << 20))
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", UPLOADER, settings.url, str(big))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", UPLOADER, settings.url, str(big), env={**os.environ, **role_env("agent")}
+    )
     try:
         await wait_for(
             lambda: _upload_under_way(broker, kept_nuid), 60, interval_s=0.01, what="the upload to store chunks"
@@ -429,7 +430,8 @@ async def test_an_upload_killed_mid_way_leaves_chunks_that_the_sweep_purges_and_
         "--older-than",
         "0",
         "--json",
-        env={**os.environ, "NATS_URL": settings.url},
+        # Purging chunks is the controller's (or the admin's) right, not an operator's
+        env={**os.environ, **role_env("admin"), "NATS_URL": settings.url},
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await cli.communicate()
@@ -453,7 +455,9 @@ async def test_the_controller_sweeps_stray_chunks_on_its_own(broker, settings):
         await broker.js.publish(store.chunk_subject("strayNUID"), b"s" * 1000)
     assert await stored_chunk_sets(broker) == {"strayNUID": 3}
     # When a controller runs with a short sweep cadence and age limit
-    ctl = Controller(settings.with_(artifact_sweep_s=0.2, stray_chunk_age_s=0.0), handle_signals=False)
+    ctl = Controller(
+        as_role(settings.with_(artifact_sweep_s=0.2, stray_chunk_age_s=0.0), "controller"), handle_signals=False
+    )
     task = asyncio.create_task(ctl.run())
     try:
         # Then they are purged without anyone asking

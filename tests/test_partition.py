@@ -10,7 +10,7 @@ from bench.proxy import LatencyProxy
 from trainfleet.agent.agent import Agent, AgentOptions
 from trainfleet.broker.schema import JobStatus
 
-from .conftest import KVAudit, fake_capability, linreg_manifest, records, wait_for, wait_terminal
+from .conftest import KVAudit, as_role, fake_capability, linreg_manifest, records, wait_for, wait_terminal
 
 
 # While the link is blackholed, nats-py's reconnect attempts reach TCP but never get INFO; each
@@ -28,13 +28,13 @@ async def test_partitioned_agent_is_taken_over_and_its_result_fenced(fleet, brok
     job_id = manifest.jobs[0].job_id
     from trainfleet.controller.controller import Controller
 
-    fleet.controller = Controller(settings, handle_signals=False)
+    fleet.controller = Controller(as_role(settings, "controller"), handle_signals=False)
     ctl = await fleet.start_controller()
     await ctl.sync(manifest)
     audit = await KVAudit(broker).start()
     # The island agent reaches the server only through the proxy
     island = Agent(
-        settings.with_(url=proxy.url),
+        as_role(settings.with_(url=proxy.url), "agent"),
         AgentOptions(host_id="island", handle_signals=False, workdir=str(tmp_path / "island")),
         capability=fake_capability("island"),
     )

@@ -23,7 +23,7 @@ from .conftest import gbm_jobs, gbm_manifest
 
 def a_record() -> JobRecord:
     spec = gbm_manifest(gbm_jobs(1)).jobs[0]
-    return JobRecord(job_id=spec.job_id, spec=spec)
+    return JobRecord(job_id=spec.job_id)
 
 
 async def test_create_is_idempotent_and_cas_loses_to_a_newer_write(broker):

@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from trainfleet.broker.jobs import Job
 from trainfleet.broker.records import get_record
-from trainfleet.broker.schema import Capability, JobRecord, JobStatus, WorkerRecord, encode
+from trainfleet.broker.schema import Capability, JobStatus, WorkerRecord, encode
 from trainfleet.broker.settings import Settings
 from trainfleet.tui.app import ConfirmScreen, MonitorApp
 
-from .conftest import gbm_jobs, gbm_manifest, records
+from .conftest import gbm_jobs, gbm_manifest, put_job, records
 
 SIZE = (160, 40)
 
@@ -33,13 +34,8 @@ def log_text(app: MonitorApp) -> str:
     return "\n".join(strip.text for strip in app.log_pane.lines)
 
 
-async def create(broker, jobs: str) -> list[JobRecord]:
-    out = []
-    for spec in gbm_manifest(jobs).jobs:
-        rec = JobRecord(job_id=spec.job_id, spec=spec)
-        await broker.jobs.create(spec.job_id, encode(rec))
-        out.append(rec)
-    return out
+async def create(broker, jobs: str) -> list[Job]:
+    return [await put_job(broker, spec) for spec in gbm_manifest(jobs).jobs]
 
 
 async def test_jobs_table_follows_the_jobs_kv_live(broker, settings):

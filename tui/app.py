@@ -32,8 +32,10 @@ from trainfleet.broker.control import request
 from trainfleet.broker.errors import TrainfleetError
 from trainfleet.broker.logs import LiveProgress, LogEntry, read_logs
 from trainfleet.broker.records import watch_records
-from trainfleet.broker.schema import JobRecord
+from trainfleet.broker.schema import JobRecord, JobSpec
+from trainfleet.broker.security import redact_url
 from trainfleet.broker.settings import Settings
+from trainfleet.broker.specs import get_spec, load_specs
 from trainfleet.broker.workers import load_workers, stale_after_s
 
 JOB_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
@@ -55,12 +57,12 @@ WORKERS_REFRESH_S = 2.0
 PROGRESS_REFRESH_S = 0.5
 
 
-def job_cells(rec: JobRecord) -> tuple[Any, ...]:
-    """The jobs-table row of a record, in JOB_COLUMNS order."""
+def job_cells(rec: JobRecord, spec: JobSpec) -> tuple[Any, ...]:
+    """The jobs-table row of a job, in JOB_COLUMNS order."""
     state = rec.status.value
     return (
         rec.job_id[:12],
-        rec.spec.name,
+        spec.name,
         Text(state, style=display.STATE_STYLE.get(state, "")),
         rec.claimed_by or "-",
         str(rec.attempt),
@@ -128,6 +130,7 @@ class MonitorApp(App[None]):
         self.settings = settings
         self.broker: Broker | None = None
         self.records: dict[str, JobRecord] = {}
+        self.specs: dict[str, JobSpec] = {}
         self.live = LiveProgress()
         self.error: TrainfleetError | None = None
         self.log_job: str | None = None
@@ -166,7 +169,7 @@ class MonitorApp(App[None]):
             self.error = exc
             self.exit(return_code=exc.exit_code)
             return
-        self.sub_title = f"{self.settings.prefix} @ {self.settings.url}"
+        self.sub_title = f"{self.settings.prefix} @ {redact_url(self.settings.url)}"
         await self.live.start(self.broker)
         self.watch_jobs()
         await self.refresh_workers()
@@ -187,12 +190,20 @@ class MonitorApp(App[None]):
     @work(group="jobs", exclusive=True)
     async def watch_jobs(self) -> None:
         assert self.broker is not None
+        self.specs = await load_specs(self.broker)
         async with contextlib.aclosing(watch_records(self.broker)) as changes:
             async for change in changes:
                 if change.record is None:
                     self.drop_job(change.job_id)
-                else:
+                elif await self._know_spec(change.job_id):
                     self.show_job(change.record)
+
+    async def _know_spec(self, job_id: str) -> bool:
+        """Whether the job's spec is known (a job synced after start is read once)."""
+        if job_id not in self.specs and self.broker is not None:
+            with contextlib.suppress(TrainfleetError):
+                self.specs[job_id] = await get_spec(self.broker, job_id, identity=False)
+        return job_id in self.specs
 
     def show_job(self, rec: JobRecord) -> None:
         """Add or update the row of ``rec``."""
@@ -202,17 +213,22 @@ class MonitorApp(App[None]):
             self.log_job = None  # requeued: its log follower had stopped at the end; start again
             self.follow_selected()
         table = self.jobs_table
-        cells = job_cells(self.live.apply(rec))
+        spec = self.specs[rec.job_id]
+        cells = job_cells(self.live.apply(rec), spec)
         if rec.job_id in table.rows:
             for (key, _, _), value in zip(JOB_COLUMNS, cells, strict=True):
                 table.update_cell(rec.job_id, key, value)
         else:
             table.add_row(*cells, key=rec.job_id)
-            self._order[rec.job_id[:12]] = (-rec.spec.priority, rec.spec.name)
+            self._order[rec.job_id[:12]] = (-spec.priority, spec.name)
             table.sort("id", key=lambda id12: self._order.get(id12, (0, "")))
             # Sorting moves rows under the cursor without a highlight event: keep the log pane in step.
             self.follow_selected()
         self._update_title()
+
+    def name_of(self, rec: JobRecord) -> str:
+        spec = self.specs.get(rec.job_id)
+        return spec.name if spec else rec.job_id[:12]
 
     def drop_job(self, job_id: str) -> None:
         self.records.pop(job_id, None)
@@ -224,7 +240,7 @@ class MonitorApp(App[None]):
         """Overlay the latest progress events on the rows of held jobs."""
         for rec in self.records.values():
             if rec.status.held and rec.job_id in self.live.latest:
-                live = job_cells(self.live.apply(rec))
+                live = job_cells(self.live.apply(rec), self.specs[rec.job_id])
                 self.jobs_table.update_cell(rec.job_id, "progress", live[5])
                 self.jobs_table.update_cell(rec.job_id, "metric", live[6])
 
@@ -275,7 +291,8 @@ class MonitorApp(App[None]):
         assert self.broker is not None
         pane = self.log_pane
         pane.clear()
-        pane.border_title = f"logs · {rec.spec.name}"
+        name = self.name_of(rec)
+        pane.border_title = f"logs · {name}"
         reader = read_logs(self.broker, rec.job_id, follow=True, events=True)
         try:
             async with contextlib.aclosing(reader) as entries:
@@ -285,7 +302,7 @@ class MonitorApp(App[None]):
             pane.write(Text(f"--- stopped following: {exc} (select the job again to retry) ---", style="red"))
             self.log_job = None
             return
-        pane.write(Text(f"--- {rec.spec.name} is finished; end of its output ---", style="dim"))
+        pane.write(Text(f"--- {name} is finished; end of its output ---", style="dim"))
 
     def action_toggle_logs(self) -> None:
         pane = self.log_pane
@@ -313,7 +330,7 @@ class MonitorApp(App[None]):
                 self.control(verb, rec)
 
         self.push_screen(
-            ConfirmScreen(f"{label} {rec.spec.name} ({rec.job_id[:12]}), now {rec.status.value}?"), answered
+            ConfirmScreen(f"{label} {self.name_of(rec)} ({rec.job_id[:12]}), now {rec.status.value}?"), answered
         )
 
     @work(group="control")
@@ -324,7 +341,7 @@ class MonitorApp(App[None]):
         except TrainfleetError as exc:
             self.notify(str(exc), title=f"{verb} failed", severity="error")
             return
-        self.notify(f"{rec.spec.name} is now {result['status']}", title=verb)
+        self.notify(f"{self.name_of(rec)} is now {result['status']}", title=verb)
 
 
 def run_monitor(settings: Settings) -> int:
