@@ -30,6 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vram-gib", type=float, help="offer at most this much VRAM per GPU")
     p.add_argument("--workdir", help="where trainer outputs are written (default: a temp dir)")
     p.add_argument(
+        "--trust-key",
+        action="append",
+        metavar="PUBLIC_KEY",
+        help="run only job specs signed by this controller key (repeat for several, e.g. during a key "
+        "rotation; env TRAINFLEET_TRUST_KEY, comma-separated). Without one the agent warns and runs unsigned specs",
+    )
+    p.add_argument(
         "--no-torch-probe",
         action="store_true",
         help="skip the torch/CUDA cross-check subprocess (faster start; torch jobs still need torch)",
@@ -56,5 +63,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         serve_cpu=not args.no_cpu,
         workdir=args.workdir,
     )
-    asyncio.run(Agent(from_flags(args), options, capability=cap).run())
+    settings = from_flags(args)
+    if args.trust_key:
+        keys = tuple(k.strip() for arg in args.trust_key for k in arg.split(",") if k.strip())
+        settings = settings.with_(trust_keys=keys)
+    asyncio.run(Agent(settings, options, capability=cap).run())
     return EXIT_OK

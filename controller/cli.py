@@ -85,7 +85,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_controller(args: argparse.Namespace) -> int:
     from trainfleet.controller.controller import Controller
 
-    asyncio.run(Controller(from_flags(args), manifest_path=args.manifest).run())
+    settings = from_flags(args).with_(signing_key=args.signing_key)
+    asyncio.run(Controller(settings, manifest_path=args.manifest).run())
     return EXIT_OK
 
 
@@ -344,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("controller", cmd_controller, "run a controller (publishes tickets, reconciles, serves control)")
     p.add_argument("--manifest", help="sync this manifest at start; `reload` re-reads it")
+    p.add_argument(
+        "--signing-key",
+        metavar="SEED_FILE",
+        help="nkey seed the controller signs job specs with (env TRAINFLEET_SIGNING_KEY; `trainfleet auth init` "
+        "makes one); agents trust its public key",
+    )
 
     p = verb("agent", agent_cli.cmd_agent, agent_cli.HELP)
     agent_cli.add_arguments(p)
