@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 
 from trainfleet.agent.claim import Claimer
 from trainfleet.agent.held import HeldJob, Outcome
+from trainfleet.agent.sandbox import TrainerCgroup
 from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import request
@@ -164,6 +165,8 @@ class Agent:
         if self.capability is None:
             self.capability = await asyncio.to_thread(self._detect)
         self._init_slots()
+        # Trainers of an agent that was killed may have left their (empty) cgroups behind.
+        TrainerCgroup.sweep_stale()
         if self.options.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):

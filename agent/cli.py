@@ -12,6 +12,7 @@ import json
 
 import msgspec
 
+from trainfleet.agent.sandbox import TrainerUser
 from trainfleet.broker.errors import EXIT_OK
 from trainfleet.broker.settings import from_flags
 
@@ -35,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PUBLIC_KEY",
         help="run only job specs signed by this controller key (repeat for several, e.g. during a key "
         "rotation; env TRAINFLEET_TRUST_KEY, comma-separated). Without one the agent warns and runs unsigned specs",
+    )
+    p.add_argument(
+        "--trainer-user",
+        metavar="USER",
+        help="run trainers as this (unprivileged) user, not as the agent's (env TRAINFLEET_TRAINER_USER; the agent "
+        "must be root or hold CAP_SETUID, CAP_SETGID and CAP_CHOWN; deploy/install.sh --trainer-user makes one)",
     )
     p.add_argument(
         "--no-torch-probe",
@@ -63,7 +70,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         serve_cpu=not args.no_cpu,
         workdir=args.workdir,
     )
-    settings = from_flags(args)
+    settings = from_flags(args).with_(trainer_user=args.trainer_user)
+    if settings.trainer_user:
+        TrainerUser.lookup(settings.trainer_user)  # exits 2 now, not when the first job starts
     if args.trust_key:
         keys = tuple(k.strip() for arg in args.trust_key for k in arg.split(",") if k.strip())
         settings = settings.with_(trust_keys=keys)

@@ -20,6 +20,7 @@ import enum
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from trainfleet.agent.relay import Relay
+from trainfleet.agent.sandbox import Confinement, TrainerCgroup, TrainerUser
 from trainfleet.agent.trainer import TrainerProcess, build_argv
 from trainfleet.broker import tickets
 from trainfleet.broker.artifacts import Artifacts
@@ -107,6 +109,7 @@ class HeldJob:
             env=env,
             on_output=self.relay.output,
             on_progress=self.relay.report,
+            confinement=self._confinement(),
         )
         self.trainer = trainer
         try:
@@ -134,9 +137,19 @@ class HeldJob:
             for task in (heartbeat, watch, lost, back, waiter):
                 task.cancel()
 
+    def _confinement(self) -> Confinement:
+        """Its own cgroup where one can be made, and the trainer user when one is configured
+        (which then owns the job's work dir: the trainer writes only there)."""
+        name = f"trainfleet-{os.getpid()}-{self.job_id[:12]}-a{self.record.attempt}"
+        user = TrainerUser.lookup(self.settings.trainer_user) if self.settings.trainer_user else None
+        if user is not None:
+            user.hand_over(self.workdir, self.workdir / "output")
+        return Confinement(cgroup=TrainerCgroup.create(name), user=user)
+
     def trainer_env(self) -> dict[str, str]:
         """What the trainer gets besides its own job's variables: which GPU, how many threads."""
-        env = {"TRAINFLEET_HOST_ID": self.host.host_id, "TRAINFLEET_ATTEMPT": str(self.record.attempt)}
+        env = dict(self.spec.env)  # the model's own (never NATS_* or TRAINFLEET_*: specs.bad_names)
+        env.update({"TRAINFLEET_HOST_ID": self.host.host_id, "TRAINFLEET_ATTEMPT": str(self.record.attempt)})
         if self.slot.startswith("gpu:"):
             index = int(self.slot.split(":", 1)[1])
             gpu = next((g for g in self.host.gpus if g.index == index), None)

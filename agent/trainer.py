@@ -12,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from trainfleet.agent.progress import read_progress_lines
+from trainfleet.agent.sandbox import Confinement
 from trainfleet.broker.schema import JobSpec
+
+log = logging.getLogger("trainfleet.agent")
 
 OutputCallback = Callable[[str, bytes], Awaitable[None]]
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
@@ -55,17 +60,6 @@ def trainer_base_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith(INHERITED_PREFIXES)}
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: if the agent is SIGKILLed, its trainer dies too (Linux)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def hyper_arg(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -73,10 +67,14 @@ def hyper_arg(value: Any) -> str:
 
 
 def build_argv(spec: JobSpec, output_dir: Path, python: str = sys.executable) -> list[str]:
+    """The trainer's command line: ``command --<hyper>=<value>... --mode=M --seed=S --out=DIR``.
+
+    One ``--key=value`` word per flag, so a value that starts with ``-`` is never read as an
+    option, and the agent's own flags last, so (argparse keeping the last of a repeated flag)
+    no hyper parameter can override them."""
     argv = [python if part == "{python}" else part for part in spec.command]
-    argv += ["--mode", spec.mode, "--seed", str(spec.seed), "--out", str(output_dir)]
-    for key in sorted(spec.hyper):
-        argv += [f"--{key}", hyper_arg(spec.hyper[key])]
+    argv += [f"--{key}={hyper_arg(spec.hyper[key])}" for key in sorted(spec.hyper)]
+    argv += [f"--mode={spec.mode}", f"--seed={spec.seed}", f"--out={output_dir}"]
     return argv
 
 
@@ -91,6 +89,7 @@ class TrainerProcess:
         env: dict[str, str] | None = None,
         on_output: OutputCallback | None = None,
         on_progress: ProgressCallback | None = None,
+        confinement: Confinement | None = None,
     ):
         self.spec = spec
         self.output_dir = output_dir
@@ -101,6 +100,8 @@ class TrainerProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._readers: list[asyncio.Task[None]] = []
         self.stopped_by_us = False
+        self.confinement = confinement or Confinement()
+        self.left_behind = 0  # processes the trainer left running when it exited (killed)
 
     @property
     def pid(self) -> int | None:
@@ -129,10 +130,11 @@ class TrainerProcess:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 cwd=str(self.output_dir),
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=self.confinement.preexec if sys.platform.startswith("linux") else None,
             )
-        except OSError:
+        except (OSError, subprocess.SubprocessError):
             os.close(read_fd)
+            self.confinement.cleanup(None)
             raise
         finally:
             os.close(write_fd)
@@ -168,6 +170,10 @@ class TrainerProcess:
     async def wait(self) -> int:
         assert self.proc is not None
         code = await self.proc.wait()
+        # Whatever it started goes with it, on every outcome: its group, and its cgroup.
+        self.left_behind = self.confinement.cleanup(self.proc.pid)
+        if self.left_behind:
+            log.info("trainer of %s left %d process(es) behind; killed", self.spec.job_id[:12], self.left_behind)
         # Output readers finish once the pipes close; don't hang on a grandchild holding them.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), 5.0)

@@ -31,7 +31,7 @@ from trainfleet.broker.specs import job_id_for, put_spec
 NOOP_TRAINER = (
     "import json, os, sys, time\n"
     "t = time.time()\n"
-    "out = sys.argv[sys.argv.index('--out') + 1]\n"
+    "out = os.environ['TRAINFLEET_OUTPUT_DIR']\n"
     "os.makedirs(out, exist_ok=True)\n"
     "json.dump({'t_start': t}, open(os.path.join(out, 'metrics.json'), 'w'))\n"
 )

@@ -28,6 +28,37 @@ def is_token(value: str) -> bool:
     return bool(_TOKEN.match(value))
 
 
+# Names an operator chooses: jobs, models and modes (host ids are subject tokens: is_token).
+# They end up in paths, argv and terminals, so they are tokens, not free text.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+# Hyper parameter names become trainer flags (--<name>=value).
+HYPER_PATTERN = r"[a-z_][a-z0-9_]{0,63}"
+# Flags the agent passes to every trainer itself: no hyper parameter may take these names.
+RESERVED_FLAGS = frozenset({"mode", "seed", "out", "help"})
+_NAME = re.compile(rf"^{NAME_PATTERN}$")
+_HYPER = re.compile(rf"^{HYPER_PATTERN}$")
+
+
+def is_name(value: object) -> bool:
+    """A job, model or mode name: NAME_PATTERN (no path separators, no spaces, no leading dot
+    or dash)."""
+    return isinstance(value, str) and bool(_NAME.match(value)) and value not in (".", "..")
+
+
+ENV_RULE = "capitals, digits and '_', not NATS_* or TRAINFLEET_*"
+_ENV = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+
+
+def is_env_name(value: object) -> bool:
+    """A variable a manifest may set for its trainers: not one of the agent's own."""
+    return isinstance(value, str) and bool(_ENV.match(value)) and not value.startswith(("NATS_", "TRAINFLEET_"))
+
+
+def is_hyper_name(value: object) -> bool:
+    """A hyper parameter name: HYPER_PATTERN and not one of the agent's own flags."""
+    return isinstance(value, str) and bool(_HYPER.match(value)) and value not in RESERVED_FLAGS
+
+
 @dataclass(frozen=True)
 class Names:
     """All resource names for one prefix."""

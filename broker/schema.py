@@ -63,6 +63,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     constraints: Constraints = Constraints()
     # Python modules the trainer imports (e.g. torch): hosts without them are ineligible.
     requires: tuple[str, ...] = ()
+    # Environment variables the model's trainers get (beside the allow-listed ones).
+    env: dict[str, str] = {}
 
     def identity(self) -> dict[str, Any]:
         """The fields the job id hashes: editing name or priority keeps the id."""

@@ -87,6 +87,8 @@ class Settings:
     # Agent: the controller public keys whose signatures it accepts (TRAINFLEET_TRUST_KEY,
     # comma-separated: several during a key rotation). None configured: unsigned specs run.
     trust_keys: tuple[str, ...] = ()
+    # Agent: run trainers as this user (TRAINFLEET_TRAINER_USER); None: as the agent's user.
+    trainer_user: str | None = None
 
     @property
     def names(self) -> Names:

@@ -38,6 +38,7 @@ import nkeys
 
 from trainfleet.broker import jsapi, kv
 from trainfleet.broker.errors import JobNotFound, SchemaError, UntrustedSpec, UsageError
+from trainfleet.broker.names import is_env_name, is_hyper_name, is_name, is_token
 from trainfleet.broker.schema import SCHEMA_VERSION, JobSpec, decode
 
 if TYPE_CHECKING:
@@ -144,10 +145,33 @@ def open_spec(data: bytes, job_id: str, trusted: tuple[str, ...] = (), *, identi
         except (nacl.exceptions.BadSignatureError, binascii.Error, ValueError) as exc:
             raise UntrustedSpec("spec signature does not verify: the spec was changed after signing") from exc
     spec: JobSpec = decode(body, JobSpec)
+    bad = bad_names(spec)
+    if bad:
+        raise UntrustedSpec(f"spec has names that are not tokens: {bad}")
     computed = job_id_for(spec.identity()) if identity else spec.job_id
     if spec.job_id != job_id or computed != job_id:
         raise UntrustedSpec(f"spec does not belong to job {job_id[:12]} (its identity hashes to {computed[:12]})")
     return spec
+
+
+def bad_names(spec: JobSpec) -> str:
+    """What in ``spec`` is not a token where one must be (names reach paths, argv and
+    terminals): "" when all is well. A manifest never yields such a spec; a hand-written one may."""
+    bad = [
+        f"{what} {value!r}"
+        for what, value in (("name", spec.name), ("model", spec.model), ("mode", spec.mode))
+        if not is_name(value)
+    ]
+    bad += [f"hyper {key!r}" for key in spec.hyper if not is_hyper_name(key)]
+    bad += [
+        f"host {host!r}"
+        for host in (*spec.constraints.allowed_hosts, *spec.constraints.denied_hosts)
+        if not is_token(host)
+    ]
+    bad += [f"env {key!r}" for key in spec.env if not is_env_name(key)]
+    if not spec.command or not spec.command[0]:
+        bad.append("an empty command")
+    return ", ".join(bad)
 
 
 def signer_of(data: bytes) -> str:

@@ -70,6 +70,8 @@ def execution_change(stored: JobSpec, wanted: JobSpec) -> str | None:
         return f"command {list(stored.command)} → {list(wanted.command)}"
     if stored.requires != wanted.requires:
         return f"requires {list(stored.requires)} → {list(wanted.requires)}"
+    if stored.env != wanted.env:
+        return f"trainer environment {sorted(stored.env)} → {sorted(wanted.env)}"
     return None
 
 

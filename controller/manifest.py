@@ -24,14 +24,23 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 from trainfleet.broker.errors import ManifestError, ManifestProblem
-from trainfleet.broker.names import is_token
+from trainfleet.broker.names import (
+    ENV_RULE,
+    HYPER_PATTERN,
+    NAME_PATTERN,
+    RESERVED_FLAGS,
+    is_env_name,
+    is_hyper_name,
+    is_name,
+    is_token,
+)
 from trainfleet.broker.schema import Constraints, JobSpec
 from trainfleet.broker.tickets import ticket_class
 
@@ -49,13 +58,17 @@ __all__ = [
     "parse_manifest",
 ]
 
+# What a good name is, in the words a problem uses (broker/names.py has the patterns).
+NAME_RULE = f"must be a name matching {NAME_PATTERN} (letters, digits, '.', '_' and '-'; no spaces or slashes)"
+HYPER_RULE = f"must match {HYPER_PATTERN} and not be one of the agent's own flags ({', '.join(sorted(RESERVED_FLAGS))})"
+
 # The manifest format's own version; independent of the record SCHEMA_VERSION.
 MANIFEST_SCHEMA_VERSION = 1
 HYPER_TYPES: tuple[str, ...] = ("int", "float", "str", "bool")
 
 _TOP_KEYS = ("schema_version", "settings", "models", "hosts", "jobs")
 _SETTINGS_KEYS = ("prefer_cuda_grace_s", "max_attempts")
-_MODEL_KEYS = ("command", "modes", "data", "requires", "hyper")
+_MODEL_KEYS = ("command", "modes", "data", "requires", "env", "hyper")
 _PARAM_KEYS = ("type", "default", "choices", "min", "max")
 _HOST_KEYS = (
     "allow_jobs",
@@ -136,6 +149,7 @@ class ModelDef:
     hyper: dict[str, HyperParam]
     data: dict[str, Any]
     requires: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)  # what its trainers get in their environment
 
 
 @dataclass(frozen=True)
@@ -459,8 +473,26 @@ def _module_name(name: str) -> bool:
     return all(part.isidentifier() for part in name.split("."))
 
 
+def _job_name(value: Any) -> str:
+    if not is_name(value):
+        raise _Invalid(f"{NAME_RULE}, got {_describe(value)}")
+    return value
+
+
+def _trainer_env(value: Any) -> dict[str, str]:
+    """A model's ``env``: variables its trainers get (names in capitals; never NATS_* or
+    TRAINFLEET_*: those are the agent's, and a trainer never gets them)."""
+    table = _table(value)
+    for key, item in table.items():
+        if not is_env_name(key):
+            raise _Invalid(f"{key!r} is not an environment variable name this can set ({ENV_RULE})")
+        if not isinstance(item, str):
+            raise _Invalid(f"{key} must be a string, got {_describe(item)}")
+    return dict(table)
+
+
 def _modes(value: Any) -> tuple[str, ...]:
-    modes = _str_list(value, nonempty=True, ok=bool, what="a non-empty string")
+    modes = _str_list(value, nonempty=True, ok=is_name, what="a mode name (letters, digits, '.', '_', '-')")
     if len(set(modes)) != len(modes):
         raise _Invalid(f"modes must be distinct, got {_show(list(modes))}")
     return modes
@@ -577,10 +609,14 @@ class _NamedSection:
     placeholder: str  # what stands for the name in the section's shape: "NAME"
     label: str  # what a bad name is called in its problem: "model name"
     keys: tuple[str, ...]  # the keys each entry's table may have
+    valid: Callable[[str], bool]  # what a good name is
+    rule: str  # ... in words, for the problem
 
 
-_MODELS = _NamedSection("models", "NAME", "model name", _MODEL_KEYS)
-_HOSTS = _NamedSection("hosts", "HOST_ID", "host id", _HOST_KEYS)
+_MODELS = _NamedSection("models", "NAME", "model name", _MODEL_KEYS, is_name, NAME_RULE)
+_HOSTS = _NamedSection(
+    "hosts", "HOST_ID", "host id", _HOST_KEYS, is_token, "must use only letters, digits, '_' and '-'"
+)
 
 
 def _parse_named(
@@ -595,8 +631,8 @@ def _parse_named(
     parsed: dict[str, _T] = {}
     for name, value in raw.items():
         scope = _Scope(sink, prefix=f"{section.key}.{name}.")
-        if not is_token(name):
-            scope.add(f"{section.label} {name!r} must use only letters, digits, '_' and '-'")
+        if not section.valid(name):
+            scope.add(f"{section.label} {name!r} {section.rule}")
         if not isinstance(value, dict):
             scope.add(f"must be a table ([{section.key}.{name}]), got {_describe(value)}")
             # A stand-in keeps the name declared, so a job using it is not also told it is undeclared.
@@ -634,6 +670,7 @@ def _parse_model(scope: _Scope, name: str, raw: dict[str, Any]) -> _ModelCheck:
     modes = _take(scope, raw, "modes", _modes, required=True)
     data = _take(scope, raw, "data", _json_table, default={})
     requires = _take(scope, raw, "requires", lambda v: _str_list(v, ok=_module_name, what="a module name"), default=())
+    env = _take(scope, raw, "env", _trainer_env, default={})
     hyper, hyper_ok, bad_params = _parse_hyper_schema(scope, raw)
     model = ModelDef(
         name=name,
@@ -642,6 +679,7 @@ def _parse_model(scope: _Scope, name: str, raw: dict[str, Any]) -> _ModelCheck:
         hyper=hyper,
         data=_good(data, {}),
         requires=_good(requires, ()),
+        env=_good(env, {}),
     )
     return _ModelCheck(model, modes_ok=modes is not _BAD, hyper_ok=hyper_ok, bad_params=bad_params)
 
@@ -655,6 +693,10 @@ def _parse_hyper_schema(scope: _Scope, raw: dict[str, Any]) -> tuple[dict[str, H
     params: dict[str, HyperParam] = {}
     bad: set[str] = set()
     for name, praw in table.items():
+        if not is_hyper_name(name):
+            scope.child(f"hyper.{name}").add(f"hyper parameter name {name!r} {HYPER_RULE}")
+            bad.add(name)
+            continue
         param = _parse_param(scope.child(f"hyper.{name}"), name, praw)
         if param is None:
             bad.add(name)
@@ -762,11 +804,12 @@ def _parse_job(sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]
         _Scope(sink, f"#{index}").add(f"each [[jobs]] entry must be a table, got {_describe(raw)}")
         return None, None
     name = raw.get("name")
-    named = isinstance(name, str) and bool(name)
-    scope = _Scope(sink, name if named else f"#{index}")
+    named = is_name(name)
+    # A bad name is shown quoted, never as it is (it may hold anything: slashes, escapes)
+    scope = _Scope(sink, name if named else f"#{index}" + (f" ({name!r})" if name is not None else ""))
     mark = scope.mark()
     _unknown_keys(scope, raw, _JOB_KEYS)
-    _take(scope, raw, "name", _string, required=True)
+    _take(scope, raw, "name", _job_name, required=True)
     check = _job_model(scope, raw, models)
     mode = _job_mode(scope, raw, check)
     hyper = _job_hyper(scope, raw, check)
@@ -789,6 +832,7 @@ def _parse_job(sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]
         priority=priority,
         constraints=constraints,
         requires=model.requires,
+        env=dict(model.env),
     )
     return name, msgspec.structs.replace(spec, job_id=job_id_for(spec.identity()))
 

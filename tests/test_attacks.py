@@ -130,7 +130,7 @@ async def test_a_trainer_gets_no_nats_credentials(fleet, broker, monkeypatch, tm
     }.items():
         monkeypatch.setenv(var, value)
     dump_env = (
-        "import json, os, sys; out = sys.argv[sys.argv.index('--out') + 1]; os.makedirs(out, exist_ok=True); "
+        "import json, os; out = os.environ['TRAINFLEET_OUTPUT_DIR']; os.makedirs(out, exist_ok=True); "
         "json.dump({'env': sorted(os.environ)}, open(os.path.join(out, 'metrics.json'), 'w'))"
     )
     manifest = parse_manifest(

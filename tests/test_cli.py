@@ -237,8 +237,8 @@ GATED_MODEL = """
 command = ["{python}", "-c", '''
 import json, pathlib, sys, time
 from trainfleet.agent.progress import report
-argv = sys.argv[1:]
-gate, out = pathlib.Path(argv[argv.index("--gate") + 1]), pathlib.Path(argv[argv.index("--out") + 1])
+flags = dict(arg[2:].split("=", 1) for arg in sys.argv[1:] if arg.startswith("--") and "=" in arg)
+gate, out = pathlib.Path(flags["gate"]), pathlib.Path(flags["out"])
 print("before the gate", flush=True)
 report(step=1, total=2, loss=0.5)
 while not gate.exists():
