@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from trainfleet.broker.names import (
     is_token,
 )
 from trainfleet.broker.schema import Constraints, JobSpec
+from trainfleet.broker.specs import job_id_for
 from trainfleet.broker.tickets import ticket_class
 
 __all__ = [
@@ -222,16 +222,6 @@ class Manifest:
             "hosts": {host: msgspec.to_builtins(policy) for host, policy in self.hosts.items()},
             "jobs": [_job_json(spec) for spec in self.jobs],
         }
-
-
-def job_id_for(identity: dict[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of ``JobSpec.identity()``.
-
-    Sorted keys and fixed separators make the id independent of key order in
-    the TOML file and of the Python version that computed it.
-    """
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def excluded_hosts(manifest: Manifest, spec: JobSpec) -> dict[str, str]:
