@@ -144,7 +144,7 @@ class HeldJob:
         user = TrainerUser.lookup(self.settings.trainer_user) if self.settings.trainer_user else None
         if user is not None:
             user.hand_over(self.workdir, self.workdir / "output")
-        return Confinement(cgroup=TrainerCgroup.create(name), user=user)
+        return Confinement(cgroup=TrainerCgroup.create(name), user=user, workdir=self.workdir)
 
     def trainer_env(self) -> dict[str, str]:
         """What the trainer gets besides its own job's variables: which GPU, how many threads."""

@@ -145,6 +145,13 @@ class TrainerUser:
             ) from None
         return cls(name, entry.pw_uid, entry.pw_gid)
 
+    def reclaim(self, workdir: Path) -> None:
+        """Give the work dir back to the agent once the trainer is gone (it bundles the output)."""
+        uid, gid = os.getuid(), os.getgid()
+        for path in (workdir, *workdir.rglob("*")):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(path, uid, gid, follow_symlinks=False)
+
     def hand_over(self, workdir: Path, output: Path) -> None:
         """Let the trainer write its output: the job's work dir (with ``output`` in it, made
         now) becomes its, and only its."""
@@ -166,6 +173,7 @@ def _load_prctl() -> Any:
 
 _PRCTL = _load_prctl()
 PR_SET_PDEATHSIG = 1
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 
 def die_with_parent() -> None:
@@ -180,20 +188,30 @@ class Confinement:
 
     cgroup: TrainerCgroup | None = None
     user: TrainerUser | None = None
+    workdir: Path | None = None  # the job's, handed to ``user`` while the trainer runs
 
     def preexec(self) -> None:
-        """In the child, before exec: into the cgroup (as root still), drop to the trainer user,
-        then ask to die with the agent (a credential change clears that request)."""
+        """In the child, before exec: into the cgroup (with the agent's rights still), drop to
+        the trainer user and drop every capability the agent holds to switch users (ambient
+        ones would survive exec), then ask to die with the agent (a credential change clears
+        that request)."""
         if self.cgroup is not None:
             self.cgroup.enter()
         if self.user is not None:
             os.setgroups([])
             os.setgid(self.user.gid)
             os.setuid(self.user.uid)
+            if _PRCTL is not None:
+                _PRCTL(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        os.umask(0o077)  # its output is for the agent to bundle, not for other users to read
         die_with_parent()
 
     def cleanup(self, pgid: int | None) -> int:
-        """Kill everything the trainer left behind; how many processes its cgroup still held."""
+        """Kill everything the trainer left behind and take its work dir back; how many
+        processes its cgroup still held."""
         if pgid is not None:
             kill_group(pgid)
-        return self.cgroup.kill() if self.cgroup is not None else 0
+        left = self.cgroup.kill() if self.cgroup is not None else 0
+        if self.user is not None and self.workdir is not None:
+            self.user.reclaim(self.workdir)
+        return left

@@ -4,6 +4,14 @@ Shared by every front end (the CLI and ``trainfleet up`` in controller/, the mon
 tui/), which may not import each other; each keeps its own layouts (controller/view.py
 for the CLI). Only formatting lives here: no I/O, no NATS. Markup strings use Rich's
 ``[style]…[/]`` syntax, which both Rich tables and Textual widgets render.
+
+Trainers are untrusted code, so everything they write (output lines, the stderr tail in a
+record's ``last_error`` and ``reason``, metric names and values, provenance fields) is
+untrusted text. :func:`safe_text` is the one rule every front end applies before such text
+reaches a terminal; the formatters here that show trainer text (``fmt_metrics``,
+``headline``, ``event_text``) apply it themselves. It does not stop Rich from reading
+``[red]`` as markup: front ends that print through Rich wrap untrusted text in
+``rich.text.Text`` (or ``rich.markup.escape`` it) as well.
 """
 
 from __future__ import annotations
@@ -23,6 +31,38 @@ STATE_STYLE = {
 }
 
 BAR_WIDTH = 10
+
+# Unicode bidi controls (embeddings, overrides, isolates, marks): not terminal escapes, but they
+# reorder what is shown around them ("Trojan Source"), so a line could read as something it is not.
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+
+
+def _escape(code: int) -> str:
+    if code == 0x0D:
+        return "\\r"
+    if code == 0x0A:
+        return "\\n"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+# C0 controls (ESC, BEL, BS, CR...) but tab and newline, DEL, the C1 controls (0x9b is a one-byte
+# CSI on some terminals), lone surrogates (not encodable: printing one would raise) and bidi controls.
+_UNSAFE = [*(c for c in range(0x20) if c not in (0x09, 0x0A)), 0x7F, *range(0x80, 0xA0), *range(0xD800, 0xE000), *_BIDI]
+_MULTILINE = {code: _escape(code) for code in _UNSAFE}
+_ONE_LINE = {**_MULTILINE, 0x0A: _escape(0x0A)}
+
+
+def safe_text(text: str, *, newlines: bool = True) -> str:
+    """``text`` with every control character a terminal would act on shown escaped instead.
+
+    Tab and newline stay (``newlines=False`` escapes newline too, as ``\\n``, for a field shown
+    on one line); CR becomes ``\\r`` (a bare CR would return to the start of the line and let
+    the rest overwrite what came before); every other C0 control, DEL and C1 control becomes
+    ``\\xNN`` (ESC is ``\\x1b``); lone surrogates and Unicode bidi controls become ``\\uNNNN``.
+    Backslashes are left alone, so a trainer that prints a literal ``\\x1b`` looks the same as
+    one that printed ESC: the text is for reading, ``--json`` has the exact bytes.
+    """
+    return text.translate(_MULTILINE if newlines else _ONE_LINE)
 
 
 def progress_of(rec: JobRecord) -> tuple[int, int] | None:
@@ -49,12 +89,13 @@ def progress_text(rec: JobRecord, width: int = BAR_WIDTH) -> str:
 
 
 def fmt_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A metric value as text (trainer-written: made safe for a terminal)."""
+    return safe_text(f"{value:.4g}" if isinstance(value, float) else str(value), newlines=False)
 
 
 def fmt_metrics(metrics: dict[str, Any], limit: int | None = None) -> str:
     items = list(metrics.items())[:limit] if limit else list(metrics.items())
-    return " ".join(f"{k}={fmt_value(v)}" for k, v in items)
+    return " ".join(f"{safe_text(str(k), newlines=False)}={fmt_value(v)}" for k, v in items)
 
 
 def headline(rec: JobRecord, limit: int = 2) -> str:
@@ -63,7 +104,7 @@ def headline(rec: JobRecord, limit: int = 2) -> str:
         return fmt_metrics((rec.progress or {}).get("metrics") or {}, limit)
     name = rec.metrics.get("headline") if rec.metrics else None
     if name and name in rec.metrics:
-        return f"{name}={fmt_value(rec.metrics[name])}"
+        return f"{safe_text(str(name), newlines=False)}={fmt_value(rec.metrics[name])}"
     return ""
 
 
@@ -104,7 +145,12 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def event_text(kind: str, event: dict[str, Any], attempt: int | None) -> str:
-    """One line for an event on a job's events subject (progress, or the agent's started/finished)."""
+    """One line for an event on a job's events subject (progress, or the agent's started/finished),
+    safe for a terminal (:func:`safe_text`)."""
+    return safe_text(_event_text(kind, event, attempt), newlines=False)
+
+
+def _event_text(kind: str, event: dict[str, Any], attempt: int | None) -> str:
     if kind == "progress":
         step, total = event.get("step"), event.get("total")
         where = ""

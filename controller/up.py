@@ -23,7 +23,9 @@ from typing import IO
 
 from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
+from trainfleet.broker import display
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import EXIT_OK, FleetError, ManifestError, Unsatisfied
 from trainfleet.broker.logs import LiveProgress
@@ -259,7 +261,16 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         names = {spec.job_id: spec.name for spec in manifest.jobs}
         for rec in records.values():
             if rec.status == JobStatus.FAILED:
-                console.print(f"[red]{names[rec.job_id]}[/]: {rec.reason}\n{rec.last_error or ''}", highlight=False)
+                console.print(
+                    Text.assemble(
+                        (names[rec.job_id], "red"),
+                        ": ",
+                        display.safe_text(rec.reason or "", newlines=False),
+                        "\n",
+                        display.safe_text(rec.last_error or ""),
+                    ),
+                    highlight=False,
+                )
         if args.keep:
             console.print(f"fleet still running at {url}; Ctrl-C to stop it")
             if embed:

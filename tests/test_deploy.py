@@ -564,3 +564,296 @@ def test_compose_file_defines_nats_controller_and_agents() -> None:
             assert service["stop_signal"] == "SIGTERM"
             assert service["environment"]["TRAINFLEET_HOST_ID"] == name
     assert any(v.startswith("nats-data:") for v in svc["nats"]["volumes"])
+
+
+# --------------------------------------------------------------------------- agent unit hardening
+# Trainers are untrusted code and inherit the agent unit's sandbox (docs/security.md).
+
+AGENT_UNIT = SYSTEMD_DIR / "trainfleet-agent.service"
+CONTROLLER_UNIT = SYSTEMD_DIR / "trainfleet-controller.service"
+# Never allowed to the agent and its trainers: each group systemd names, and reading another
+# process's memory (a trainer could otherwise read the agent's credentials out of it).
+AGENT_DENIED_GROUPS = {
+    "@clock",
+    "@cpu-emulation",
+    "@debug",
+    "@module",
+    "@mount",
+    "@obsolete",
+    "@raw-io",
+    "@reboot",
+    "@swap",
+}
+AGENT_DENIED_CALLS = {"ptrace", "perf_event_open", "pidfd_getfd", "process_vm_readv", "process_vm_writev", "mount"}
+# What torch and the CUDA driver use that a filter could take away.
+TRAINING_CALLS = {"ioctl", "mmap", "mprotect", "mremap", "madvise", "mbind", "get_mempolicy", "set_mempolicy"}
+TRAINING_CALLS |= {"sched_setaffinity", "memfd_create", "clone", "execve", "sendmsg", "recvmsg", "futex", "mincore"}
+
+
+def unit_settings(path: Path, key: str) -> list[str]:
+    """Every value of ``key`` in a unit, in order (systemd adds up repeated list settings)."""
+    return re.findall(rf"^{key}=(.*)$", path.read_text(), re.M)
+
+
+SYSCALL_GROUPS: dict[str, frozenset[str]] = {}  # systemd-analyze's answers, once per group
+
+
+def syscall_group(name: str) -> frozenset[str]:
+    """The system calls a SystemCallFilter= entry stands for, as systemd-analyze expands it."""
+    if not name.startswith("@"):
+        return frozenset({name})
+    if name in SYSCALL_GROUPS:
+        return SYSCALL_GROUPS[name]
+    proc = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager", name], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls: set[str] = set()
+    for line in proc.stdout.splitlines()[1:]:
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            calls |= syscall_group(entry)
+    SYSCALL_GROUPS[name] = frozenset(calls)
+    return SYSCALL_GROUPS[name]
+
+
+def allowed_syscalls(path: Path) -> set[str]:
+    """The allow list a unit's SystemCallFilter= lines make, with systemd's rules: the first
+    entry decides it is an allow list (and @default comes with it), later ~ entries remove."""
+    lines = unit_settings(path, "SystemCallFilter")
+    assert lines and not lines[0].startswith("~"), "expected an allow list"
+    allowed = set(syscall_group("@default"))
+    for line in lines:
+        entries = line.removeprefix("~").split()
+        calls = set().union(*(syscall_group(e) for e in entries))
+        allowed = allowed - calls if line.startswith("~") else allowed | calls
+    return allowed
+
+
+# Run in a child: install, through libseccomp (the library systemd itself uses), the filters the
+# agent unit makes systemd install, then exec the command. argv: JSON of the filter, command...
+UNIT_SECCOMP = r"""
+import ctypes, errno, json, os, sys
+
+spec, argv = json.loads(sys.argv[1]), sys.argv[2:]
+lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_init.argtypes = [ctypes.c_uint32]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+
+
+class Cmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+
+lib.seccomp_rule_add_array.argtypes = [
+    ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(Cmp)
+]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ALLOW, EQ, MASKED_EQ = 0x7FFF0000, 4, 7
+
+
+def fail_with(code):
+    return 0x00050000 | code
+
+
+def rule(ctx, action, name, *cmps):
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    if nr < 0:  # not a call of this architecture: systemd skips it too
+        return
+    arr = (Cmp * max(1, len(cmps)))(*[Cmp(*c) for c in cmps])
+    rc = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
+    assert rc in (0, -errno.EEXIST), (name, rc)
+
+
+def load(ctx):
+    assert lib.seccomp_load(ctx) == 0
+
+
+# RestrictNamespaces=yes: no CLONE_NEW* flag to unshare or clone, no setns, clone3 ENOSYS
+if spec["namespaces"]:
+    ctx = lib.seccomp_init(ALLOW)
+    rule(ctx, fail_with(errno.EPERM), "setns")
+    rule(ctx, fail_with(errno.ENOSYS), "clone3")
+    for flag in (0x80, 0x20000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000):
+        rule(ctx, fail_with(errno.EPERM), "unshare", (0, MASKED_EQ, flag, flag))
+        if flag != 0x80:  # CLONE_NEWTIME is unshare's only
+            rule(ctx, fail_with(errno.EPERM), "clone", (0, MASKED_EQ, flag, flag))
+    load(ctx)
+# RestrictAddressFamilies=: socket() of any other family fails
+if spec["families"]:
+    ctx = lib.seccomp_init(ALLOW)
+    for family in range(64):
+        if family not in spec["families"]:
+            rule(ctx, fail_with(errno.EAFNOSUPPORT), "socket", (0, EQ, family, 0))
+    load(ctx)
+# SystemCallFilter= with SystemCallErrorNumber=, native architecture only (the default context):
+# last, as systemd does (it refuses seccomp() itself)
+ctx = lib.seccomp_init(fail_with(spec["errno"]))
+for name in spec["allow"]:
+    rule(ctx, ALLOW, name)
+load(ctx)
+os.execvp(argv[0], argv)
+"""
+
+# Under the filter: what must be refused is refused (so the filter is really in place).
+REFUSED_PROBE = r"""
+import ctypes, errno, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def refused(nr, *args):
+    return libc.syscall(nr, *args) == -1 and ctypes.get_errno()
+out = {
+    "ptrace": refused(101, 2, os.getppid(), 0, 0),  # PTRACE_PEEKDATA, else ESRCH (not traced)
+    "process_vm_readv": refused(310, os.getppid(), 0, 0, 0, 0, 0),
+    "mount": refused(165, b"none", b"/nonexistent/trainfleet-probe", b"tmpfs", 0, 0),  # else ENOENT
+    "unshare_user": refused(272, 0x10000000),  # CLONE_NEWUSER
+    "clone3": refused(435, 0, 0),
+}
+try:
+    socket.socket(17, socket.SOCK_RAW)  # AF_PACKET: else EPERM (no CAP_NET_RAW) or a socket
+    out["af_packet"] = 0
+except OSError as exc:
+    out["af_packet"] = exc.errno
+print(out)
+assert out == {"ptrace": errno.EPERM, "process_vm_readv": errno.EPERM, "mount": errno.EPERM,
+               "unshare_user": errno.EPERM, "clone3": errno.ENOSYS, "af_packet": errno.EAFNOSUPPORT}, out
+"""
+
+
+def agent_filter_spec() -> dict:
+    """The agent unit's seccomp settings, as UNIT_SECCOMP takes them."""
+    svc = ini(AGENT_UNIT)["Service"]
+    families = [getattr(socket, name) for name in svc["RestrictAddressFamilies"].split()]
+    return {
+        "allow": sorted(allowed_syscalls(AGENT_UNIT)),
+        "errno": getattr(__import__("errno"), svc["SystemCallErrorNumber"]),
+        "namespaces": svc["RestrictNamespaces"] == "yes",
+        "families": families,
+    }
+
+
+def under_agent_filter(*command: str, timeout_s: float = 300.0, cwd: Path | None = None):
+    return subprocess.run(
+        [sys.executable, "-c", UNIT_SECCOMP, json.dumps(agent_filter_spec()), *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_agent_unit_hardening_keeps_trainers_in_and_training_working() -> None:
+    svc = ini(AGENT_UNIT)["Service"]
+    assert svc["UMask"] == "0077"
+    assert svc["ProtectProc"] == "invisible"
+    assert svc.get("ProcSubset", "all") == "all"  # the CUDA driver reads /proc/driver/nvidia
+    assert svc["RestrictNamespaces"] == "yes"
+    assert svc["SystemCallErrorNumber"] == "EPERM"  # a refused call fails; it does not kill the trainer
+    lines = unit_settings(AGENT_UNIT, "SystemCallFilter")
+    assert lines[0].split()[0] == "@system-service"
+    denied = {e for line in lines if line.startswith("~") for e in line[1:].split()}
+    assert AGENT_DENIED_GROUPS <= denied
+    if shutil.which("systemd-analyze") is None:
+        return
+    allowed = allowed_syscalls(AGENT_UNIT)
+    assert TRAINING_CALLS <= allowed, TRAINING_CALLS - allowed
+    assert not AGENT_DENIED_CALLS & allowed
+    assert {"setuid", "setgid", "setgroups", "chown"} <= allowed  # a --trainer-user needs them
+
+
+def test_controller_unit_keeps_its_files_private() -> None:
+    svc = ini(CONTROLLER_UNIT)["Service"]
+    assert svc["UMask"] == "0077"
+    assert svc["ProtectProc"] == "invisible"
+
+
+def libseccomp_or_skip() -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed: cannot expand the unit's syscall groups")
+    try:
+        import ctypes
+
+        ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        pytest.skip("libseccomp.so.2 not installed")
+
+
+def test_the_agent_units_syscall_filter_refuses_what_it_should() -> None:
+    libseccomp_or_skip()
+    proc = under_agent_filter(sys.executable, "-c", REFUSED_PROBE, timeout_s=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_torch_trains_under_the_agent_units_syscall_filter(tmp_path: Path) -> None:
+    # Given the example torch trainer (CPU here: no CUDA host runs these tests)
+    libseccomp_or_skip()
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "out"
+    # When it trains under the filters the agent unit makes systemd install
+    proc = under_agent_filter(
+        sys.executable,
+        "-m",
+        "trainfleet.examples.torch_mlp",
+        "--mode=classify",
+        "--seed=1",
+        f"--out={out}",
+        "--epochs=2",
+    )
+    # Then it finishes and writes its model and metrics
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "model.pt").exists() and json.loads((out / "metrics.json").read_text())["accuracy"] > 0.5
+
+
+TRAINER_USER = "tf-test-trainer"  # a name no test machine has
+
+
+def test_install_dry_run_with_a_trainer_user_prints_the_user_and_its_setting_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    # Given a host without the trainer user
+    if subprocess.run(["getent", "passwd", TRAINER_USER], capture_output=True).returncode == 0:
+        pytest.skip(f"a user {TRAINER_USER} exists here")
+    dropin = Path("/etc/systemd/system/trainfleet-agent.service.d/trainer-user.conf")
+    before = dropin.exists()
+    prefix = tmp_path / "opt" / "trainfleet"
+    # When the installer runs in dry-run mode for an agent with a trainer user
+    proc = run_install("--dry-run", "--prefix", str(prefix), "--role", "agent", "--trainer-user", TRAINER_USER)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Then it prints the useradd of a system user without login shell, home or other groups...
+    (useradd,) = [line for line in proc.stdout.splitlines() if line.startswith("+ useradd") and TRAINER_USER in line]
+    words = shlex.split(useradd[2:])
+    assert words[-1] == TRAINER_USER and {"--system", "--user-group", "--no-create-home"} <= set(words)
+    assert words[words.index("--shell") + 1] in ("/usr/sbin/nologin", "/bin/false")
+    assert "--groups" not in words and "-G" not in words
+    # ...and the agent's setting, in a drop-in of the agent unit
+    caps = "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL"
+    setting = (
+        f"[Service]\\nEnvironment=TRAINFLEET_TRAINER_USER={TRAINER_USER}\\nCapabilityBoundingSet={caps}"
+        f"\\nAmbientCapabilities={caps}\\n"
+    )
+    # ...with exactly the capabilities the agent needs to switch a trainer to that user (and stop it)
+    assert f"+ printf '{setting}' >{dropin}" in proc.stdout
+    assert "--trainer-user NAME" in run_install("--help").stdout
+    # ...and changes nothing
+    assert subprocess.run(["getent", "passwd", TRAINER_USER], capture_output=True).returncode != 0
+    assert dropin.exists() == before
+    assert not (tmp_path / "opt").exists()
+
+
+@pytest.mark.parametrize(
+    "args,why",
+    [
+        (("--role", "controller", "--trainer-user", "t"), "agent role"),
+        (("--role", "agent", "--trainer-user", "trainfleet"), "user of its own"),
+        (("--role", "agent", "--trainer-user", "root"), "user of its own"),
+        (("--role", "agent", "--trainer-user", "x;rm -rf /"), "user name"),
+        (("--role", "agent", "--trainer-user", "-o"), "user name"),
+        (("--role", "agent", "--no-systemd", "--trainer-user", "t"), "not with --no-systemd"),
+    ],
+)
+def test_install_rejects_a_bad_trainer_user(args: tuple[str, ...], why: str) -> None:
+    proc = run_install("--dry-run", *args)
+    assert proc.returncode != 0 and why in proc.stderr, proc.stdout + proc.stderr
+    assert "useradd" not in proc.stdout

@@ -67,13 +67,15 @@ def job_cells(rec: JobRecord, spec: JobSpec) -> tuple[Any, ...]:
         rec.claimed_by or "-",
         str(rec.attempt),
         Text(display.progress_text(rec), style="green"),
-        display.headline(rec),
+        # Trainer-named metrics (made safe by display): a Text, since DataTable reads a str as markup.
+        Text(display.headline(rec)),
     )
 
 
 def entry_text(entry: LogEntry) -> Text:
+    """A log pane line: Text (never markup), control characters escaped (display.safe_text)."""
     if entry.kind == "log":
-        return Text(entry.line or "", style="red" if entry.stream == "stderr" else "")
+        return Text(display.safe_text(entry.line or ""), style="red" if entry.stream == "stderr" else "")
     return Text(display.event_text(entry.kind, entry.event or {}, entry.attempt), style="cyan")
 
 
