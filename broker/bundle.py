@@ -2,30 +2,74 @@
 
 ``provenance.json`` is the first member, then ``output/**``. The bundle id is the
 sha256 of the compressed bytes, so identical bundles deduplicate in the object store.
-Bundles are streamed to and from disk (memory does not grow with the artifact), and
-extraction refuses any member that would land outside the target. No NATS here:
-broker/artifacts.py moves bundles in and out of the object store.
+Bundles are streamed to and from disk (memory does not grow with the artifact). No
+NATS here: broker/artifacts.py moves bundles in and out of the object store.
+
+A bundle read back is untrusted (anyone who can write one object or one record can
+hand us one), so every read is confined and bounded:
+
+* extraction builds a temp dir beside a NEW target and renames it into place; only
+  ``provenance.json`` and ``output/**`` regular files and directories are accepted,
+  each member's resolved path must stay inside, and no existing file is overwritten;
+* extraction stops past ``max_bytes`` of member data or ``max_members`` members;
+* a provenance read never decompresses more than :data:`PROVENANCE_MAX_BYTES`;
+* a PAX or GNU long-name header over :data:`MAX_LONG_HEADER_BYTES` is refused from its
+  512-byte header block, before tarfile reads its payload into memory, and the bytes
+  between one member and the next are capped (:data:`HEADER_REGION_BYTES`);
+* a zstd frame wanting a window over :data:`ZSTD_MAX_WINDOW_BYTES` is refused.
+
+Every refusal is an :class:`ArtifactError` naming the limit, and leaves no file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import zstandard
 
 from trainfleet.broker.errors import ArtifactError
+from trainfleet.broker.settings import Settings
 
 PROVENANCE_NAME = "provenance.json"
 OUTPUT_PREFIX = "output"
 ZSTD_LEVEL = 3
+
+# provenance.json is a few KiB of JSON: a read of it never decompresses more than this.
+PROVENANCE_MAX_BYTES = 1 << 20
+# Extraction defaults: the size an agent may upload at all, and far more files than any
+# trainer writes (each member costs a header parse and a file create).
+DEFAULT_EXTRACT_MAX_BYTES = Settings.max_artifact_bytes
+MAX_MEMBERS = 100_000
+# A PAX extended header or GNU long name/link is read whole into memory by tarfile: one
+# bigger than this is refused from its header block. Ours are a few dozen bytes.
+MAX_LONG_HEADER_BYTES = 8 << 10
+# Decompressed bytes allowed between one member's data and the next member's data: its
+# header block, a few long headers, padding and tarfile's 10 KiB read-ahead. Whatever
+# tarfile does with extension headers (sparse maps included), it cannot read more.
+HEADER_REGION_BYTES = 64 << 10
+# Our level-3 bundles use a 2 MiB window; a frame may ask for up to 128 MiB by default,
+# which the decompressor would allocate. Level 19 needs 8 MiB.
+ZSTD_MAX_WINDOW_BYTES = 8 << 20
+
+_LONG_HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 
 
 @dataclass(frozen=True)
@@ -76,62 +120,307 @@ def build_bundle(output_dir: str | os.PathLike, provenance: dict[str, Any], dest
     return Bundle(path=dest, sha256=hashing.digest.hexdigest(), size=hashing.size)
 
 
-def _check_member(member: tarfile.TarInfo, target: Path) -> None:
-    name = member.name
-    resolved = (target / name).resolve()
-    if os.path.isabs(name) or ".." in Path(name).parts or not resolved.is_relative_to(target):
-        raise ArtifactError(f"refusing to extract {name!r}: it would land outside {target}")
-    if not (member.isfile() or member.isdir()):
-        raise ArtifactError(f"refusing to extract {name!r}: only regular files and directories are allowed")
+# -- reading untrusted bundles --------------------------------------------------------
+def _decompressor() -> zstandard.ZstdDecompressor:
+    return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_BYTES)
 
 
-def extract(bundle_path: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Extract a bundle into ``target``; any unsafe member aborts with ArtifactError."""
-    target = Path(target).resolve()
-    target.mkdir(parents=True, exist_ok=True)
-    dctx = zstandard.ZstdDecompressor()
-    try:
-        with open(bundle_path, "rb") as raw, dctx.stream_reader(raw) as zr:
-            with tarfile.open(fileobj=zr, mode="r|") as tar:
-                for member in tar:
-                    _check_member(member, target)
-                    tar.extract(member, target, filter="data")
-    except (tarfile.TarError, zstandard.ZstdError) as exc:
-        raise ArtifactError(f"{bundle_path}: not a valid trainfleet bundle: {exc}") from exc
+def _zstd_problem(exc: zstandard.ZstdError) -> str:
+    if "memory" in str(exc):
+        return f"{exc} (zstd windows over the ZSTD_MAX_WINDOW_BYTES limit of {ZSTD_MAX_WINDOW_BYTES} bytes are refused)"
+    return str(exc)
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses oversized long headers and sparse members from their 512-byte block.
+
+    tarfile calls ``frombuf`` for every header block, extension headers included, before
+    it reads any payload: the one place a PAX header's size is known and nothing is read yet.
+    """
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _LONG_HEADER_TYPES and info.size > MAX_LONG_HEADER_BYTES:
+            raise ArtifactError(
+                f"refusing a {info.size}-byte PAX/GNU long header: over the MAX_LONG_HEADER_BYTES "
+                f"limit of {MAX_LONG_HEADER_BYTES} bytes"
+            )
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            # Its extension blocks are chained without bound; bundles never hold sparse files.
+            raise ArtifactError(f"refusing sparse member {info.name!r}: only regular files and directories are allowed")
+        return info
+
+
+class _BoundedReader:
+    """A read-only stream that refuses to go past ``limit`` decompressed bytes.
+
+    Reads are cut at the limit, so tarfile's read-ahead never trips it: only a read that
+    tarfile needs beyond the limit raises ArtifactError (``what`` says which limit).
+    """
+
+    def __init__(self, raw: Any, limit: int, what: str):
+        self.raw = raw
+        self.limit = limit
+        self.what = what
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.pos >= self.limit:
+            raise ArtifactError(f"refusing to decompress past {self.limit} bytes: {self.what}")
+        room = self.limit - self.pos
+        data = self.raw.read(room if size is None or size < 0 else min(size, room))
+        self.pos += len(data)
+        return data
+
+
+def _open_tar(reader: _BoundedReader) -> tarfile.TarFile:
+    return tarfile.open(fileobj=reader, mode="r|", tarinfo=_GuardedTarInfo)
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+# -- extraction ------------------------------------------------------------------------
+def check_target(target: str | os.PathLike, *, force: bool = False) -> Path:
+    """The absolute extraction target, after refusing one that cannot be used.
+
+    The parent is resolved, the target itself is not (a symlink there is never followed).
+    An existing target must be an empty directory unless ``force`` (it is then replaced)."""
+    target = Path(target)
+    if target.name in ("", ".", ".."):
+        raise ArtifactError(f"refusing to extract into {str(target)!r}: not a directory name")
+    target = target.parent.resolve() / target.name
+    if not os.path.lexists(target) or force:
+        return target
+    if target.is_symlink() or not target.is_dir():
+        raise ArtifactError(
+            f"refusing to extract into {target}: it exists and is not a directory (--force replaces it)"
+        )
+    if any(target.iterdir()):
+        raise ArtifactError(f"refusing to extract into {target}: it exists and is not empty (--force replaces it)")
     return target
 
 
-def read_provenance(bundle_path: str | os.PathLike) -> dict[str, Any]:
-    """The provenance.json of a bundle (the first member), without extracting the rest."""
-    dctx = zstandard.ZstdDecompressor()
+def extract(
+    bundle_path: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    max_bytes: int = DEFAULT_EXTRACT_MAX_BYTES,
+    max_members: int = MAX_MEMBERS,
+    force: bool = False,
+) -> Path:
+    """Extract a bundle into the new directory ``target``; any unsafe member or exceeded limit
+    aborts with ArtifactError and leaves nothing behind.
+
+    Members are written into a temp dir beside ``target``, which is renamed into place once
+    every member passed: a refusal midway removes the temp dir, and nothing is ever written
+    outside it. ``force`` replaces an existing ``target``."""
+    target = check_target(target, force=force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.part-")).resolve()
     try:
-        with open(bundle_path, "rb") as raw, dctx.stream_reader(raw) as zr:
-            with tarfile.open(fileobj=zr, mode="r|") as tar:
-                for member in tar:
-                    if member.name == PROVENANCE_NAME:
-                        fh = tar.extractfile(member)
-                        return json.loads(fh.read()) if fh else {}
-    except (tarfile.TarError, zstandard.ZstdError, ValueError) as exc:
+        staging.chmod(0o755)  # mkdtemp's 0700 would become the target's mode
+        _extract_into(Path(bundle_path), staging, max_bytes=max_bytes, max_members=max_members)
+        _move_into_place(staging, target, force=force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _extract_into(bundle_path: Path, root: Path, *, max_bytes: int, max_members: int) -> None:
+    """Stream every member of the bundle into the (new, empty) directory ``root``."""
+    region = f"more than HEADER_REGION_BYTES ({HEADER_REGION_BYTES}) of headers between two members of {bundle_path}"
+    members = size = 0
+    try:
+        with open(bundle_path, "rb") as raw, _decompressor().stream_reader(raw) as zr:
+            reader = _BoundedReader(zr, HEADER_REGION_BYTES, region)
+            with _open_tar(reader) as tar:
+                while (member := tar.next()) is not None:
+                    tar.members.clear()  # tarfile keeps every member it read: memory would grow with the count
+                    parts = _check_member(member, root)
+                    # A directory's size field is ignored by tarfile: it has no data and buys no room.
+                    data = member.size if member.isfile() else 0
+                    members, size = members + 1, size + data
+                    _check_limits(bundle_path, members, size, max_members=max_members, max_bytes=max_bytes)
+                    # This member's data, then at most one header region before the next member.
+                    reader.limit = member.offset_data + _padded(data) + HEADER_REGION_BYTES
+                    _write_member(tar, member, root.joinpath(*parts))
+    except (tarfile.TarError, EOFError) as exc:
+        raise ArtifactError(f"{bundle_path}: not a valid trainfleet bundle: {exc}") from exc
+    except zstandard.ZstdError as exc:
+        raise ArtifactError(f"{bundle_path}: not a valid trainfleet bundle: {_zstd_problem(exc)}") from exc
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{bundle_path}: cannot extract: {exc}") from exc
+
+
+def _check_member(member: tarfile.TarInfo, root: Path) -> tuple[str, ...]:
+    """The path parts of an acceptable member; ArtifactError for anything else."""
+    name = member.name
+    parts = PurePosixPath(name).parts
+    if os.path.isabs(name) or name.startswith("/") or ".." in parts or "\0" in name:
+        raise ArtifactError(f"refusing to extract {name!r}: it would land outside {root}")
+    if not root.joinpath(*parts).resolve().is_relative_to(root):
+        raise ArtifactError(f"refusing to extract {name!r}: it would land outside {root}")
+    if not (member.type in _FILE_TYPES or member.isdir()) or member.sparse is not None or member.size < 0:
+        raise ArtifactError(f"refusing to extract {name!r}: only regular files and directories are allowed")
+    provenance = parts == (PROVENANCE_NAME,) and member.isfile()
+    output = bool(parts) and parts[0] == OUTPUT_PREFIX and (member.isdir() or len(parts) > 1)
+    if not (provenance or output):
+        raise ArtifactError(
+            f"refusing to extract {name!r}: a bundle holds only {PROVENANCE_NAME} and {OUTPUT_PREFIX}/ members"
+        )
+    return parts
+
+
+def _check_limits(bundle_path: Path, members: int, size: int, *, max_members: int, max_bytes: int) -> None:
+    if members > max_members:
+        raise ArtifactError(f"refusing {bundle_path}: more than the limit of {max_members} members (MAX_MEMBERS)")
+    if size > max_bytes:
+        raise ArtifactError(
+            f"refusing {bundle_path}: its files add up to more than the extraction limit of {max_bytes} bytes "
+            "(max_artifact_bytes)"
+        )
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+    """Create one directory or file; a file that already exists (a repeated member) is refused."""
+    if member.isdir():
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = tar.extractfile(member)
+    # O_EXCL: never overwrite; O_NOFOLLOW: never write through a link. Only the exec bit of
+    # the member's mode survives (no setuid, setgid, sticky or world-writable).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o755 if member.mode & 0o111 else 0o644)
+    except FileExistsError as exc:
+        raise ArtifactError(f"refusing to extract {member.name!r}: the bundle holds that path twice") from exc
+    with os.fdopen(fd, "wb") as dest:
+        if source is not None:
+            shutil.copyfileobj(source, dest, 1 << 20)
+    with contextlib.suppress(OverflowError, OSError, ValueError):
+        os.utime(path, (member.mtime, member.mtime))
+
+
+def _move_into_place(staging: Path, target: Path, *, force: bool) -> None:
+    """Rename the finished ``staging`` dir to ``target``; with ``force`` whatever is there goes."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return
+    if not force:
+        check_target(target)  # it appeared while we extracted: refuse if it is not empty now
+        os.rmdir(target)
+        os.rename(staging, target)
+        return
+    # Move the old one aside first, so the target is never half old, half new.
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-")) / "old"
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(aside, target)  # put the old one back rather than leave neither
+        raise
+    shutil.rmtree(aside.parent, ignore_errors=True)  # rmtree never follows links; a link is just removed
+
+
+# -- provenance ------------------------------------------------------------------------
+def read_provenance(bundle_path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance.json of a bundle (its first member), decompressing at most
+    :data:`PROVENANCE_MAX_BYTES`; ArtifactError when it is missing, too big or not JSON."""
+    what = f"{bundle_path}: {PROVENANCE_NAME} is not within the first PROVENANCE_MAX_BYTES ({PROVENANCE_MAX_BYTES})"
+    try:
+        with open(bundle_path, "rb") as raw, _decompressor().stream_reader(raw) as zr:
+            with _open_tar(_BoundedReader(zr, PROVENANCE_MAX_BYTES, what)) as tar:
+                member = _check_provenance_member(tar.next())
+                fh = tar.extractfile(member)
+                return _provenance_json(fh.read() if fh else b"")
+    except (tarfile.TarError, EOFError) as exc:
         raise ArtifactError(f"{bundle_path}: cannot read provenance: {exc}") from exc
-    raise ArtifactError(f"{bundle_path}: bundle has no {PROVENANCE_NAME}")
+    except zstandard.ZstdError as exc:
+        raise ArtifactError(f"{bundle_path}: cannot read provenance: {_zstd_problem(exc)}") from exc
+
+
+def _check_provenance_member(member: tarfile.TarInfo | None) -> tarfile.TarInfo:
+    """``member`` when it is a provenance.json small enough to read; ArtifactError otherwise."""
+    if member is None:
+        raise ArtifactError(f"bundle has no {PROVENANCE_NAME}")
+    if member.name != PROVENANCE_NAME or not member.isfile():
+        raise ArtifactError(f"bundle does not start with {PROVENANCE_NAME} (first member: {member.name!r})")
+    if member.size > PROVENANCE_MAX_BYTES:
+        raise ArtifactError(
+            f"{PROVENANCE_NAME} is {member.size} bytes: over the PROVENANCE_MAX_BYTES limit of {PROVENANCE_MAX_BYTES}"
+        )
+    return member
+
+
+def _provenance_json(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{PROVENANCE_NAME} is not JSON: {exc}") from exc
+    return value if isinstance(value, dict) else {}
 
 
 def provenance_from_prefix(data: bytes) -> dict[str, Any] | None:
-    """provenance.json from the start of a tar, or None when ``data`` does not hold it all yet."""
+    """provenance.json from the start of a decompressed tar, or None when ``data`` does not
+    hold it all yet. Only the first :data:`PROVENANCE_MAX_BYTES` are looked at: past them a
+    missing or incomplete provenance.json is an ArtifactError, not a wait for more."""
+    window = data[:PROVENANCE_MAX_BYTES]
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(window), mode="r:", tarinfo=_GuardedTarInfo) as tar:
             member = tar.firstmember or tar.next()
     except (tarfile.TarError, EOFError):
-        return None
-    if member is None:
-        return None
-    if member.name != PROVENANCE_NAME:
-        raise ArtifactError(f"bundle does not start with {PROVENANCE_NAME} (first member: {member.name!r})")
-    end = member.offset_data + member.size
-    if end > len(data):
-        return None
-    try:
-        value = json.loads(data[member.offset_data : end])
-    except ValueError as exc:
-        raise ArtifactError(f"{PROVENANCE_NAME} is not JSON: {exc}") from exc
-    return value if isinstance(value, dict) else {}
+        member = None
+    if member is not None:
+        _check_provenance_member(member)
+        end = member.offset_data + member.size
+        if end <= len(window):
+            return _provenance_json(window[member.offset_data : end])
+    if len(data) >= PROVENANCE_MAX_BYTES:
+        raise ArtifactError(
+            f"no complete {PROVENANCE_NAME} within the first {PROVENANCE_MAX_BYTES} bytes (PROVENANCE_MAX_BYTES limit)"
+        )
+    return None
+
+
+class _Full(Exception):
+    """Raised through zstandard to stop decompressing once the buffer is full."""
+
+
+class _CappedBuffer:
+    """Where decompressed bytes land: keeps the first ``limit`` bytes, then stops the decompressor."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+
+    def write(self, data: Any) -> int:
+        room = self.limit - len(self.data)
+        self.data += memoryview(data)[:room]
+        if len(data) > room:
+            raise _Full
+        return len(data)
+
+
+class ProvenanceStream:
+    """A bundle's compressed bytes fed in chunk by chunk (as they come from the object store),
+    decompressing no more than :data:`PROVENANCE_MAX_BYTES` in all."""
+
+    def __init__(self) -> None:
+        self._buffer = _CappedBuffer(PROVENANCE_MAX_BYTES)
+        self._writer = _decompressor().stream_writer(self._buffer)
+
+    def feed(self, chunk: bytes) -> dict[str, Any] | None:
+        """Provenance once the chunks so far hold all of it, else None; ArtifactError when they
+        never will (not zstd, not a bundle, or not within the limit)."""
+        try:
+            self._writer.write(chunk)
+        except _Full:
+            pass  # the buffer holds exactly the limit: provenance is in it, or it is refused below
+        except zstandard.ZstdError as exc:
+            raise ArtifactError(f"not a zstd bundle: {_zstd_problem(exc)}") from exc
+        return provenance_from_prefix(bytes(self._buffer.data))

@@ -601,11 +601,14 @@ class ObjectStoreClient:
         *,
         expect_sha256_hex: str | None = None,
         stats: TransferStats | None = None,
+        max_bytes: int | None = None,
     ) -> ObjectInfo:
         """Write object ``name`` to ``dest`` (atomically, via a temp file beside it).
 
         Size, chunk count and the object's digest are verified, and with
-        ``expect_sha256_hex`` the content address too; any failure raises
+        ``expect_sha256_hex`` the content address too; an object whose info says it
+        is bigger than ``max_bytes`` is refused before anything is written (and its
+        chunks can never hold more than the info says). Any failure raises
         ArtifactError (ObjectNotFound when there is no such object) and leaves
         no file behind.
         """
@@ -615,6 +618,8 @@ class ObjectStoreClient:
             raise ObjectNotFound(f"object {name!r} is not in bucket {self.bucket!r}")
         if info.options is not None and info.options.link is not None:
             raise ArtifactError(f"object {name!r} is a link to {info.options.link.bucket}; links are not followed")
+        if max_bytes is not None and info.size > max_bytes:
+            raise ArtifactError(f"object {name!r} is {info.size} bytes: over the download limit of {max_bytes} bytes")
         dest = Path(dest)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.part-")
         try:

@@ -193,7 +193,10 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts_get(args: argparse.Namespace) -> int:
-    result = _run(args, lambda broker: ops.fetch_artifact(broker, args.job, Path(args.out), extract=args.extract))
+    result = _run(
+        args,
+        lambda broker: ops.fetch_artifact(broker, args.job, Path(args.out), extract=args.extract, force=args.force),
+    )
     view.show(result, args.json, view.artifact_fetched)
     return EXIT_OK
 
@@ -412,7 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("job", help=JOB_HELP + "; or a stored artifact's full sha256")
     p.add_argument("--out", default=".", help="directory to write the bundle into (default .)")
-    p.add_argument("--extract", action="store_true", help="also extract it into OUT/<job name> (refusing unsafe paths)")
+    p.add_argument(
+        "--extract",
+        action="store_true",
+        help="also extract it into the new directory OUT/<job id> (refusing unsafe members and oversized bundles)",
+    )
+    p.add_argument("--force", action="store_true", help="with --extract: replace an existing, non-empty OUT/<job id>")
     _json_flag(p)
 
     p = verb(

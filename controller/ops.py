@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from trainfleet.broker import bundle, specs
-from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.artifacts import Artifacts, check_artifact_id, is_artifact_id
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ArtifactError, JobNotFound, SchemaError
 from trainfleet.broker.jobs import Job, load_jobs, resolve
@@ -221,27 +221,46 @@ async def list_artifacts(broker: Broker) -> list[dict[str, Any]]:
 
 async def _artifact_target(broker: Broker, ref: str) -> tuple[str, str]:
     """(artifact id, directory name) for a job reference, or for a stored artifact's full id
-    (so orphans can be fetched too)."""
+    (so orphans can be fetched too). Both are 64 lowercase hex, checked here: the directory is
+    named by the job id (the artifact id for an orphan), never by the job's name, which is
+    anything its manifest said."""
     try:
         job = await resolve(broker, ref)
     except JobNotFound:
-        if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
-            return ref, ref[:12]
+        if is_artifact_id(ref):
+            return ref, ref
         raise
     if not job.record.artifact:
         raise ArtifactError(f"job {job.spec.name} has no artifact (it is {job.record.status.value})")
-    return job.record.artifact, job.spec.name
+    artifact = check_artifact_id(job.record.artifact, f"job {job.job_id[:12]}'s record: artifact")
+    return artifact, check_artifact_id(job.job_id, "job id")
 
 
-async def fetch_artifact(broker: Broker, ref: str, out: Path, *, extract: bool) -> dict[str, Any]:
-    """``artifacts get``: download a job's bundle into ``out`` (verified), optionally extract it."""
-    artifact, name = await _artifact_target(broker, ref)
-    bundle_path = await Artifacts(broker).get(artifact, out / f"{artifact}.tar.zst")
-    target = bundle.extract(bundle_path, out / name) if extract else None
+async def fetch_artifact(broker: Broker, ref: str, out: Path, *, extract: bool, force: bool = False) -> dict[str, Any]:
+    """``artifacts get``: download a job's bundle into ``out`` (verified), optionally extract it
+    into the new directory ``out/<job id>`` (``force``: replacing what is there).
+
+    The download and the extraction are bounded by the settings' max_artifact_bytes; a refused
+    extraction removes the bundle this call downloaded, so a refusal leaves nothing behind."""
+    artifact, dirname = await _artifact_target(broker, ref)
+    limit = broker.settings.max_artifact_bytes
+    # Refuse an unusable target before spending a download on it.
+    target = bundle.check_target(out / dirname, force=force) if extract else None
+    bundle_path = out / f"{artifact}.tar.zst"
+    existed = bundle_path.exists()
+    bundle_path = await Artifacts(broker).get(artifact, bundle_path, max_bytes=limit)
+    size = bundle_path.stat().st_size
+    if target is not None:
+        try:
+            target = bundle.extract(bundle_path, target, max_bytes=limit, force=force)
+        except ArtifactError:
+            if not existed:
+                bundle_path.unlink(missing_ok=True)
+            raise
     return {
         "artifact": artifact,
         "path": str(bundle_path),
-        "bytes": bundle_path.stat().st_size,
+        "bytes": size,
         "verified": True,
         "extracted": str(target) if target else None,
     }

@@ -211,7 +211,7 @@ async def test_operator_verbs_against_a_running_controller(fleet, broker, settin
     dest = Path(fleet.workdir) / "dl"
     code, out, err = await arun_cli("artifacts", "get", "job-1", "--out", str(dest), "--extract", url=url)
     assert code == 0, err
-    assert (dest / "job-1" / "output" / "metrics.json").exists()
+    assert (dest / shown["job_id"] / "output" / "metrics.json").exists()
     code, _, err = await arun_cli("artifacts", "get", "boom-0", "--out", str(dest), url=url)
     assert code == 5 and "has no artifact" in err
 
