@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
-import sys
 import tempfile
 import time
 import uuid
@@ -23,9 +23,10 @@ from pathlib import Path
 
 from nats.js import api
 
-from bench.env import NOOP_TRAINER, Env, bench_capability, fleet_env, noop_spec, publish_ticket
+from bench.env import Env, bench_capability, fleet_env, noop_spec, publish_ticket
 from bench.report import Row, percentile
 from trainfleet.agent.agent import Agent, AgentOptions
+from trainfleet.agent.trainer import build_argv
 from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
 from trainfleet.broker.specs import put_spec
 
@@ -124,12 +125,14 @@ async def bare_delivery(env: Env, count: int) -> list[float]:
 async def direct_trainer(count: int) -> tuple[list[float], list[float]]:
     """The no-op trainer spawned directly: (spawn → its first line, spawn → exit)."""
     starts, totals = [], []
+    nonce = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="bench-direct-") as tmp:
         for i in range(count):
             out = Path(tmp) / str(i)
             sent = time.time()
+            # The same command line and output variable the agent gives it
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", NOOP_TRAINER, "--mode", "run", "--seed", str(i), "--out", str(out)
+                *build_argv(noop_spec(i, nonce), out), env={**os.environ, "TRAINFLEET_OUTPUT_DIR": str(out)}
             )
             await proc.wait()
             totals.append(time.time() - sent)

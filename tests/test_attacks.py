@@ -19,7 +19,8 @@ import pytest
 
 from trainfleet.agent.agent import Agent, AgentOptions
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import NotProvisioned, Unreachable
+from trainfleet.broker.control import request
+from trainfleet.broker.errors import NotProvisioned, RemoteError, Unreachable
 from trainfleet.broker.schema import JobStatus
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.specs import Signer, get_spec, new_seed, seal
@@ -193,3 +194,12 @@ async def _records_readable(settings: Settings) -> bool:
         return await records(broker) == {}
     finally:
         await broker.close()
+
+
+async def test_a_malformed_consent_to_change_commands_is_a_usage_error(fleet, broker):
+    await fleet.start_controller()
+    with pytest.raises(RemoteError) as err:
+        await request(
+            broker.nc, broker.names, "sync", {"manifest": "schema_version = 1\n", "allow_command_change": "yes"}
+        )
+    assert err.value.exit_code == 2 and "allow_command_change" in str(err.value)
