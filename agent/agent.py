@@ -359,6 +359,7 @@ class Agent:
         except Exception:
             log.exception("job %s failed in the agent; the lease will lapse and another agent retries", job.job_id[:12])
         finally:
+            await job.stop_renewing()
             self.running.pop(job.job_id, None)
             self.release_slot(job.slot)
             await self._register()

@@ -37,15 +37,18 @@ from trainfleet.agent.sandbox import Confinement, TrainerCgroup, TrainerUser
 from trainfleet.agent.trainer import TrainerProcess, build_argv
 from trainfleet.broker import tickets
 from trainfleet.broker.artifacts import Artifacts
-from trainfleet.broker.bundle import build_bundle
+from trainfleet.broker.bundle import Bundle, build_bundle
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import TRANSIENT, JobNotFound, SchemaError
+from trainfleet.broker.errors import TRANSIENT, JobNotFound, PackError, SchemaError
 from trainfleet.broker.records import Stored, get_record, update_record, watch_records
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, JobStatus
 from trainfleet.broker.settings import Settings
 
 log = logging.getLogger("trainfleet.agent")
 
+# An upload that failed is tried again after this, doubling up to UPLOAD_RETRY_MAX_S.
+UPLOAD_RETRY_S = 0.25
+UPLOAD_RETRY_MAX_S = 5.0
 # Libraries whose versions go into every bundle's provenance.
 PROVENANCE_DISTRIBUTIONS = ("trainfleet", "torch", "scikit-learn", "numpy", "nats-py")
 
@@ -77,6 +80,7 @@ class HeldJob:
     trainer: TrainerProcess | None = None
     exit_code: int | None = None
     relay: Relay = field(init=False)
+    _renewing: list[asyncio.Task[None]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.relay = Relay(self.broker, self.host.host_id, self.record)
@@ -103,6 +107,9 @@ class HeldJob:
         running = self.record.evolve(status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, device=device)
         if not await self._write(running):
             return
+        # The lease is renewed (and the record watched) from here until the job is settled:
+        # through training, packing, the upload and up to the final write (_stop_renewing).
+        self._renewing = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._watch())]
         trainer = TrainerProcess(
             self.spec,
             self.workdir / "output",
@@ -122,9 +129,7 @@ class HeldJob:
         await self._hold(trainer)
 
     async def _hold(self, trainer: TrainerProcess) -> None:
-        """Renew and watch while the trainer runs; stop it when the lease is lost or we hand back."""
-        heartbeat = asyncio.create_task(self._heartbeat_loop())
-        watch = asyncio.create_task(self._watch())
+        """Wait for the trainer; stop it when the lease is lost or we hand back."""
         waiter = asyncio.create_task(trainer.wait())
         lost = asyncio.create_task(self.lease_lost.wait())
         back = asyncio.create_task(self.handing_back.wait())
@@ -134,8 +139,15 @@ class HeldJob:
                 await trainer.stop(self.settings.term_grace_s)
             self.exit_code = await waiter
         finally:
-            for task in (heartbeat, watch, lost, back, waiter):
+            for task in (lost, back, waiter):
                 task.cancel()
+
+    async def stop_renewing(self) -> None:
+        """Stop the heartbeat and the watch (before the final write, or when the agent gives up)."""
+        tasks, self._renewing = self._renewing, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _confinement(self) -> Confinement:
         """Its own cgroup where one can be made, and the trainer user when one is configured
@@ -265,7 +277,10 @@ class HeldJob:
 
     async def _conclude(self, record: JobRecord, outcome: Outcome, answer: Any) -> Outcome:
         """Write the final record and answer the ticket (``answer()``: ack or NAK); fenced when
-        the record is no longer ours."""
+        the record is no longer ours. The lease is renewed until this write, not after it."""
+        await self.stop_renewing()
+        if self.lease_lost.is_set():
+            return await self._fenced()
         if not await self._write(record):
             return await self._fenced()
         await tickets.answer(answer())
@@ -282,28 +297,30 @@ class HeldJob:
         return await self._conclude(failed, Outcome.FAILED, self.msg.ack)
 
     async def _complete(self) -> Outcome:
-        """Bundle and upload the output, then CAS to completed. Any upload failure leaves the job
-        retryable: back to pending, the ticket NAKed for another try."""
+        """Pack and upload the output, then CAS to completed (the lease is renewed throughout).
+
+        What another try cannot change fails the job now, naming the stage and the file: an
+        unreadable file or a link out of the output dir (pack), a bundle over the size limit.
+        An upload that keeps failing past the upload patience (an election, a full store)
+        hands the job back: pending again, the ticket NAKed for another try."""
         limit = self.settings.max_artifact_bytes
         try:
             bundle = await asyncio.to_thread(
                 build_bundle, self.workdir / "output", self._provenance(), self.workdir / "bundle.tar.zst"
             )
-            if bundle.size > limit:
-                return await self._fail(
-                    f"artifact bundle is {bundle.size} bytes, over max_artifact_bytes {limit}: write less into "
-                    "the output dir or raise TRAINFLEET_MAX_ARTIFACT_BYTES"
-                )
-            await Artifacts(self.broker).put(bundle)
-        except Exception as exc:
-            log.warning("job %s: artifact upload failed: %r; handing back for retry", self.job_id[:12], exc)
-            retry = self.record.evolve(
-                status=JobStatus.PENDING,
-                claimed_by=None,
-                ticket_seq=None,
-                last_error=f"artifact upload failed: {exc!r}",
+        except PackError as exc:
+            return await self._fail(f"pack: {exc}")
+        except OSError as exc:  # the agent's own disk (full, say): another agent may manage
+            return await self._hand_back_for_retry(f"pack: cannot write the bundle: {exc}")
+        if bundle.size > limit:
+            return await self._fail(
+                f"pack: artifact bundle is {bundle.size} bytes, over max_artifact_bytes {limit}: write less into "
+                "the output dir or raise TRAINFLEET_MAX_ARTIFACT_BYTES"
             )
-            return await self._conclude(retry, Outcome.RETRY, lambda: self.msg.nak(delay=self.settings.nak_delay_s))
+        try:
+            await self._upload(bundle)
+        except Exception as exc:
+            return await self._hand_back_for_retry(f"artifact upload failed: {exc!r}")
         done = self.record.evolve(
             status=JobStatus.COMPLETED,
             finished_at=time.time(),
@@ -315,8 +332,31 @@ class HeldJob:
         )
         return await self._conclude(done, Outcome.COMPLETED, self.msg.ack)
 
+    async def _upload(self, bundle: Bundle) -> None:
+        """Put the bundle, trying again with backoff while the lease holds, for up to the upload
+        patience (default: a lease): an election or a reconnect is waited out, not a re-run."""
+        patience = self.settings.upload_patience_s
+        deadline = time.monotonic() + (self.settings.lease_s if patience is None else patience)
+        delay = UPLOAD_RETRY_S
+        while True:
+            try:
+                await Artifacts(self.broker).put(bundle)
+                return
+            except Exception as exc:
+                if self.lease_lost.is_set() or time.monotonic() + delay > deadline:
+                    raise
+                log.info("job %s: upload failed (%r); trying again in %.1fs", self.job_id[:12], exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, UPLOAD_RETRY_MAX_S)
+
+    async def _hand_back_for_retry(self, error: str) -> Outcome:
+        log.warning("job %s: %s; handing back for another try", self.job_id[:12], error)
+        retry = self.record.evolve(status=JobStatus.PENDING, claimed_by=None, ticket_seq=None, last_error=error)
+        return await self._conclude(retry, Outcome.RETRY, lambda: self.msg.nak(delay=self.settings.nak_delay_s))
+
     async def _fenced(self) -> Outcome:
         """Our lease is gone: record nothing. Ack only a ticket nobody else can be using."""
+        await self.stop_renewing()
         with contextlib.suppress(Exception):
             current = (await get_record(self.broker, self.job_id)).record
             if current.status == JobStatus.CANCELLED or current.generation != self.record.generation:

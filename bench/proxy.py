@@ -1,4 +1,4 @@
-"""A TCP proxy that adds latency without limiting bandwidth, and can cut the link.
+"""A TCP proxy that adds latency (and, when asked, limits bandwidth), and can cut the link.
 
 Each direction of each connection is a timestamped queue: a reader stamps
 every block it reads with ``now + delay`` and keeps reading; a writer sends
@@ -67,6 +67,8 @@ class _Pipe:
                     self.writer.write_eof()
                 return
             self.writer.write(data)
+            if self.proxy.rate_bytes_s:  # a slow link: each block takes its time on the wire
+                await asyncio.sleep(len(data) / self.proxy.rate_bytes_s)
             self.queued_bytes -= len(data)
             if self.queued_bytes < MAX_QUEUED_BYTES:
                 self.has_room.set()
@@ -98,6 +100,8 @@ class LatencyProxy:
         self.port = 0
         self.refusing = False
         self.blackholed = False
+        # Each direction of each connection carries at most this many bytes a second (None: any).
+        self.rate_bytes_s: float | None = None
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._held: set[asyncio.StreamWriter] = set()
@@ -149,6 +153,8 @@ class LatencyProxy:
             self._drop_all()
         self.refusing = False
         self.blackholed = False
+        # Each direction of each connection carries at most this many bytes a second (None: any).
+        self.rate_bytes_s: float | None = None
 
     def _drop_all(self) -> None:
         for link in list(self._links):

@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from trainfleet.broker.errors import ArtifactError
+from trainfleet.broker.errors import ArtifactError, PackError
 from trainfleet.broker.settings import Settings
 
 PROVENANCE_NAME = "provenance.json"
@@ -113,11 +113,32 @@ def build_bundle(output_dir: str | os.PathLike, provenance: dict[str, Any], dest
                 info.mtime = int(time.time())
                 tar.addfile(info, io.BytesIO(prov))
                 for path in sorted(output_dir.rglob("*")):
-                    if path.is_symlink() or not (path.is_file() or path.is_dir()):
-                        continue  # links and devices never travel
-                    arcname = f"{OUTPUT_PREFIX}/{path.relative_to(output_dir).as_posix()}"
-                    tar.add(path, arcname=arcname, recursive=False)
+                    _add_output(tar, output_dir, path)
     return Bundle(path=dest, sha256=hashing.digest.hexdigest(), size=hashing.size)
+
+
+def _add_output(tar: tarfile.TarFile, output_dir: Path, path: Path) -> None:
+    """One entry of the output dir into the bundle. A symlink travels as a relative link when it
+    points inside the output dir (dangling or not); one that points out is refused, like a file
+    that cannot be read (PackError names it). Devices, FIFOs and sockets never travel."""
+    rel = path.relative_to(output_dir).as_posix()
+    arcname = f"{OUTPUT_PREFIX}/{rel}"
+    if path.is_symlink():
+        link = os.readlink(path)
+        where = os.path.normpath(os.path.join(path.parent, link))
+        if os.path.commonpath([where, str(output_dir)]) != str(output_dir) or where == str(output_dir):
+            raise PackError(f"{arcname}: a symlink to {link!r}, outside the output dir: only links inside it travel")
+        info = tarfile.TarInfo(arcname)
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.path.relpath(where, path.parent)
+        tar.addfile(info)
+        return
+    if not (path.is_file() or path.is_dir()):
+        return
+    try:
+        tar.add(path, arcname=arcname, recursive=False)
+    except OSError as exc:
+        raise PackError(f"{arcname}: cannot read it: {exc.strerror or exc}") from exc
 
 
 # -- reading untrusted bundles --------------------------------------------------------
@@ -234,6 +255,7 @@ def _extract_into(bundle_path: Path, root: Path, *, max_bytes: int, max_members:
     """Stream every member of the bundle into the (new, empty) directory ``root``."""
     region = f"more than HEADER_REGION_BYTES ({HEADER_REGION_BYTES}) of headers between two members of {bundle_path}"
     members = size = 0
+    links: list[tuple[tuple[str, ...], str]] = []
     try:
         with open(bundle_path, "rb") as raw, _decompressor().stream_reader(raw) as zr:
             reader = _BoundedReader(zr, HEADER_REGION_BYTES, region)
@@ -241,6 +263,12 @@ def _extract_into(bundle_path: Path, root: Path, *, max_bytes: int, max_members:
                 while (member := tar.next()) is not None:
                     tar.members.clear()  # tarfile keeps every member it read: memory would grow with the count
                     parts = _check_member(member, root)
+                    if member.issym():
+                        links.append((parts, member.linkname))  # made last: nothing is written through one
+                        _check_limits(
+                            bundle_path, members + len(links), size, max_members=max_members, max_bytes=max_bytes
+                        )
+                        continue
                     # A directory's size field is ignored by tarfile: it has no data and buys no room.
                     data = member.size if member.isfile() else 0
                     members, size = members + 1, size + data
@@ -248,6 +276,8 @@ def _extract_into(bundle_path: Path, root: Path, *, max_bytes: int, max_members:
                     # This member's data, then at most one header region before the next member.
                     reader.limit = member.offset_data + _padded(data) + HEADER_REGION_BYTES
                     _write_member(tar, member, root.joinpath(*parts))
+        for parts, linkname in links:
+            _make_link(root, parts, linkname)
     except (tarfile.TarError, EOFError) as exc:
         raise ArtifactError(f"{bundle_path}: not a valid trainfleet bundle: {exc}") from exc
     except zstandard.ZstdError as exc:
@@ -264,8 +294,12 @@ def _check_member(member: tarfile.TarInfo, root: Path) -> tuple[str, ...]:
         raise ArtifactError(f"refusing to extract {name!r}: it would land outside {root}")
     if not root.joinpath(*parts).resolve().is_relative_to(root):
         raise ArtifactError(f"refusing to extract {name!r}: it would land outside {root}")
-    if not (member.type in _FILE_TYPES or member.isdir()) or member.sparse is not None or member.size < 0:
-        raise ArtifactError(f"refusing to extract {name!r}: only regular files and directories are allowed")
+    if member.issym():
+        _check_link(name, parts, member.linkname, root)
+    elif not (member.type in _FILE_TYPES or member.isdir()) or member.sparse is not None or member.size < 0:
+        raise ArtifactError(
+            f"refusing to extract {name!r}: only regular files, directories and links inside output/ are allowed"
+        )
     provenance = parts == (PROVENANCE_NAME,) and member.isfile()
     output = bool(parts) and parts[0] == OUTPUT_PREFIX and (member.isdir() or len(parts) > 1)
     if not (provenance or output):
@@ -273,6 +307,26 @@ def _check_member(member: tarfile.TarInfo, root: Path) -> tuple[str, ...]:
             f"refusing to extract {name!r}: a bundle holds only {PROVENANCE_NAME} and {OUTPUT_PREFIX}/ members"
         )
     return parts
+
+
+def _check_link(name: str, parts: tuple[str, ...], linkname: str, root: Path) -> None:
+    """A symlink member is accepted only relative, and pointing inside ``output/``."""
+    inside = os.path.normpath(os.path.join(*parts[:-1], linkname)) if len(parts) > 1 else ""
+    if not linkname or os.path.isabs(linkname) or not inside.startswith(f"{OUTPUT_PREFIX}/"):
+        raise ArtifactError(
+            f"refusing to extract {name!r}: a link to {linkname!r}; only relative links inside output/ are allowed"
+        )
+
+
+def _make_link(root: Path, parts: tuple[str, ...], linkname: str) -> None:
+    path = root.joinpath(*parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.resolve().is_relative_to(root):
+        raise ArtifactError(f"refusing to extract {'/'.join(parts)!r}: it would land outside {root}")
+    try:
+        os.symlink(linkname, path)
+    except FileExistsError as exc:
+        raise ArtifactError(f"refusing to extract {'/'.join(parts)!r}: the bundle holds that path twice") from exc
 
 
 def _check_limits(bundle_path: Path, members: int, size: int, *, max_members: int, max_bytes: int) -> None:

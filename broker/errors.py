@@ -165,6 +165,11 @@ class ArtifactError(TrainfleetError):
     service_code = "422"
 
 
+class PackError(ArtifactError):
+    """The trainer's output cannot be bundled as it is (an unreadable file, a link out of the
+    output dir): retrying would not change it, so the job fails at once, naming the file."""
+
+
 class ObjectNotFound(ArtifactError):
     """No (undeleted) object of that name is in the bucket."""
 

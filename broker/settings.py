@@ -24,6 +24,14 @@ NATS_ENV = {
 }
 
 
+def _optional_kind(annotation: str) -> type:
+    """The value type of an optional setting ("float | None" → float)."""
+    for kind in (float, int):
+        if kind.__name__ in annotation:
+            return kind
+    return str
+
+
 def seconds_to_ns(seconds: float) -> int:
     """JetStream speaks nanoseconds; everything in trainfleet speaks seconds."""
     return int(seconds * 1_000_000_000)
@@ -63,6 +71,11 @@ class Settings:
     # once their newest chunk is this old (an upload still under way is never touched).
     artifact_sweep_s: float = 3600.0
     stray_chunk_age_s: float = 3600.0
+    # The controller removes artifacts no job record points at (a requeued job's earlier
+    # bundle) this often (0: never; `trainfleet artifacts prune` does it on demand), once
+    # their info is this old (an upload whose record is not written yet is never touched).
+    artifact_prune_s: float = 0.0
+    artifact_prune_age_s: float = 3600.0
     # -- who we are to the server (see docs/security.md) ---------------------------
     # Credentials: a creds file (user JWT + nkey seed), an nkey seed file, a user and
     # password, or a token. Env: NATS_CREDS, NATS_NKEY, NATS_USER, NATS_PASSWORD, NATS_TOKEN.
@@ -87,6 +100,9 @@ class Settings:
     # Agent: the controller public keys whose signatures it accepts (TRAINFLEET_TRUST_KEY,
     # comma-separated: several during a key rotation). None configured: unsigned specs run.
     trust_keys: tuple[str, ...] = ()
+    # Agent: how long an upload that keeps failing is tried again before the job is handed back
+    # (None: a lease; the lease is renewed meanwhile).
+    upload_patience_s: float | None = None
     # Agent: run trainers as this user (TRAINFLEET_TRAINER_USER); None: as the agent's user.
     trainer_user: str | None = None
 
@@ -121,7 +137,7 @@ class Settings:
                 raw = env.get("TRAINFLEET_TRUST_KEY", raw)
             if raw is None:
                 continue
-            kind = type(f.default) if f.default is not None else str
+            kind = type(f.default) if f.default is not None else _optional_kind(str(f.type))
             if kind in (int, float):
                 values[f.name] = kind(raw)
             elif kind is tuple:

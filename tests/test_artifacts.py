@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import zstandard
 
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.bundle import build_bundle, extract, read_provenance
-from trainfleet.broker.errors import ArtifactError
+from trainfleet.broker.errors import ArtifactError, PackError
 
 from .conftest import stock_artifacts
 
@@ -45,12 +46,12 @@ def test_bundle_id_is_the_sha256_of_its_bytes_and_round_trips(tmp_path):
     assert read_provenance(bundle.path) == {"job": {"job_id": "x"}}
 
 
-def test_symlinks_in_the_output_dir_never_travel(tmp_path):
+def test_a_symlink_out_of_the_output_dir_never_travels(tmp_path):
+    # (the rule: links inside the output dir travel as links; any other fails the packing, named)
     out = make_output(tmp_path)
     (out / "escape").symlink_to("/etc/passwd")
-    bundle = build_bundle(out, {}, tmp_path / "b.tar.zst")
-    target = extract(bundle.path, tmp_path / "x")
-    assert not (target / "output" / "escape").exists()
+    with pytest.raises(PackError, match="output/escape"):
+        build_bundle(out, {}, tmp_path / "b.tar.zst")
 
 
 @pytest.mark.parametrize("name", ["../evil.txt", "/abs/evil.txt", "output/../../evil.txt"])
@@ -68,7 +69,7 @@ def test_extraction_refuses_links_and_devices(tmp_path):
     link.type = tarfile.SYMTYPE
     link.linkname = "/etc/passwd"
     bad = zst_tar(tmp_path / "bad.tar.zst", [(link, None)])
-    with pytest.raises(ArtifactError, match="only regular files"):
+    with pytest.raises(ArtifactError, match="only relative links inside output/"):
         extract(bad, tmp_path / "target")
 
 
@@ -105,3 +106,33 @@ async def test_download_with_a_digest_mismatch_fails_and_leaves_nothing(broker, 
 async def test_download_of_a_missing_artifact_is_a_clear_error(broker, tmp_path):
     with pytest.raises(ArtifactError, match="not in the object store"):
         await Artifacts(broker).get("f" * 64, tmp_path / "x")
+
+
+def test_links_inside_the_output_travel_and_links_out_of_it_are_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "ckpt").mkdir(parents=True)
+    (out / "ckpt" / "step-2.pt").write_bytes(b"weights")
+    (out / "latest.pt").symlink_to("ckpt/step-2.pt")  # inside: kept, as a relative link
+    (out / "gone.pt").symlink_to("ckpt/step-9.pt")  # inside though dangling: kept too
+    bundle = build_bundle(out, {}, tmp_path / "b.tar.zst")
+    target = extract(bundle.path, tmp_path / "x")
+    assert (target / "output" / "latest.pt").read_bytes() == b"weights"
+    assert os.readlink(target / "output" / "gone.pt") == "ckpt/step-9.pt"
+    # A link out of the output dir is refused when packing, naming it
+    (out / "leak").symlink_to("/etc/passwd")
+    with pytest.raises(PackError, match="output/leak: a symlink to '/etc/passwd', outside the output dir"):
+        build_bundle(out, {}, tmp_path / "c.tar.zst")
+
+
+def test_an_unreadable_output_file_is_named(tmp_path, monkeypatch):
+    out = make_output(tmp_path)
+    real_add = tarfile.TarFile.add
+
+    def add(self, name, *args, **kwargs):
+        if str(name).endswith("metrics.json"):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_add(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "add", add)  # (root reads any file: simulate one it cannot)
+    with pytest.raises(PackError, match="output/sub/metrics.json: cannot read it: Permission denied"):
+        build_bundle(out, {}, tmp_path / "b.tar.zst")

@@ -14,15 +14,20 @@ import msgspec
 import nats.js.errors
 import pytest
 
+from bench.proxy import LatencyProxy
+from trainfleet.agent.agent import Agent, AgentOptions
+from trainfleet.broker import artifacts as artifacts_module
 from trainfleet.broker.errors import TrainfleetError
 from trainfleet.broker.records import get_record
 from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, encode
 from trainfleet.broker.tickets import scan_tickets
 from trainfleet.controller.controller import Controller
+from trainfleet.controller.manifest import parse_manifest
 
 from .conftest import (
     KVAudit,
     as_role,
+    fake_capability,
     linreg_manifest,
     records,
     role_env,
@@ -363,3 +368,71 @@ async def test_an_oversized_artifact_fails_the_job_with_a_clear_error(fleet, bro
     with pytest.raises(nats.js.errors.NotFoundError):  # nats-py's way of saying "no objects"
         await (await stock_artifacts(broker)).list()
     assert await scan_tickets(broker) == []
+
+
+# A trainer whose output is a few MB of incompressible bytes (so the bundle is as big).
+BIG_OUTPUT_MODEL = """
+[models.bigout]
+command = ["{python}", "-c", '''
+import json, os
+out = os.environ["TRAINFLEET_OUTPUT_DIR"]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "weights.bin"), "wb").write(os.urandom(3 * 1024 * 1024))
+json.dump({"headline": "size", "size": 3}, open(os.path.join(out, "metrics.json"), "w"))
+''']
+modes = ["run"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_the_lease_lives_through_an_upload_longer_than_three_leases(
+    fleet, broker, settings, nats_server, monkeypatch, tmp_path
+):
+    # Given a short lease, and an agent whose only link to the server carries 0.5 MB/s
+    settings = settings.with_(lease_s=1.5, heartbeat_s=0.5)
+    fleet.settings = settings
+    proxy = LatencyProxy("127.0.0.1", nats_server.port)
+    proxy.rate_bytes_s = 512 * 1024
+    await proxy.start()
+    # (small chunks and window: a heartbeat waits behind at most 128 KiB of the upload)
+    monkeypatch.setattr(artifacts_module, "ARTIFACT_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(artifacts_module, "ARTIFACT_WINDOW_BYTES", 128 * 1024)
+    real_put, took = artifacts_module.Artifacts.put, []
+
+    async def timed_put(store, bundle):
+        started = time.monotonic()
+        try:
+            return await real_put(store, bundle)
+        finally:
+            took.append(time.monotonic() - started)
+
+    monkeypatch.setattr(artifacts_module.Artifacts, "put", timed_put)
+    manifest = parse_manifest(
+        "schema_version = 1\n" + BIG_OUTPUT_MODEL + '[[jobs]]\nname = "big"\nmodel = "bigout"\nmode = "run"\n',
+        file="big.toml",
+    )
+    job_id = manifest.jobs[0].job_id
+    fleet.controller = Controller(as_role(settings, "controller"), handle_signals=False)
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    agent = Agent(
+        as_role(settings.with_(url=proxy.url), "agent"),
+        AgentOptions(host_id="slow", handle_signals=False, workdir=str(tmp_path / "slow")),
+        capability=fake_capability("slow"),
+    )
+    fleet.agents["slow"] = agent
+    fleet.tasks["slow"] = asyncio.create_task(agent.run())
+    # ...and once it runs the job, a fast agent that would take over a lapsed lease
+    await wait_state(broker, job_id, "running", claimed_by="slow")
+    fleet.start_agent("fast")
+    try:
+        # When the bundle takes longer than three leases to upload
+        rec = (await wait_terminal(broker, [job_id], timeout_s=120))[job_id]
+    finally:
+        await fleet.stop_agent("slow")
+        await proxy.stop()
+    # Then the job completed once, on its first attempt, never fenced
+    assert took and took[0] > 3 * settings.lease_s, took
+    assert rec.status == JobStatus.COMPLETED and rec.attempt == 1, rec.last_error
+    assert rec.claimed_by == "slow" and agent.counters["fenced"] == 0 and agent.counters["completed"] == 1

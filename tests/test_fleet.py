@@ -164,20 +164,41 @@ async def _empty_queue(broker) -> bool:
     return await scan_tickets(broker) == []
 
 
-async def test_upload_failure_leaves_the_job_retryable(fleet, broker, monkeypatch):
-    manifest = gbm_manifest(gbm_jobs(1))
-    ctl = await fleet.start_controller()
-    await ctl.sync(manifest)
+def flaky_put(monkeypatch, failures: int) -> dict[str, int]:
+    """Artifacts.put failing its first ``failures`` calls (as during an election); the count."""
     real_upload = Artifacts.put
     calls = {"n": 0}
 
     async def flaky_upload(store, bundle):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] <= failures:
             raise nats.js.errors.ServiceUnavailableError(description="injected upload failure")
         return await real_upload(store, bundle)
 
     monkeypatch.setattr(Artifacts, "put", flaky_upload)
+    return calls
+
+
+async def test_an_upload_that_fails_a_while_is_tried_again_within_the_attempt(fleet, broker, monkeypatch):
+    # Given an upload that fails twice (an election), well within the upload patience
+    manifest = gbm_manifest(gbm_jobs(1))
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    calls = flaky_put(monkeypatch, failures=2)
+    fleet.start_agent("a1")
+    job_id = manifest.jobs[0].job_id
+    rec = (await wait_terminal(broker, [job_id]))[job_id]
+    # Then the job completes on its first attempt: waited out, not re-run
+    assert rec.status == JobStatus.COMPLETED and rec.attempt == 1 and calls["n"] == 3
+
+
+async def test_upload_failure_leaves_the_job_retryable(fleet, broker, monkeypatch):
+    # Given an upload that fails for longer than the agent's upload patience
+    fleet.settings = fleet.settings.with_(upload_patience_s=0.1)
+    manifest = gbm_manifest(gbm_jobs(1))
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    calls = flaky_put(monkeypatch, failures=1)
     audit = await KVAudit(broker).start()
     fleet.start_agent("a1")
     job_id = manifest.jobs[0].job_id

@@ -252,7 +252,7 @@ def test_links_devices_and_fifos_are_refused_and_nothing_is_left(tmp_path, bad):
     bundle = craft(tmp_path / "b.tar.zst", [provenance(), member("output/ok.txt", b"ok"), bad])
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(ArtifactError, match="only regular files and directories"):
+    with pytest.raises(ArtifactError, match="only regular files, directories and|only relative links inside output/"):
         extract(bundle.path, dest / "target")
     assert tree(dest) == set()
 

@@ -188,3 +188,30 @@ async def test_a_models_env_reaches_its_trainers_and_nothing_else(fleet, broker)
     await put_spec(broker, msgspec.structs.replace(spec, env={"NATS_URL": "x"}), None)
     with pytest.raises(Exception, match="env 'NATS_URL'"):
         await get_spec(broker, spec.job_id)
+
+
+LINKER = """
+import json, os
+out = os.environ["TRAINFLEET_OUTPUT_DIR"]
+os.makedirs(out, exist_ok=True)
+os.symlink("/etc/passwd", os.path.join(out, "leak"))
+json.dump({"ok": 1}, open(os.path.join(out, "metrics.json"), "w"))
+"""
+
+
+async def test_output_that_cannot_be_packed_fails_the_job_once_naming_the_file(fleet, broker):
+    # Given a trainer whose output holds a link out of its output dir (a retry would not change it)
+    manifest = parse_manifest(
+        "schema_version = 1\n[models.linker]\n"
+        f'command = [{json.dumps(sys.executable)}, "-c", {json.dumps(LINKER)}]\nmodes = ["run"]\n'
+        '[[jobs]]\nname = "linker"\nmodel = "linker"\nmode = "run"\n',
+        file="linker.toml",
+    )
+    job_id = manifest.jobs[0].job_id
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    fleet.start_agent("a1")
+    rec = (await wait_terminal(broker, [job_id]))[job_id]
+    # Then it failed on its first attempt, saying which stage and which file
+    assert rec.status == JobStatus.FAILED and rec.attempt == 1
+    assert rec.last_error.startswith("pack: output/leak: a symlink to '/etc/passwd'"), rec.last_error
