@@ -41,6 +41,7 @@ from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import request
 from trainfleet.broker.errors import TRANSIENT, ConsumerUnavailable
+from trainfleet.broker.logs import Outbox
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, WorkerRecord
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.tickets import TicketPuller
@@ -119,6 +120,7 @@ class Agent:
         self.names = settings.names
         self.capability = capability
         self.broker: Broker | None = None
+        self.outbox: Outbox | None = None
         self.running: dict[str, HeldJob] = {}
         self.counters: dict[str, int] = {o.value: 0 for o in Outcome}
         self.claimer = Claimer(self)
@@ -180,6 +182,7 @@ class Agent:
                 "no trusted controller key (--trust-key / TRAINFLEET_TRUST_KEY): this agent runs job specs "
                 "without checking who signed them; see docs/security.md"
             )
+        self.outbox = Outbox(self.broker).start()
         await self._apply_host_policy()
         await self._ring_on_new_tickets()
         self._puller = await TicketPuller(self.broker).start()
@@ -409,6 +412,10 @@ class Agent:
                     job.hand_back()
                 await asyncio.wait(pending, timeout=self.settings.term_grace_s + 10)
         registry.cancel()
+        if self.outbox is not None:
+            # What trainers said last reaches the stream before we go (an election is waited out
+            # for a while, not forever).
+            await self.outbox.close(self.settings.drain_timeout_s)
         if self.broker is not None:
             # 4. Leave the registry at once (not after the TTL), 5. then close.
             with contextlib.suppress(Exception):

@@ -29,6 +29,7 @@ from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.eligibility import ineligibility
 from trainfleet.broker.errors import JobNotFound, SchemaError, UntrustedSpec
+from trainfleet.broker.logs import Outbox
 from trainfleet.broker.records import Stored, cas, get_record
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, JobStatus, Ticket
 from trainfleet.broker.specs import get_spec
@@ -70,6 +71,7 @@ class Seat(Protocol):
     """What a claim needs of the agent it claims for (agent.Agent)."""
 
     broker: Broker | None
+    outbox: Outbox | None
 
     @property
     def host_id(self) -> str: ...
@@ -192,8 +194,10 @@ class Claimer:
             return False
         workdir = self.seat.job_workdir(record.job_id, claimed.attempt)
         shutil.rmtree(workdir, ignore_errors=True)
+        assert self.seat.outbox is not None
         return HeldJob(
             broker=self.broker,
+            outbox=self.seat.outbox,
             host=capability,
             msg=msg,
             spec=spec,

@@ -40,12 +40,18 @@ from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.bundle import Bundle, build_bundle
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import TRANSIENT, JobNotFound, PackError, SchemaError
+from trainfleet.broker.logs import Outbox
 from trainfleet.broker.records import Stored, get_record, update_record, watch_records
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, JobStatus
 from trainfleet.broker.settings import Settings
 
 log = logging.getLogger("trainfleet.agent")
 
+# A held job keeps trying through JetStream being unavailable (renewals that time out, an
+# upload that fails) for a lease, and at least this long, before it gives up: a stream
+# election alone can take ~10 s, and nobody can take a job over while its record's stream
+# has no leader either (a takeover is a CAS too, which the next heartbeat would lose to).
+ELECTION_PATIENCE_S = 30.0
 # An upload that failed is tried again after this, doubling up to UPLOAD_RETRY_MAX_S.
 UPLOAD_RETRY_S = 0.25
 UPLOAD_RETRY_MAX_S = 5.0
@@ -66,6 +72,7 @@ class HeldJob:
     """Everything the agent tracks about one job it holds, and what it does with it."""
 
     broker: Broker
+    outbox: Outbox  # the agent's: logs and events on their way to the logs stream
     host: Capability  # this host, as the agent saw it at the claim
     msg: Msg  # the ticket: its ack-wait is the lease
     spec: JobSpec  # what to run: opened and verified at the claim, never re-read while held
@@ -83,7 +90,7 @@ class HeldJob:
     _renewing: list[asyncio.Task[None]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        self.relay = Relay(self.broker, self.host.host_id, self.record)
+        self.relay = Relay(self.broker, self.outbox, self.host.host_id, self.record)
 
     @property
     def job_id(self) -> str:
@@ -184,8 +191,13 @@ class HeldJob:
                     log.warning("job %s: lease lost; stopping trainer", self.job_id[:12])
                     return
             except (SchemaError, nats.js.errors.Error, *TRANSIENT) as exc:
-                if time.monotonic() - self.last_renewal > settings.lease_s:
-                    log.warning("job %s: could not renew for a whole lease (%r); stopping", self.job_id[:12], exc)
+                if time.monotonic() - self.last_renewal > max(settings.lease_s, ELECTION_PATIENCE_S):
+                    log.warning(
+                        "job %s: could not renew for %.0fs (%r); stopping",
+                        self.job_id[:12],
+                        time.monotonic() - self.last_renewal,
+                        exc,
+                    )
                     self.lease_lost.set()
                     return
 
@@ -334,9 +346,12 @@ class HeldJob:
 
     async def _upload(self, bundle: Bundle) -> None:
         """Put the bundle, trying again with backoff while the lease holds, for up to the upload
-        patience (default: a lease): an election or a reconnect is waited out, not a re-run."""
+        patience (default: a lease, at least ELECTION_PATIENCE_S): an election or a reconnect
+        is waited out, not a re-run."""
         patience = self.settings.upload_patience_s
-        deadline = time.monotonic() + (self.settings.lease_s if patience is None else patience)
+        if patience is None:
+            patience = max(self.settings.lease_s, ELECTION_PATIENCE_S)
+        deadline = time.monotonic() + patience
         delay = UPLOAD_RETRY_S
         while True:
             try:
@@ -396,4 +411,7 @@ class HeldJob:
         }
 
     def discard_workdir(self) -> None:
+        """Remove this attempt's work dir, and the job's folder above it once it is empty."""
         shutil.rmtree(self.workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # (not empty: another attempt of the job is here)
+            self.workdir.parent.rmdir()

@@ -15,7 +15,7 @@ from typing import Any
 
 from trainfleet.broker import logs
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.schema import JobRecord, ProgressEvent
+from trainfleet.broker.schema import JobRecord, ProgressEvent, encode
 
 # A trainer may report every step; at most one relayed event per this interval (and always the last).
 PROGRESS_EVENT_INTERVAL_S = 0.2
@@ -24,8 +24,9 @@ PROGRESS_EVENT_INTERVAL_S = 0.2
 class Relay:
     """Output, progress and lifecycle events of one attempt of one job."""
 
-    def __init__(self, broker: Broker, host_id: str, record: JobRecord):
+    def __init__(self, broker: Broker, outbox: logs.Outbox, host_id: str, record: JobRecord):
         self.broker = broker
+        self.outbox = outbox
         self.host_id = host_id
         self.job_id = record.job_id
         self.attempt = record.attempt
@@ -42,9 +43,8 @@ class Relay:
         self.log_bytes += len(line)
         if self.log_bytes >= self.limit:
             line = b"[trainfleet: log truncated at %d bytes]\n" % self.limit
-        await logs.publish_log_line(
-            self.broker, self.job_id, stream, line, attempt=self.attempt, generation=self.generation
-        )
+        headers = logs.log_line_headers(stream, attempt=self.attempt, generation=self.generation)
+        self.outbox.put(self.broker.names.logs_subject(self.job_id), line, headers)
 
     async def report(self, event: dict[str, Any]) -> None:
         """A progress report from the trainer (already parsed by the progress protocol)."""
@@ -63,11 +63,12 @@ class Relay:
             attempt=self.attempt,
             generation=self.generation,
         )
-        await logs.publish_event(self.broker, progress)
+        self.outbox.put(self.broker.names.events_subject(self.job_id), encode(progress))
 
     async def mark(self, kind: str, outcome: str | None = None) -> None:
-        """A lifecycle mark (``started``, ``finished``), flushed: it must reach the stream even
-        if the agent dies right after."""
+        """A lifecycle mark (``started``, ``finished``): never dropped, and waited for (up to a
+        heartbeat: an election must not stall the job) so it reaches the stream even if the
+        agent dies right after."""
         event = ProgressEvent(
             job_id=self.job_id,
             kind=kind,
@@ -77,4 +78,5 @@ class Relay:
             generation=self.generation,
             outcome=outcome,
         )
-        await logs.publish_event(self.broker, event, flush=True)
+        self.outbox.put(self.broker.names.events_subject(self.job_id), encode(event), essential=True)
+        await self.outbox.flush(self.broker.settings.heartbeat_s)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import durability, fleet, scale, sync, throughput, transfer
+from bench import durability, failover, fleet, scale, sync, throughput, transfer
 from bench.env import machine_facts
 from bench.report import Row, format_table
 
@@ -37,6 +37,7 @@ class Profile:
     durability_put: int
     scale_jobs: int
     scale_agents: int
+    failover_rounds: int
 
 
 PROFILES = {
@@ -54,6 +55,7 @@ PROFILES = {
         durability_put=4 * MIB,
         scale_jobs=300,
         scale_agents=20,
+        failover_rounds=1,
     ),
     "default": Profile(
         latency_samples=50,
@@ -69,6 +71,7 @@ PROFILES = {
         durability_put=64 * MIB,
         scale_jobs=100_000,
         scale_agents=200,
+        failover_rounds=3,
     ),
 }
 PROFILES["full"] = Profile(
@@ -101,6 +104,10 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "durability": (
         "sync_interval always vs default",
         lambda p: durability.run(p.durability_publishes, p.durability_put),
+    ),
+    "failover": (
+        "record-write gap and takeover when the node leading the jobs store dies (3-node cluster)",
+        lambda p: failover.run(p.failover_rounds),
     ),
     "scale": (
         "100k-job manifest, hundreds of agents (runs with --full or --only scale)",

@@ -10,19 +10,31 @@ bundle.PROVENANCE_MAX_BYTES however the bundle was crafted. Behind it the pipeli
 object-store client (objstore.py) speaks the standard JetStream object-store format,
 and fetches large objects over a direct connection (directget.py) where it can.
 
-Roles: an agent puts; the controller sweeps; operators and viewers get, list and read.
+It also prunes: :meth:`Artifacts.prune` removes the stored bundles no job record points
+at (a requeued job's earlier bundle, a fenced agent's upload) once they are old enough.
+
+Roles: an agent puts; the controller sweeps and prunes; operators and viewers get, list and read.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from trainfleet.broker import kv
 from trainfleet.broker.bundle import PROVENANCE_NAME, Bundle, ProvenanceStream
-from trainfleet.broker.errors import ArtifactError, ObjectNotFound
-from trainfleet.broker.objstore import ObjectInfo, ObjectStoreClient, parse_digest
+from trainfleet.broker.errors import ArtifactError, BrokerError, ObjectNotFound, SchemaError, StoreFull
+from trainfleet.broker.objstore import ObjectInfo, ObjectStoreClient, _parse_rfc3339, parse_digest
+from trainfleet.broker.provision import LOGS_STREAM_PLACEHOLDER, size_text
+from trainfleet.broker.schema import JobRecord, decode
 
 if TYPE_CHECKING:
     from trainfleet.broker.connection import Broker
@@ -35,6 +47,8 @@ ARTIFACT_WINDOW_BYTES = 16 << 20
 PROVENANCE_MAX_CHUNKS = 16
 # An artifact id is the sha256 of the bundle's bytes, as 64 lowercase hex digits.
 _ARTIFACT_ID = re.compile(r"[0-9a-f]{64}")
+# Any sha256 in the text of a record this trainfleet cannot decode: each may be a reference.
+_ANY_ARTIFACT_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
 
 
 def is_artifact_id(value: object) -> bool:
@@ -61,11 +75,21 @@ class Artifacts:
         )
 
     async def put(self, bundle: Bundle) -> str:
-        """Store the bundle under its sha256 unless an identical object is already stored."""
+        """Store the bundle under its sha256 unless an identical object is already stored.
+
+        StoreFull when the store has no room for it: the same put succeeds once room is made
+        (retry later), and nothing of a refused upload is readable under the artifact's name."""
         existing = await self.store.info(bundle.sha256)
         if existing is not None and existing.size == bundle.size:
             return bundle.sha256
-        info = await self.store.put_file(bundle.sha256, bundle.path)
+        try:
+            info = await self.store.put_file(bundle.sha256, bundle.path)
+        except StoreFull as exc:
+            why = str(exc).replace(LOGS_STREAM_PLACEHOLDER, self.broker.names.logs_stream)
+            raise StoreFull(
+                f"uploading artifact {bundle.sha256[:12]} ({size_text(bundle.size)}) to the artifacts bucket "
+                f"failed: {why}"
+            ) from exc
         stored = parse_digest(info.digest)
         if info.size != bundle.size or stored is None or stored.hex() != bundle.sha256:
             # The file changed between bundling and upload: never leave bytes under a name they don't hash to.
@@ -131,6 +155,157 @@ class Artifacts:
     async def sweep(self, older_than_s: float) -> dict[str, int]:
         """Purge what :meth:`stray` finds; returns what was purged."""
         return await self.store.sweep_stray_chunks(older_than_s)
+
+    # -- prune -----------------------------------------------------------------
+    async def prune(self, older_than_s: float, *, dry_run: bool = False) -> PruneReport:
+        """Remove every stored artifact no job record points at whose info is at least
+        ``older_than_s`` old; with ``dry_run`` only report what would go.
+
+        The age is the grace period of an upload: an agent stores its bundle, then writes the
+        completed record that points at it, so a young unreferenced object may be one whose
+        record is on its way. The records are read again right before anything is removed (a
+        job that completed meanwhile keeps its object), and each object goes only while its
+        info is still the one judged (see :meth:`_remove`). Objects whose names are not
+        artifact ids are not trainfleet's bundles: they are counted, never touched.
+
+        Removing needs the right to purge the artifacts stream (controller or admin); without
+        it a BrokerError says so before anything is removed."""
+        report = PruneReport(dry_run=dry_run, older_than_s=older_than_s)
+        objects = await self.list()
+        referenced = await referenced_artifacts(self.broker)
+        now = datetime.now(UTC)
+        candidates: list[ObjectInfo] = []
+        for info in objects:
+            if not is_artifact_id(info.name):
+                report.foreign += 1
+            elif info.name in referenced:
+                report.kept_referenced += 1
+            elif _age_s(info.mtime, now) < older_than_s:
+                report.kept_recent += 1
+            else:
+                candidates.append(info)
+        if dry_run:
+            report.removed = [info.name for info in candidates]
+            report.bytes = sum(info.size for info in candidates)
+            return report
+        await self._check_purge_right()  # refused whether or not there is anything to remove
+        if not candidates:
+            return report
+        referenced = await referenced_artifacts(self.broker)  # a job may have completed meanwhile
+        for info in candidates:
+            if info.name in referenced:
+                report.kept_referenced += 1
+                continue
+            outcome, removed = await self._remove(info.name, older_than_s)
+            if outcome == "kept":
+                report.kept_recent += 1
+            elif removed is not None:
+                report.removed.append(removed.name)
+                report.bytes += removed.size
+        return report
+
+    async def _remove(self, name: str, older_than_s: float) -> tuple[str, ObjectInfo | None]:
+        """Remove object ``name`` if its info is still at least ``older_than_s`` old: purge its
+        info (only up to the message judged, so an info stored meanwhile survives), then its
+        chunks. Returns ("removed", its info), ("kept", None) when it was stored again meanwhile
+        (an upload of the same bytes) or its info cannot be read, or ("gone", None) when it is
+        gone already (another controller's prune).
+
+        A purge rather than ObjectStoreClient.delete's marker: purging the artifacts stream is
+        the controller's right, publishing object infos is not (only an uploader's). A prune cut
+        off between the two purges leaves stray chunks, which the sweep removes."""
+        stream, meta = self.store.stream, self.store.meta_subject(name)
+        msg = await self._last(stream, meta)
+        if msg is None or msg.seq is None:
+            return "gone", None
+        try:
+            info = msgspec.json.decode(msg.data or b"", type=ObjectInfo)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return "kept", None  # an unreadable info: not ours to judge
+        if info.deleted:
+            return "gone", None
+        if msg.time is None or (datetime.now(UTC) - msg.time).total_seconds() < older_than_s:
+            return "kept", None
+        await self._purge(stream, meta, seq=msg.seq + 1)
+        if info.nuid:
+            await self._purge(stream, self.store.chunk_subject(info.nuid))
+        if await self._last(stream, meta) is not None:
+            return "kept", None  # stored again between our read and the purge: that version stays
+        info.name = name
+        return "removed", info
+
+    async def _last(self, stream: str, subject: str) -> Any:
+        try:
+            return await self.broker.js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.errors.TimeoutError as exc:
+            raise BrokerError(f"reading {subject}: the server did not answer") from exc
+        except nats.js.errors.APIError as exc:
+            raise ArtifactError(f"reading {subject}: {exc}") from exc
+
+    async def _purge(self, stream: str, subject: str, *, seq: int | None = None) -> None:
+        try:
+            await self.broker.js.purge_stream(stream, subject=subject, seq=seq)
+        except nats.errors.TimeoutError as exc:
+            raise self._refused(subject) from exc
+        except nats.js.errors.APIError as exc:
+            raise ArtifactError(f"purging {subject}: {exc}") from exc
+
+    async def _check_purge_right(self) -> None:
+        """Purge a chunk subject nothing uses: the server answers a controller or an admin at
+        once, and drops the request of an identity that may not purge (the request then times
+        out), so a refusal is known before anything is removed."""
+        await self._purge(self.store.stream, self.store.chunk_subject(f"prune-check-{os.getpid()}"))
+
+    def _refused(self, subject: str) -> BrokerError:
+        need = "removing artifacts needs the controller's or the admin's credentials (docs/security.md)"
+        last = str(self.broker.nc.last_error or "").lower()  # (nats-py lowercases the server's -ERR)
+        if "permissions violation" in last and "stream.purge" in last:
+            return BrokerError(f"the server refused this identity the purge of stream {self.store.stream}: {need}")
+        return BrokerError(
+            f"purging {subject}: the server did not answer (it drops the requests of an identity that "
+            f"may not purge stream {self.store.stream}: {need})"
+        )
+
+
+@dataclass
+class PruneReport:
+    """What a prune removed (or with ``dry_run`` would remove), and what it kept and why."""
+
+    dry_run: bool
+    older_than_s: float
+    removed: list[str] = field(default_factory=list)  # artifact ids
+    bytes: int = 0  # their sizes together
+    kept_referenced: int = 0  # a job record points at them
+    kept_recent: int = 0  # unreferenced, but younger than older_than_s
+    foreign: int = 0  # objects whose names are not artifact ids: never touched
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "removed": sorted(self.removed)}
+
+
+async def referenced_artifacts(broker: Broker) -> set[str]:
+    """Every artifact id a job record (in any state) points at. A record this trainfleet cannot
+    decode (garbage, a newer schema) protects every sha256 its text holds: a prune must never
+    remove what a record it cannot read may point at."""
+    referenced: set[str] = set()
+    for entry in await kv.snapshot(broker.jobs):
+        value = entry.value or b""
+        try:
+            artifact = decode(value, JobRecord).artifact
+        except SchemaError:
+            referenced.update(_ANY_ARTIFACT_ID.findall(value.decode(errors="replace")))
+            continue
+        if artifact:
+            referenced.add(artifact)
+    return referenced
+
+
+def _age_s(mtime: str, now: datetime) -> float:
+    """Seconds since an info's mtime; 0 (young: kept) when the stamp cannot be read."""
+    stamp = _parse_rfc3339(mtime)
+    return (now - stamp).total_seconds() if stamp is not None else 0.0
 
 
 def _check_size(info: ObjectInfo, limit: int) -> None:

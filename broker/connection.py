@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,15 @@ from trainfleet.broker import jsapi
 from trainfleet.broker.errors import NotProvisioned, Unreachable
 from trainfleet.broker.names import Names
 from trainfleet.broker.provision import provision_resources
+from trainfleet.broker.retry import CLI_PATIENCE_S, patiently
 from trainfleet.broker.security import ClientSecurity, failure_reason, redact_url, remember, resolve, server_mismatch
 from trainfleet.broker.settings import Settings
+
+# How long a JetStream API call (stream info, consumer create...) may take.
+API_TIMEOUT_S = 10.0
+# How long one read or write of a record (jobs, specs, workers KV) may take before it is
+# tried again: a request sent into a leader election is never answered.
+RECORD_TIMEOUT_S = 2.0
 
 log = logging.getLogger("trainfleet.broker")
 
@@ -106,6 +114,7 @@ async def connect_nats(
         secure = security.connect_options()
     except Unreachable as exc:
         raise Unreachable(f"cannot connect to NATS at {security.where}: {exc}") from None
+    link = _LinkLog()
     opts: dict[str, Any] = dict(
         name=name,
         connect_timeout=connect_timeout_s,
@@ -114,8 +123,8 @@ async def connect_nats(
         reconnect_time_wait=0.5,
         ping_interval=10,
         max_outstanding_pings=3,
-        disconnected_cb=_on_disconnect,
-        reconnected_cb=_on_reconnect,
+        disconnected_cb=link.on_disconnect,
+        reconnected_cb=link.on_reconnect,
     )
     opts.update(secure)
     opts.update(options)
@@ -127,16 +136,29 @@ async def connect_nats(
     # What is left of wait_s, plus two connect timeouts: nats-py retries what may pass meanwhile.
     budget_s = max(0.0, wait_s - (time.monotonic() - started)) + 2 * connect_timeout_s
     nc = await _FirstConnect(security).run(opts, budget_s)
+    link.nc = nc
     remember(nc, security)
     return nc
 
 
-async def _on_disconnect() -> None:
-    log.info("disconnected from NATS; reconnecting")
+class _LinkLog:
+    """Logs a lost connection and its return. nats-py calls the disconnect callback also when
+    we close the connection ourselves (Broker.close, a SIGTERM's shutdown): only a disconnect
+    that was not ours is news ("reconnecting"). Before the first connect succeeds there is no
+    client yet (its failures are _FirstConnect's to report)."""
 
+    def __init__(self) -> None:
+        self.nc: Client | None = None
 
-async def _on_reconnect() -> None:
-    log.info("reconnected to NATS")
+    async def on_disconnect(self) -> None:
+        nc = self.nc
+        if nc is None or nc.is_closed or nc.is_draining:
+            log.debug("connection to NATS closed")
+            return
+        log.info("disconnected from NATS; reconnecting")
+
+    async def on_reconnect(self) -> None:
+        log.info("reconnected to NATS")
 
 
 class _FirstConnect:
@@ -218,16 +240,27 @@ class Broker:
         **options: Any,
     ) -> Broker:
         nc = await connect_nats(settings, name=name, wait_s=wait_s, **options)
+        # A long-running process waits out an election for as long as it takes (saying so once);
+        # a command gives up after CLI_PATIENCE_S with exit 3.
+        patience = math.inf if wait_s > 0 else CLI_PATIENCE_S
         try:
-            js = nc.jetstream(timeout=10.0)
+            js = nc.jetstream(timeout=API_TIMEOUT_S)
+            # Record reads and writes answer in milliseconds; one sent into an election is given
+            # up soon and tried again (a CAS that landed is seen on the re-read), not waited on.
+            js_records = nc.jetstream(timeout=RECORD_TIMEOUT_S)
             if provision:
-                await provision_resources(js, settings)
+                await patiently(lambda: provision_resources(js, settings), what="provisioning", limit_s=patience)
             names = settings.names
-            try:
-                jobs = await js.key_value(names.jobs_bucket)
-                specs = await js.key_value(names.specs_bucket)
-                workers = await js.key_value(names.workers_bucket)
+
+            async def bind() -> tuple[KeyValue, KeyValue, KeyValue]:
+                buckets = [
+                    await js_records.key_value(b) for b in (names.jobs_bucket, names.specs_bucket, names.workers_bucket)
+                ]
                 await js.stream_info(jsapi.object_stream(names.artifacts_bucket))
+                return buckets[0], buckets[1], buckets[2]
+
+            try:
+                jobs, specs, workers = await patiently(bind, what="binding to the fleet's streams", limit_s=patience)
             except nats.js.errors.NotFoundError as exc:
                 raise NotProvisioned(
                     f"trainfleet resources (prefix {settings.prefix!r}) are not provisioned on "

@@ -41,6 +41,7 @@ SID = "tfdirect"
 SETUP_TIMEOUT_S = 5.0
 READ_BUFFER_BYTES = 4 << 20
 STATUS_HEARTBEAT = jsapi.STATUS_HEARTBEAT.encode()
+STATUS_NO_RESPONDERS = jsapi.STATUS_NO_RESPONDERS.encode()
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,24 @@ def pull_object(
         conn.close()
 
 
+# A pull request can reach no consumer (503) just after the consumer was made: in a cluster
+# its leader's interest takes a moment to reach the server this client talks to, more so
+# right after a node restart. Nothing was delivered for it, so it is asked again, this many
+# times, after these pauses (about 10 s in all), before the download fails.
+NO_RESPONDERS_TRIES = 20
+
+
+def no_responders_pause(tries: int) -> float:
+    return min(1.0, 0.05 * 2**tries)
+
+
+def no_responders_error(received: int, chunks: int) -> str:
+    return (
+        f"the chunks' consumer did not answer {NO_RESPONDERS_TRIES} pull requests (503 no responders) after "
+        f"{received} of {chunks} chunks: a JetStream election may be under way; try again"
+    )
+
+
 class _Puller:
     def __init__(self, conn: DirectConnection, pull: ChunkPull, fh: BinaryIO, cancelled: threading.Event):
         self.conn = conn
@@ -251,6 +270,7 @@ class _Puller:
         self.buffer = memoryview(bytearray(conn.max_payload + 2))
         self.digest = hashlib.sha256()
         self.received = self.requested = self.size = self.max_in_flight = 0
+        self.unanswered = 0
 
     def fail(self, message: str) -> ArtifactError:
         return ArtifactError(f"object {self.name!r}: {message}")
@@ -304,6 +324,9 @@ class _Puller:
                 status = self._status(bytes(self._read_payload(total, 0)[:header_size]))
                 if status.startswith(STATUS_HEARTBEAT):
                     continue
+                if status.startswith(STATUS_NO_RESPONDERS):
+                    self._ask_again()
+                    continue
                 raise self.fail(
                     f"chunk stream ended after {self.received} of {self.chunks} chunks "
                     f"({status.decode(errors='replace')}); the object is truncated or was replaced"
@@ -313,6 +336,16 @@ class _Puller:
             elif op == b"-ERR":
                 raise self.fail(f"server error: {line.decode(errors='replace').strip()}")
             # INFO updates, +OK and PONG need nothing.
+
+    def _ask_again(self) -> None:
+        """A pull request reached no consumer: ask again after a pause (see NO_RESPONDERS_TRIES)."""
+        if self.unanswered >= NO_RESPONDERS_TRIES:
+            raise self.fail(no_responders_error(self.received, self.chunks))
+        if self.cancelled.wait(no_responders_pause(self.unanswered)):
+            raise self.fail("download cancelled")
+        self.unanswered += 1
+        self.requested = self.received  # what was asked and never delivered is asked again
+        self.ask()
 
     def _read_payload(self, total: int, skip: int) -> memoryview:
         if total + 2 > len(self.buffer):

@@ -8,7 +8,8 @@ exit 0  done
 exit 1  jobs failed, no host can run it, or the operation was refused
         (Refused, Conflict, Unsatisfied, FleetError, SchemaError, RemoteError)
 exit 2  bad usage or an invalid manifest (UsageError, ManifestError)
-exit 3  NATS unreachable, not provisioned, or no controller answering (BrokerError and kin)
+exit 3  NATS unreachable, not provisioned, or no controller answering (BrokerError and kin);
+        also a JetStream storage limit reached (StorageLimit: StoreFull, StoreTooSmall)
 exit 4  no job matches, or an id prefix matches several (JobNotFound, AmbiguousJob)
 exit 5  artifact missing, corrupt or unsafe (ArtifactError, ObjectNotFound)
 """
@@ -25,7 +26,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 # What --help says of the exit codes (the table above, in a line).
 EXIT_CODES_HELP = (
     "exit codes: 0 ok, 1 failed (jobs or the operation), 2 bad usage or invalid manifest, "
-    "3 NATS unreachable / not provisioned / no controller answering, 4 no such job or ambiguous prefix, "
+    "3 NATS unreachable / not provisioned / JetStream unavailable / storage limit reached / no controller "
+    "answering, 4 no such job or ambiguous prefix, "
     "5 artifact missing, corrupt or unsafe"
 )
 
@@ -130,6 +132,10 @@ class NotProvisioned(BrokerError):
     """A stream, bucket or object store trainfleet needs does not exist."""
 
 
+class JetStreamUnavailable(BrokerError):
+    """JetStream kept failing to answer (no leader, no quorum) for longer than we wait out."""
+
+
 class NoController(BrokerError):
     """No controller answers on the control subjects (or none answered in time)."""
 
@@ -140,6 +146,22 @@ class ConsumerUnavailable(BrokerError):
 
 class DirectUnavailable(BrokerError):
     """The direct download path cannot be used here (TLS, auth refused, unreachable): use the normal one."""
+
+
+class StorageLimit(BrokerError):
+    """A JetStream storage limit stopped a write. The message names the stream or bucket, the
+    limit (the server's max_file_store, the account's max_file, the disk, a stream's max_bytes)
+    and the setting or action that fixes it (docs/operations.md, "When the store is full")."""
+
+
+class StoreFull(StorageLimit):
+    """The store has no room now; freeing space (or raising the limit) fixes it, so the same
+    write can succeed later: retry later (an upload: hand the job back)."""
+
+
+class StoreTooSmall(StorageLimit):
+    """A configured size can never fit the server's or the account's limit (a logs stream bigger
+    than max_file_store): change the setting or the limit; trying again as it is cannot help."""
 
 
 # -- exit 4 -----------------------------------------------------------------

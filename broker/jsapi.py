@@ -39,6 +39,55 @@ ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET found no message
 ERR_STREAM_NAME_IN_USE = 10058  # the stream exists with another config
 ERR_STREAM_NOT_FOUND = 10059
 
+# Storage limits (nats-server's server/errors.json; the constant there in brackets).
+# A publish over the account's JetStream limits (max_file of the account) [JSAccountResourcesExceededErr]
+ERR_ACCOUNT_RESOURCES_EXCEEDED = 10002  # "resource limits exceeded for account"
+# A publish while the server's own limit (max_file_store / max_memory_store) is used up [JSInsufficientResourcesErr]
+ERR_INSUFFICIENT_RESOURCES = 10023  # "insufficient resources"
+# A memory stream's max_bytes cannot be reserved [JSMemoryResourcesExceededErr]
+ERR_MEMORY_RESOURCES_EXCEEDED = 10028  # "insufficient memory resources available"
+# A stream create/update whose max_bytes (times replicas) cannot be reserved within the
+# server's max_file_store or the account's max_file [JSStorageResourcesExceededErr]
+ERR_STORAGE_RESOURCES_EXCEEDED = 10047  # "insufficient storage resources available"
+# A stream operation failed; the description is the cause, e.g. a purge's
+# "write …: no space left on device" on a full disk [JSStreamGeneralErrorF]
+ERR_STREAM_GENERAL = 10051
+# Storing a message failed; the description says why, e.g. "maximum bytes exceeded" for a
+# stream at its max_bytes with discard new [JSStreamStoreFailedF]
+ERR_STREAM_STORE_FAILED = 10077
+# The account wants max_bytes on every stream [JSStreamMaxBytesRequired]
+ERR_STREAM_MAX_BYTES_REQUIRED = 10113  # "account requires a stream config to have max bytes set"
+# max_bytes above the account's max_stream_bytes [JSStreamMaxStreamBytesExceeded]
+ERR_STREAM_MAX_STREAM_BYTES_EXCEEDED = 10122  # "stream max bytes exceeds account limit max stream bytes"
+
+# The limit behind each storage error, as an operator would look for it.
+LIMIT_SERVER_FILE_STORE = "the server's JetStream file storage limit (max_file_store, in its jetstream config block)"
+LIMIT_ACCOUNT_FILE = "the account's JetStream storage limit (max_file in the account's jetstream block)"
+LIMIT_DISK = "the disk under the server's JetStream store_dir (no space left on device)"
+LIMIT_STREAM_MAX_BYTES = "the stream's own max_bytes (with discard new)"
+LIMIT_MAX_BYTES_REQUIRED = "the account's max_bytes_required (every stream must set max_bytes)"
+LIMIT_ACCOUNT_STREAM_BYTES = "the account's max_stream_bytes (the most one stream may reserve)"
+NO_SPACE = "no space left on device"  # ENOSPC as the server quotes it
+
+
+def storage_limit(code: int | None, description: str = "") -> str | None:
+    """Which storage limit an error hit (one of the LIMIT_* phrases), or None when the error is
+    not about storage. The codes are checked first; a disk that is full shows only in the
+    description (under 10051, 10077, or a create/update/purge error of its own)."""
+    if NO_SPACE in description.lower():
+        return LIMIT_DISK
+    if code == ERR_ACCOUNT_RESOURCES_EXCEEDED:
+        return LIMIT_ACCOUNT_FILE
+    if code in (ERR_INSUFFICIENT_RESOURCES, ERR_STORAGE_RESOURCES_EXCEEDED, ERR_MEMORY_RESOURCES_EXCEEDED):
+        return LIMIT_SERVER_FILE_STORE
+    if code == ERR_STREAM_MAX_BYTES_REQUIRED:
+        return LIMIT_MAX_BYTES_REQUIRED
+    if code == ERR_STREAM_MAX_STREAM_BYTES_EXCEEDED:
+        return LIMIT_ACCOUNT_STREAM_BYTES
+    if code == ERR_STREAM_STORE_FAILED and "maximum bytes" in description.lower():
+        return LIMIT_STREAM_MAX_BYTES
+    return None
+
 
 # -- API subjects --------------------------------------------------------------
 def consumer_next(stream: str, consumer: str, api: str = API) -> str:

@@ -1,7 +1,8 @@
 """The logs stream: trainer output on ``<prefix>.logs.<job_id>``, progress and lifecycle events
 on ``<prefix>.events.<job_id>``.
 
-Agents write both (:func:`publish_log_line`, :func:`publish_event`); operators read a job's
+Agents write both through an :class:`Outbox` (JetStream publishes with acks, buffered and
+retried across an election); operators read a job's
 output in stream order (:func:`read_logs`) or follow every job's latest progress live
 (:class:`LiveProgress`).
 
@@ -10,10 +11,13 @@ Roles: an agent publishes logs and events of the jobs it holds; operators and vi
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,10 +28,11 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from trainfleet.broker import jsapi
 from trainfleet.broker.errors import TRANSIENT, BrokerError, NotProvisioned
 from trainfleet.broker.names import LOG_ATTEMPT_HEADER, LOG_GENERATION_HEADER, LOG_STREAM_HEADER
 from trainfleet.broker.records import get_record
-from trainfleet.broker.schema import JobRecord, ProgressEvent, encode
+from trainfleet.broker.schema import JobRecord
 
 if TYPE_CHECKING:
     from trainfleet.broker.connection import Broker
@@ -39,21 +44,141 @@ LOG_BATCH = 256
 
 
 # -- write (agents) ------------------------------------------------------------------
-async def publish_log_line(
-    broker: Broker, job_id: str, stream: str, line: bytes, *, attempt: int, generation: int
-) -> None:
-    """One line of trainer output (best effort: a lost line never fails the job)."""
-    headers = {LOG_STREAM_HEADER: stream, LOG_ATTEMPT_HEADER: str(attempt), LOG_GENERATION_HEADER: str(generation)}
-    with contextlib.suppress(*TRANSIENT, nats.errors.Error):
-        await broker.nc.publish(broker.names.logs_subject(job_id), line, headers=headers)
+# The outbox holds at most this much that the stream has not acknowledged yet.
+OUTBOX_MAX_MESSAGES = 20_000
+OUTBOX_MAX_BYTES = 32 * 1024 * 1024
+# Messages published at once (pipelined) before waiting for their acks.
+OUTBOX_BATCH = 64
+OUTBOX_RETRY_S = 0.25
+# How long a batch's acks are waited for before it is sent again.
+OUTBOX_ACK_TIMEOUT_S = 5.0
+OUTBOX_RETRY_MAX_S = 2.0
 
 
-async def publish_event(broker: Broker, event: ProgressEvent, *, flush: bool = False) -> None:
-    """A progress or lifecycle event (best effort); ``flush`` waits until the server has it."""
-    with contextlib.suppress(*TRANSIENT, nats.errors.Error):
-        await broker.nc.publish(broker.names.events_subject(event.job_id), encode(event))
-        if flush:
-            await broker.nc.flush(timeout=2)
+@dataclass
+class _Outgoing:
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    essential: bool  # a lifecycle mark: never dropped to make room
+
+
+class Outbox:
+    """Trainer output and events on their way to the logs stream: JetStream publishes, each
+    acknowledged by the stream, sent in order by one task, retried across an election.
+
+    Bounded: past OUTBOX_MAX_MESSAGES / OUTBOX_MAX_BYTES the oldest log lines and progress
+    reports are dropped (and counted in :attr:`dropped`); lifecycle marks never are."""
+
+    def __init__(self, broker: Broker, *, max_messages: int = OUTBOX_MAX_MESSAGES, max_bytes: int = OUTBOX_MAX_BYTES):
+        self.broker = broker
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self._queue: collections.deque[_Outgoing] = collections.deque()
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        # Every message carries an id of its own, so one sent again after a lost ack is
+        # dropped by the stream's duplicate window instead of stored twice.
+        self._id = uuid.uuid4().hex[:16]
+        self._seq = 0
+
+    def start(self) -> Outbox:
+        self._task = asyncio.create_task(self._send_forever())
+        return self
+
+    def put(self, subject: str, data: bytes, headers: dict[str, str] | None = None, *, essential: bool = False) -> None:
+        """Queue one message (never blocks); makes room by dropping the oldest droppable ones."""
+        self._seq += 1
+        headers = {**(headers or {}), jsapi.MSG_ID: f"{self._id}.{self._seq}"}
+        self._queue.append(_Outgoing(subject, data, headers, essential))
+        self._bytes += len(data)
+        self._make_room()
+        self._idle.clear()
+        self._wake.set()
+
+    def _make_room(self) -> None:
+        if len(self._queue) <= self.max_messages and self._bytes <= self.max_bytes:
+            return
+        kept: collections.deque[_Outgoing] = collections.deque()
+        while self._queue and (len(self._queue) + len(kept) > self.max_messages or self._bytes > self.max_bytes):
+            item = self._queue.popleft()
+            if item.essential:
+                kept.append(item)
+                continue
+            self._bytes -= len(item.data)
+            self.dropped += 1
+        self._queue.extendleft(reversed(kept))
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until the stream has acknowledged everything queued so far (False: timed out)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self, timeout_s: float) -> None:
+        """Send what is queued (for up to ``timeout_s``), then stop."""
+        await self.flush(timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._queue:
+            log.warning("%d log line(s) and event(s) not sent at shutdown", len(self._queue))
+        if self.dropped:
+            log.warning(
+                "%d log line(s) and progress report(s) were dropped while the stream was unreachable", self.dropped
+            )
+
+    async def _send_forever(self) -> None:
+        pause = OUTBOX_RETRY_S
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._queue[i] for i in range(min(OUTBOX_BATCH, len(self._queue)))]
+            sent = await self._send(batch)
+            for _ in range(sent):
+                self._bytes -= len(self._queue.popleft().data)
+            if sent < len(batch):  # the stream did not take them all: an election; wait and resend
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, OUTBOX_RETRY_MAX_S)
+            else:
+                pause = OUTBOX_RETRY_S
+
+    async def _send(self, batch: list[_Outgoing]) -> int:
+        """Publish ``batch`` pipelined; how many from its start the stream acknowledged."""
+        js = self.broker.js
+        try:
+            futures = [await js.publish_async(m.subject, m.data, headers=m.headers) for m in batch]
+        except (*TRANSIENT, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.debug("outbox: publishing failed: %r", exc)
+            return 0
+        # An ack lost with a dying leader never comes: wait a bounded time, then send again
+        # (the message ids make a second copy of one that did land harmless).
+        await asyncio.wait(futures, timeout=OUTBOX_ACK_TIMEOUT_S)
+        acked = len(batch)
+        for i, future in enumerate(futures):
+            if not future.done():
+                future.cancel()
+                acked = min(acked, i)
+            elif future.cancelled() or future.exception() is not None:  # (every exception is retrieved)
+                if acked > i:
+                    log.debug("outbox: not acknowledged: %r", None if future.cancelled() else future.exception())
+                acked = min(acked, i)
+        return acked
+
+
+def log_line_headers(stream: str, *, attempt: int, generation: int) -> dict[str, str]:
+    """The headers of one line of trainer output on ``<prefix>.logs.<job_id>``."""
+    return {LOG_STREAM_HEADER: stream, LOG_ATTEMPT_HEADER: str(attempt), LOG_GENERATION_HEADER: str(generation)}
 
 
 # -- read (operators) ----------------------------------------------------------------

@@ -51,8 +51,24 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from trainfleet.broker import jsapi
-from trainfleet.broker.directget import ChunkPull, Endpoint, Pulled, pull_object
-from trainfleet.broker.errors import ArtifactError, BrokerError, DirectUnavailable, ObjectNotFound, TrainfleetError
+from trainfleet.broker.directget import (
+    NO_RESPONDERS_TRIES,
+    ChunkPull,
+    Endpoint,
+    Pulled,
+    no_responders_error,
+    no_responders_pause,
+    pull_object,
+)
+from trainfleet.broker.errors import (
+    ArtifactError,
+    BrokerError,
+    DirectUnavailable,
+    ObjectNotFound,
+    StoreFull,
+    TrainfleetError,
+)
+from trainfleet.broker.provision import STORE_FULL_DOCS, storage_advice
 
 log = logging.getLogger("trainfleet.objstore")
 
@@ -174,6 +190,20 @@ def parse_digest(value: str) -> bytes | None:
         return None
 
 
+def store_full(stream: str, code: Any, description: str, what: str) -> StoreFull | None:
+    """A refusal for lack of space (``what`` was refused with ``code``), as a StoreFull naming the
+    bucket, the limit and what makes room; None when the error is not about storage."""
+    limit = jsapi.storage_limit(code if isinstance(code, int) else None, description)
+    if limit is None:
+        return None
+    bucket = stream.removeprefix(jsapi.object_stream(""))
+    return StoreFull(
+        f"no room in bucket {bucket} (stream {stream}): the server refused {what} "
+        f"(err_code {code}, {description}); {limit} is reached. To make room, {storage_advice(limit)}; "
+        f"trying again succeeds once there is room ({STORE_FULL_DOCS})"
+    )
+
+
 def completeness_problem(info: ObjectInfo, size: int, digest: Any) -> str | None:
     """Why the bytes received are not the object ``info`` describes (None: they are)."""
     if size != info.size:
@@ -192,7 +222,7 @@ class _AckWindow:
         self.timeout_s = timeout_s
         self.in_flight = 0
         self.max_in_flight = 0
-        self.error: ArtifactError | None = None
+        self.error: TrainfleetError | None = None
         self._changed = asyncio.Event()
 
     def sent(self) -> None:
@@ -204,10 +234,16 @@ class _AckWindow:
         self.in_flight -= 1
         problem = self._problem(msg)
         if problem and self.error is None:
-            self.error = ArtifactError(f"object store refused a chunk: {problem}")
+            self.error = (
+                problem
+                if isinstance(problem, TrainfleetError)
+                else ArtifactError(f"object store refused a chunk: {problem}")
+            )
         self._changed.set()
 
-    def _problem(self, msg: Msg) -> str | None:
+    def _problem(self, msg: Msg) -> str | StoreFull | None:
+        """What is wrong with a chunk's pub-ack: None (nothing), a StoreFull when the store has
+        no room for it, else a description."""
         if jsapi.status_of(msg) == jsapi.STATUS_NO_RESPONDERS:
             return f"no stream {self.stream} listens on the chunk subject (is the bucket provisioned?)"
         try:
@@ -216,7 +252,11 @@ class _AckWindow:
             return f"unreadable pub-ack {msg.data[:80]!r}"
         if not isinstance(ack, dict) or "error" in ack:
             err = ack.get("error", {}) if isinstance(ack, dict) else {}
-            return f"{err.get('description', ack)} (err_code {err.get('err_code', '?')})"
+            description, code = str(err.get("description", ack)), err.get("err_code", "?")
+            return (
+                store_full(self.stream, code, description, "a chunk of the upload")
+                or f"{description} (err_code {code})"
+            )
         if ack.get("stream") != self.stream or "seq" not in ack:
             return f"unexpected pub-ack {ack}"
         return None
@@ -228,8 +268,14 @@ class _AckWindow:
             try:
                 await asyncio.wait_for(self._changed.wait(), self.timeout_s)
             except TimeoutError:
-                raise ArtifactError(
-                    f"no pub-ack from {self.stream} for {self.timeout_s:g}s ({self.in_flight} chunks outstanding)"
+                # No answer at all: the server is not storing. A full disk under its store does this
+                # (the stream then refuses every write until the server restarts), as does a server
+                # or cluster in trouble: worth trying again later either way.
+                raise BrokerError(
+                    f"no pub-ack from {self.stream} for {self.timeout_s:g}s ({self.in_flight} chunks outstanding): "
+                    f"the server is not storing the chunks. A full disk under its JetStream store does this "
+                    f"(its log then says '{jsapi.NO_SPACE}'), as does an overloaded or leaderless server; "
+                    f"see {STORE_FULL_DOCS}"
                 ) from None
         if self.error is not None:
             raise self.error
@@ -285,6 +331,7 @@ class _ChunkSink:
         self.requested = 0
         self.max_in_flight = 0
         self.last_seen = time.monotonic()
+        self.unanswered = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -311,6 +358,9 @@ class _ChunkSink:
         self.last_seen = time.monotonic()
         status = jsapi.status_of(msg)
         if status == jsapi.STATUS_HEARTBEAT:
+            return
+        if status == jsapi.STATUS_NO_RESPONDERS:
+            await self._ask_again()
             return
         if status is not None:
             # 404/408/409: the consumer has nothing more although chunks are missing.
@@ -342,6 +392,17 @@ class _ChunkSink:
             await self._finish()
         else:
             await self.top_up()
+
+    async def _ask_again(self) -> None:
+        """A pull request reached no consumer: ask again after a pause (directget's NO_RESPONDERS_TRIES)."""
+        if self.unanswered >= NO_RESPONDERS_TRIES:
+            self.fail(no_responders_error(self.received, self.info.chunks))
+            return
+        await asyncio.sleep(no_responders_pause(self.unanswered))
+        self.unanswered += 1
+        self.last_seen = time.monotonic()
+        self.requested = self.received  # what was asked and never delivered is asked again
+        await self.top_up()
 
     async def _finish(self) -> None:
         try:
@@ -414,7 +475,10 @@ class ObjectStoreClient:
         except nats.errors.NoRespondersError as exc:
             raise unanswered from exc
         except nats.errors.TimeoutError as exc:
-            raise timeout_error(f"{what} timed out after {self.timeout_s:g}s") from exc
+            raise timeout_error(
+                f"{what} timed out after {self.timeout_s:g}s (an overloaded or leaderless server, or one that "
+                f"cannot write: a full disk under its JetStream store stops its answers; see {STORE_FULL_DOCS})"
+            ) from exc
         try:
             resp = msgspec.json.decode(msg.data)
         except msgspec.DecodeError:
@@ -430,10 +494,13 @@ class ObjectStoreClient:
         unanswered = BrokerError(f"JetStream is not enabled on this NATS server (no responder for {verb})")
         return await self._request(subject, payload, what=f"JetStream API {verb}", unanswered=unanswered)
 
-    def _api_error(self, resp: dict[str, Any], what: str) -> ArtifactError:
+    def _api_error(self, resp: dict[str, Any], what: str) -> TrainfleetError:
         code, description = jsapi.api_error(resp)
         if code == jsapi.ERR_STREAM_NOT_FOUND:
             return self._no_bucket()
+        full = store_full(self.stream, code, description, what)
+        if full is not None:
+            return full
         return ArtifactError(f"{what}: {description} (err_code {code if code is not None else '?'})")
 
     def _no_bucket(self) -> ArtifactError:

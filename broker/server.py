@@ -145,3 +145,24 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_cluster(root: str | os.PathLike, n: int = 3, *, extra_config: str = "") -> list[EmbeddedServer]:
+    """``n`` servers routed to each other on loopback, each with its store under ``root``/n<i>:
+    a JetStream cluster (streams can have up to ``n`` replicas) for tests and benchmarks.
+    ``extra_config`` goes into every node's config (the roles' authorization, say). The meta
+    group elects a leader a few seconds after start; provisioning before then is refused."""
+    route_ports = [free_port() for _ in range(n)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
+    nodes = []
+    for i, route_port in enumerate(route_ports):
+        cluster = f"cluster {{\n  name: trainfleet-local\n  listen: 127.0.0.1:{route_port}\n  routes: [{routes}]\n}}\n"
+        nodes.append(EmbeddedServer(Path(root) / f"n{i + 1}", extra_config=extra_config + cluster))
+    try:
+        for node in nodes:
+            node.start()
+    except Exception:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes

@@ -101,7 +101,7 @@ class Settings:
     # comma-separated: several during a key rotation). None configured: unsigned specs run.
     trust_keys: tuple[str, ...] = ()
     # Agent: how long an upload that keeps failing is tried again before the job is handed back
-    # (None: a lease; the lease is renewed meanwhile).
+    # (None: a lease, at least 30 s; the lease is renewed meanwhile).
     upload_patience_s: float | None = None
     # Agent: run trainers as this user (TRAINFLEET_TRAINER_USER); None: as the agent's user.
     trainer_user: str | None = None

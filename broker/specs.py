@@ -18,7 +18,6 @@ Roles: the controller writes specs; agents, operators and viewers read them.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -36,7 +35,7 @@ import nacl.signing
 import nats.js.errors
 import nkeys
 
-from trainfleet.broker import jsapi, kv
+from trainfleet.broker import kv
 from trainfleet.broker.errors import JobNotFound, SchemaError, UntrustedSpec, UsageError
 from trainfleet.broker.names import is_env_name, is_hyper_name, is_name, is_token
 from trainfleet.broker.schema import SCHEMA_VERSION, JobSpec, decode
@@ -183,15 +182,6 @@ def signer_of(data: bytes) -> str:
 async def put_spec(broker: Broker, spec: JobSpec, signer: Signer | None) -> int:
     """Write (or replace) a job's spec. Controller only: no other role may write the bucket."""
     return await broker.specs.put(spec.job_id, seal(spec, signer))
-
-
-async def put_specs(broker: Broker, specs: list[JobSpec], signer: Signer | None) -> None:
-    """Write many specs, pipelined (the controller's sync)."""
-    bucket = broker.names.specs_bucket
-    futures = [
-        await broker.js.publish_async(jsapi.kv_subject(bucket, spec.job_id), seal(spec, signer)) for spec in specs
-    ]
-    await asyncio.gather(*futures)
 
 
 @dataclass(frozen=True)

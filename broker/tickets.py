@@ -6,7 +6,7 @@ A ticket names a job and its generation; the record in the jobs KV decides
 * routing: which capability class a job's ticket goes to (:func:`ticket_class`,
   :func:`eventual_classes`), which classes a host serves (:func:`classes_served`),
   and the VRAM tier ladder behind ``gpu.<tier>``;
-* publishing (:func:`publish_ticket`, :func:`publish_tickets`), reading back what is
+* publishing (:func:`publish_ticket`; the controller's sync pipelines its own), reading back what is
   still queued (:func:`scan_tickets`, :func:`get_ticket`) and deleting (:func:`delete_ticket`);
 * pulling, one ticket at a time, from a class's durable consumer (:class:`TicketPuller`).
 
@@ -144,15 +144,6 @@ async def publish_ticket(broker: Broker, record: JobRecord, klass: str, *, dedup
     subject, payload, headers = ticket_message(broker, record, klass, dedupe_suffix)
     ack = await broker.js.publish(subject, payload, headers=headers)
     return ack.seq
-
-
-async def publish_tickets(broker: Broker, records: list[JobRecord]) -> None:
-    """Tickets for many records, pipelined: one connection keeps them in this order in the stream."""
-    futures = []
-    for record in records:
-        subject, payload, headers = ticket_message(broker, record, record.klass)
-        futures.append(await broker.js.publish_async(subject, payload, headers=headers))
-    await asyncio.gather(*futures)
 
 
 async def answer(reply: Awaitable[Any]) -> None:

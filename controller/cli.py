@@ -8,7 +8,8 @@ runs. What each verb prints is view.py; the agent verb is agent/cli.py.
 
 Exit codes come from the error classes (broker/errors.py lists them): 0 ok ·
 1 jobs failed / no host can run it / operation refused · 2 bad usage or invalid
-manifest · 3 NATS unreachable, not provisioned, or no controller answering ·
+manifest · 3 NATS unreachable, not provisioned, JetStream unavailable past an
+election's patience, a storage limit reached, or no controller answering ·
 4 job not found or ambiguous · 5 artifact missing, corrupt or unsafe. Every
 listing has --json.
 """
@@ -39,6 +40,7 @@ from trainfleet.broker.errors import (
 )
 from trainfleet.broker.jobs import resolve
 from trainfleet.broker.logs import read_logs
+from trainfleet.broker.retry import CLI_PATIENCE_S, patiently
 from trainfleet.broker.schema import JobStatus
 from trainfleet.broker.security import redact_url
 from trainfleet.broker.settings import from_flags
@@ -53,7 +55,9 @@ def _run(args: argparse.Namespace, fn: Callable[[Broker], Awaitable[Any]]) -> An
     async def with_broker() -> Any:
         broker = await Broker.connect(from_flags(args), name="trainfleet-cli")
         try:
-            return await fn(broker)
+            # An election meanwhile is waited out (reads are idempotent); control requests are not
+            # retried (NoController is no election).
+            return await patiently(lambda: fn(broker), what=f"trainfleet {args.verb}", limit_s=CLI_PATIENCE_S)
         finally:
             await broker.close()
 
@@ -91,13 +95,33 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    """Create or update every resource. The configured sizes are checked against the account's
+    storage limits first, and a storage refusal names the resource, the limit and the fix
+    (StorageLimit, exit 3); any other refusal of the server is a BrokerError naming it too."""
+    import nats.js.errors
+
+    from trainfleet.broker.errors import BrokerError
+    from trainfleet.broker.provision import size_text
+
+    settings = from_flags(args)
+
     async def provision() -> Broker:
-        broker = await Broker.connect(from_flags(args), name="trainfleet-cli", provision=True)
+        try:
+            broker = await Broker.connect(settings, name="trainfleet-cli", provision=True)
+        except nats.js.errors.APIError as exc:
+            raise BrokerError(
+                f"provisioning on {redact_url(settings.url)} was refused: {exc.description or exc!r} "
+                f"(err_code {exc.err_code})"
+            ) from exc
         await broker.close()
         return broker
 
     broker = asyncio.run(provision())
-    print(f"provisioned trainfleet resources (prefix {broker.settings.prefix}) on {redact_url(broker.settings.url)}")
+    print(
+        f"provisioned trainfleet resources (prefix {broker.settings.prefix}) on {redact_url(broker.settings.url)}; "
+        f"the logs stream {broker.names.logs_stream} keeps up to {size_text(settings.logs_max_bytes)} "
+        "(TRAINFLEET_LOGS_MAX_BYTES)"
+    )
     return EXIT_OK
 
 
@@ -204,6 +228,14 @@ def cmd_artifacts_get(args: argparse.Namespace) -> int:
 def cmd_artifacts_sweep(args: argparse.Namespace) -> int:
     result = _run(args, lambda broker: ops.sweep_artifacts(broker, args.older_than, dry_run=args.dry_run))
     view.show(result, args.json, view.sweep_report)
+    return EXIT_OK
+
+
+def cmd_artifacts_prune(args: argparse.Namespace) -> int:
+    if args.older_than is not None and args.older_than < 0:
+        raise UsageError(f"--older-than must be 0 or more seconds, not {args.older_than:g}")
+    result = _run(args, lambda broker: ops.prune_artifacts(broker, args.older_than, dry_run=args.dry_run))
+    view.show(result, args.json, view.prune_report)
     return EXIT_OK
 
 
@@ -438,6 +470,23 @@ def build_parser() -> argparse.ArgumentParser:
         "3600: an upload still under way is never touched)",
     )
     p.add_argument("--dry-run", action="store_true", help="only report what would be purged")
+    _json_flag(p)
+
+    p = verb(
+        "prune",
+        cmd_artifacts_prune,
+        "remove stored bundles no job record points at (a requeued job's earlier bundle); needs the "
+        "controller's or the admin's credentials (the controller also does this every artifact_prune_s, when set)",
+        parent=actions,
+    )
+    p.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="only bundles stored at least this long ago (default artifact_prune_age_s, 3600: an upload "
+        "whose job record is not written yet is never touched)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     _json_flag(p)
 
     verb("monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, l logs)")

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import math
 import signal
 import time
 from collections import Counter
@@ -28,13 +30,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from trainfleet.broker import specs, tickets
+from trainfleet.broker import jsapi, specs, tickets
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import BrokerError, NotProvisioned, Refused, TrainfleetError, UsageError
+from trainfleet.broker.errors import BrokerError, NotProvisioned, Refused, StoreFull, TrainfleetError, UsageError
 from trainfleet.broker.jobs import Job, resolve
-from trainfleet.broker.provision import ensure_consumer
+from trainfleet.broker.provision import STORE_FULL_DOCS, ensure_consumer, storage_advice
 from trainfleet.broker.records import Stored, cas, create_record, get_record, job_ids, load_records, update_record
+from trainfleet.broker.retry import patiently
 from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.specs import Signer
@@ -47,6 +50,12 @@ log = logging.getLogger("trainfleet.controller")
 REQUEUEABLE = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.COMPLETED)
 # Record writes in flight during a sync.
 SYNC_WINDOW = 64
+# Specs and tickets a sync has in flight (published, pub-ack not yet in), and how long it waits
+# for the next pub-ack: a server that cannot write (a full disk under its store) answers nothing.
+SYNC_PUBLISH_WINDOW = 1024
+SYNC_ACK_TIMEOUT_S = 30.0
+# What a write of a sync may fail with (anything else is a bug, and propagates as it is).
+SYNC_WRITE_ERRORS = (TimeoutError, nats.errors.Error, nats.js.errors.Error)
 
 
 @dataclass
@@ -61,6 +70,24 @@ class SyncReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class SyncProgress:
+    """How far a sync got: (written, wanted) per kind, in the order a sync writes them."""
+
+    specs: tuple[int, int] = (0, 0)
+    records: tuple[int, int] | None = None  # None: not reached
+    tickets: tuple[int, int] | None = None
+
+    def text(self) -> str:
+        def of(done: tuple[int, int], what: str) -> str:
+            return f"{done[0]} of {done[1]} {what}"
+
+        if self.records is None:
+            return f"Wrote {of(self.specs, 'specs')}; no records or tickets yet"
+        tickets_part = of(self.tickets or (0, 0), "tickets (one per record created now)")
+        return f"Wrote {of(self.specs, 'specs')}, {of(self.records, 'records')} and {tickets_part}"
 
 
 def execution_change(stored: JobSpec, wanted: JobSpec) -> str | None:
@@ -98,9 +125,12 @@ class Controller:
                 "that trust a controller key will refuse them; see docs/security.md"
             )
         # Every agent's usual classes exist from the start; pinned host classes as they are ticketed.
-        await self._ensure_classes([tickets.cpu_class(), *(tickets.gpu_class(t) for t in tickets.VRAM_TIERS_GIB)])
+        # Both wait out an election (a long-running process never exits for one).
+        usual = [tickets.cpu_class(), *(tickets.gpu_class(t) for t in tickets.VRAM_TIERS_GIB)]
+        await patiently(lambda: self._ensure_classes(usual), what="creating the ticket consumers", limit_s=math.inf)
         if self.manifest_path:
-            await self.sync(load_manifest(self.manifest_path))
+            manifest = load_manifest(self.manifest_path)
+            await patiently(lambda: self.sync(manifest), what=f"syncing {self.manifest_path}", limit_s=math.inf)
         self._advisory_sub = await self.broker.nc.subscribe(
             self.names.max_deliveries_advisory(), queue=self.names.ctl_queue_group, cb=self._on_max_deliveries
         )
@@ -114,15 +144,19 @@ class Controller:
                 loop.add_signal_handler(sig, self._stopping.set)
         await self.start()
         next_sweep = time.monotonic() + self.settings.artifact_sweep_s
+        next_prune = time.monotonic() + self.settings.artifact_prune_s
         try:
             while not self._stopping.is_set():
                 try:
                     await self.reconcile()
-                except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                    log.warning("reconcile failed (will retry): %r", exc)
+                except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError, BrokerError) as exc:
+                    log.warning("reconcile failed (will retry): %s", exc if isinstance(exc, BrokerError) else repr(exc))
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.settings.artifact_sweep_s
                     await self.sweep_artifacts()
+                if self.settings.artifact_prune_s > 0 and time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self.settings.artifact_prune_s
+                    await self.prune_artifacts()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.settings.reconcile_s)
         finally:
@@ -198,29 +232,60 @@ class Controller:
 
         Specs and tickets go out pipelined; record writes run SYNC_WINDOW at a time (each is an
         fsynced CAS, so one at a time is bound by disk latency). Specs are written first: an
-        agent that sees a record or a ticket finds its spec."""
+        agent that sees a record or a ticket finds its spec.
+
+        A write that fails (a full store, a server that stops answering) stops the sync: no
+        further write is started, and StoreFull (BrokerError when it was not about space) says
+        what stopped it and how many specs, records and tickets were written of how many. What
+        was written is consistent: syncing again creates the rest, and reconcile gives a pending
+        record without a ticket its ticket."""
         self.manifest = manifest
         report = SyncReport()
         wanted = sorted(manifest.jobs, key=lambda s: -s.priority)
-        await specs.put_specs(self.b, await self._specs_to_write(wanted, report, allow_command_change), self.signer)
+        to_write = await self._specs_to_write(wanted, report, allow_command_change)
+        bucket = self.names.specs_bucket
+        stored, error = await self._publish_all(
+            [(jsapi.kv_subject(bucket, s.job_id), specs.seal(s, self.signer), None) for s in to_write]
+        )
+        progress = SyncProgress(specs=(stored, len(to_write)))
+        if error is not None:
+            raise self._sync_stopped(error, progress, f"the specs bucket {bucket}") from error
         refused = {r["job_id"] for r in report.refused}
         fresh = [self._new_record(manifest, s) for s in wanted if s.job_id not in refused]
         window = asyncio.Semaphore(SYNC_WINDOW)
+        failed: list[BaseException] = []  # the first write that failed (a full store): no more are started
 
-        async def create(rec: JobRecord) -> bool:
+        async def write(op: Any) -> bool | None:
+            """``op()``'s answer; None when it failed (noted in ``failed``) or was not started."""
             async with window:
-                return await create_record(self.b, rec)
+                if failed:
+                    return None
+                try:
+                    return bool(await op())
+                except SYNC_WRITE_ERRORS as exc:
+                    failed.append(exc)
+                    return None
 
-        async def refresh(rec: JobRecord) -> bool:
-            async with window:
-                return await self._refresh(rec)
-
-        created = await asyncio.gather(*(create(r) for r in fresh))
-        new = [r for r, ok in zip(fresh, created, strict=True) if ok]
-        existing = [r for r, ok in zip(fresh, created, strict=True) if not ok]
-        changed = await asyncio.gather(*(refresh(r) for r in existing))
-        await self._ensure_classes({r.klass for r in new})
-        await tickets.publish_tickets(self.b, new)
+        created = await asyncio.gather(*(write(functools.partial(create_record, self.b, r)) for r in fresh))
+        new = [r for r, ok in zip(fresh, created, strict=True) if ok is True]
+        existing = [r for r, ok in zip(fresh, created, strict=True) if ok is False]
+        changed: list[bool | None] = [False] * len(existing)
+        if not failed:
+            changed = await asyncio.gather(*(write(functools.partial(self._refresh, r)) for r in existing))
+        in_place = len(new) + sum(1 for c in changed if c is not None)
+        progress.records = (in_place, len(fresh))
+        progress.tickets = (0, len(new))
+        error = None
+        try:
+            await self._ensure_classes({r.klass for r in new})
+            sent, error = await self._publish_all([tickets.ticket_message(self.b, r, r.klass) for r in new])
+            progress.tickets = (sent, len(new))
+        except SYNC_WRITE_ERRORS as exc:
+            error = exc
+        if failed:  # the records' failure came first: it is the one to report
+            raise self._sync_stopped(failed[0], progress, f"the jobs bucket {self.names.jobs_bucket}") from failed[0]
+        if error is not None:
+            raise self._sync_stopped(error, progress, f"the jobs stream {self.names.jobs_stream}") from error
         respecced = set(report.updated)
         report.created = [r.job_id for r in new]
         report.updated = [r.job_id for r, c in zip(existing, changed, strict=True) if c or r.job_id in respecced]
@@ -238,6 +303,80 @@ class Controller:
             len(report.not_in_manifest),
         )
         return report
+
+    async def _publish_all(
+        self, messages: list[tuple[str, bytes, dict[str, str] | None]]
+    ) -> tuple[int, BaseException | None]:
+        """Publish (subject, payload, headers) messages to JetStream in order, pipelined: up to
+        SYNC_PUBLISH_WINDOW awaiting their pub-ack. Returns how many were stored, and the first
+        error (a refused pub-ack as an APIError; TimeoutError when no pub-ack came for
+        SYNC_ACK_TIMEOUT_S), after which nothing more is sent.
+
+        (Not js.publish_async: with nats-py 2.16 its future never completes when the pub-ack is
+        an error, such as a full store's: a sync would wait forever.)"""
+        nc = self.b.nc
+        inbox = nc.new_inbox()
+        window = asyncio.Semaphore(SYNC_PUBLISH_WINDOW)
+        answered = asyncio.Event()
+        stored = outstanding = 0
+        errors: list[BaseException] = []
+
+        async def on_ack(msg: Msg) -> None:
+            nonlocal stored, outstanding
+            outstanding -= 1
+            window.release()
+            error = _pub_ack_error(msg)
+            if error is None:
+                stored += 1
+            else:
+                errors.append(error)
+            if outstanding == 0:
+                answered.set()
+
+        sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
+        try:
+            for i, (subject, payload, headers) in enumerate(messages):
+                if errors:
+                    break
+                try:
+                    await asyncio.wait_for(window.acquire(), SYNC_ACK_TIMEOUT_S)
+                except TimeoutError as exc:
+                    return stored, exc
+                outstanding += 1
+                answered.clear()
+                await nc.publish(subject, payload, reply=f"{inbox}.{i}", headers=headers)
+            if outstanding:
+                try:
+                    await asyncio.wait_for(answered.wait(), SYNC_ACK_TIMEOUT_S)
+                except TimeoutError as exc:
+                    return stored, errors[0] if errors else exc
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return stored, errors[0] if errors else None
+
+    def _sync_stopped(self, exc: BaseException, progress: SyncProgress, where: str) -> BrokerError:
+        """The error of a sync a write stopped: what stopped it, how far it got, and what to do."""
+        code = getattr(exc, "err_code", None)
+        description = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+        then = (
+            f"{progress.text()}. What was written is consistent: once there is room, sync the same manifest "
+            "again (it creates what is missing and keeps what exists); a pending record without its ticket "
+            "gets one from the controller's reconcile"
+        )
+        limit = jsapi.storage_limit(code, description)
+        if limit is not None:
+            return StoreFull(
+                f"sync stopped: {where} has no room (err_code {code}, {description}): {limit} is reached. {then}. "
+                f"To make room, {storage_advice(limit, self.names.logs_stream)} ({STORE_FULL_DOCS})"
+            )
+        if isinstance(exc, TimeoutError):
+            return BrokerError(
+                f"sync stopped: {where} did not acknowledge writes in time (the server is not storing: a full "
+                f"disk under its JetStream store does this, as does an overloaded or leaderless server). {then} "
+                f"({STORE_FULL_DOCS})"
+            )
+        return BrokerError(f"sync stopped: writing to {where} failed ({description}). {then}")
 
     async def _specs_to_write(
         self, wanted: list[JobSpec], report: SyncReport, allow_command_change: bool
@@ -311,6 +450,28 @@ class Controller:
         if stray:
             log.info("artifact sweep: purged %d stray chunk set(s), %d chunk(s)", len(stray), sum(stray.values()))
         return len(stray)
+
+    async def prune_artifacts(self) -> list[str]:
+        """Remove stored artifacts no job record points at, once older than artifact_prune_age_s
+        (what a requeue leaves behind); returns the artifact ids removed."""
+        try:
+            report = await Artifacts(self.b).prune(self.settings.artifact_prune_age_s)
+        except (TimeoutError, nats.errors.Error, TrainfleetError) as exc:
+            log.warning("artifact prune failed (will retry): %r", exc)
+            return []
+        if report.removed:
+            shown = sorted(report.removed)[:20]
+            more = f" and {len(report.removed) - len(shown)} more" if len(report.removed) > len(shown) else ""
+            log.info(
+                "artifact prune: removed %d unreferenced artifact(s), %d bytes: %s%s; kept %d referenced, %d recent",
+                len(report.removed),
+                report.bytes,
+                ", ".join(shown),
+                more,
+                report.kept_referenced,
+                report.kept_recent,
+            )
+        return report.removed
 
     # -- reconcile ----------------------------------------------------------
     async def reconcile(self, now: float | None = None) -> dict[str, int]:
@@ -509,6 +670,25 @@ class Controller:
             return {}
         keys = ("max_cores", "max_ram_gib", "max_vram_gib", "cpu_slots", "gpu_slots", "serve_cpu")
         return {k: getattr(policy, k) for k in keys if getattr(policy, k) is not None}
+
+
+def _pub_ack_error(msg: Msg) -> BaseException | None:
+    """The error a pub-ack reports (None: the message is stored)."""
+    if jsapi.status_of(msg) == jsapi.STATUS_NO_RESPONDERS:
+        return nats.errors.NoRespondersError()
+    try:
+        ack = json.loads(msg.data)
+    except ValueError:
+        return nats.js.errors.APIError(description=f"unreadable pub-ack {msg.data[:80]!r}")
+    if not isinstance(ack, dict):
+        return nats.js.errors.APIError(description=f"unexpected pub-ack {msg.data[:80]!r}")
+    error = ack.get("error")
+    if error is not None:
+        fields = error if isinstance(error, dict) else {"description": str(error)}
+        return nats.js.errors.APIError(
+            code=fields.get("code"), err_code=fields.get("err_code"), description=fields.get("description")
+        )
+    return None
 
 
 def _first_inversion(priorities: list[int]) -> int | None:

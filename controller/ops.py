@@ -278,3 +278,11 @@ async def sweep_artifacts(broker: Broker, older_than_s: float | None, *, dry_run
         "chunks": sum(stray.values()),
         "nuids": sorted(stray),
     }
+
+
+async def prune_artifacts(broker: Broker, older_than_s: float | None, *, dry_run: bool) -> dict[str, Any]:
+    """``artifacts prune``: stored bundles no job record points at, older than ``older_than_s``
+    (default artifact_prune_age_s), removed unless ``dry_run``."""
+    older_than = older_than_s if older_than_s is not None else broker.settings.artifact_prune_age_s
+    report = await Artifacts(broker).prune(older_than, dry_run=dry_run)
+    return report.to_dict()

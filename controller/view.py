@@ -284,6 +284,16 @@ def sweep_report(result: dict[str, Any]) -> str:
     )
 
 
+def prune_report(result: dict[str, Any]) -> str:
+    verb_text = "would remove" if result["dry_run"] else "removed"
+    kept = (
+        f"kept {result['kept_referenced']} referenced, {result['kept_recent']} younger than {result['older_than_s']:g}s"
+    )
+    if result["foreign"]:
+        kept += f", {result['foreign']} not trainfleet's (left alone)"
+    return f"{verb_text} {len(result['removed'])} unreferenced artifact(s), {fmt_bytes(result['bytes'])}; {kept}"
+
+
 # -- explain and plan --------------------------------------------------------------------
 def render_explain(job: Job, matches: list[Match]) -> str:
     record = job.record

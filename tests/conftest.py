@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -146,8 +150,8 @@ default = 4000
 """
 
 
-def linreg_manifest(n: int, *, epochs: int = 50, prefix: str = "lr", extra: str = "", job_extra: str = "") -> Manifest:
-    """``n`` fast numpy jobs; ``epochs`` sets how long each trains (8000 ≈ 2 s here)."""
+def linreg_text(n: int, *, epochs: int = 50, prefix: str = "lr", extra: str = "", job_extra: str = "") -> str:
+    """The manifest text of ``n`` fast numpy jobs; ``epochs`` sets how long each trains (8000 ≈ 2 s here)."""
     # Seeds differ per prefix: name and constraints are not part of a job's identity.
     base = sum(map(ord, prefix)) * 1000
     jobs = "".join(
@@ -155,7 +159,12 @@ def linreg_manifest(n: int, *, epochs: int = 50, prefix: str = "lr", extra: str 
         f"hyper = {{ epochs = {epochs} }}\n{job_extra}\n"
         for i in range(n)
     )
-    return parse_manifest("schema_version = 1\n" + extra + LINREG_MODEL + jobs, file="linreg.toml")
+    return "schema_version = 1\n" + extra + LINREG_MODEL + jobs
+
+
+def linreg_manifest(n: int, **kw: Any) -> Manifest:
+    """``n`` fast numpy jobs (see linreg_text), parsed."""
+    return parse_manifest(linreg_text(n, **kw), file="linreg.toml")
 
 
 def gbm_manifest(jobs: str, extra: str = "") -> Manifest:
@@ -338,3 +347,81 @@ async def put_job(broker: Broker, spec: JobSpec, **changes: Any) -> Job:
     rec = JobRecord(job_id=spec.job_id, priority=spec.priority, **changes)
     revision = await broker.jobs.create(spec.job_id, encode(rec))
     return Job(spec, rec, revision)
+
+
+class FleetProc:
+    """One trainfleet process (an agent, a controller) run as the real CLI under its role, for
+    tests that SIGKILL and restart it. ``exits`` keeps every exit the test did not cause."""
+
+    def __init__(self, settings: Settings, role: str, name: str, argv: list[str], root: Path):
+        self.settings, self.role, self.name, self.argv, self.root = settings, role, name, argv, root
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+        self.kill_times: list[float] = []  # wall clock, to match against records
+        self.exits: list[int] = []
+
+    @classmethod
+    def agent(cls, settings: Settings, host_id: str, root: Path) -> FleetProc:
+        argv = ["agent", "--host-id", host_id, "--workdir", str(root / host_id), "--no-torch-probe"]
+        return cls(settings, "agent", host_id, argv, root)
+
+    @classmethod
+    def controller(cls, settings: Settings, manifest: Path, root: Path, name: str = "controller") -> FleetProc:
+        return cls(settings, "controller", name, ["controller", "--manifest", str(manifest)], root)
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    def start(self) -> None:
+        s = self.settings
+        env = {
+            **os.environ,
+            **role_env(self.role),
+            "NATS_URL": s.url,
+            "TRAINFLEET_LEASE_S": str(s.lease_s),
+            "TRAINFLEET_HEARTBEAT_S": str(s.heartbeat_s),
+            "TRAINFLEET_RECONCILE_S": str(s.reconcile_s),
+            "TRAINFLEET_FETCH_TIMEOUT_S": str(s.fetch_timeout_s),
+            "TRAINFLEET_NAK_DELAY_S": str(s.nak_delay_s),
+            "TRAINFLEET_WORKER_TTL_S": str(s.worker_ttl_s),
+        }
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "trainfleet.controller.cli", *self.argv],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def check(self) -> None:
+        """Note an exit nobody asked for (the process is then started again)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self.exits.append(self.proc.returncode)
+            self.start()
+
+    def kill(self) -> None:
+        self.check()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.kills += 1
+            self.kill_times.append(time.time())
+
+    def stop(self) -> None:
+        """SIGTERM (a clean exit is expected: a non-zero code is kept in ``exits``)."""
+        self.check()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = -9
+            if code not in (0, -signal.SIGTERM):  # (-SIGTERM: stopped before its handlers were set)
+                self.exits.append(code)
+        self.proc = None
+
+    def log_count(self, text: str) -> int:
+        return self.log_path.read_text(errors="replace").count(text)

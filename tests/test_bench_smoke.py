@@ -33,6 +33,8 @@ EXPECTED_ROWS = [
     "artifact download 4 MiB @20 ms RTT",
     "sync publishes/s, sequential (always)",
     "object put 4 MiB, 1 MiB chunks (always)",
+    "longest record-write gap, jobs-KV leader killed (worst of 1)",
+    "takeover of a killed agent's jobs, leader killed too (worst of 1)",
 ]
 
 
@@ -43,7 +45,7 @@ def test_quick_benchmark_prints_a_table_with_every_row_and_its_baseline(tmp_path
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.split("== results", 1)[1]
@@ -65,7 +67,7 @@ def test_scale_run_machinery_completes_every_job_exactly_once(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.split("== results", 1)[1]

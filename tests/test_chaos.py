@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from trainfleet.broker.schema import JobStatus
 
 from .conftest import (
+    FleetProc,
     KVAudit,
     as_role,
     linreg_manifest,
     records,
-    role_env,
     stock_artifacts,
     trainer_starts,
     wait_terminal,
@@ -31,60 +27,7 @@ AGENTS = 4
 CHAOS_S = 40.0
 
 
-class AgentProc:
-    def __init__(self, settings, host_id: str, root: Path):
-        self.settings, self.host_id, self.root = settings, host_id, root
-        self.proc: subprocess.Popen | None = None
-        self.kills = 0
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            **role_env("agent"),
-            "NATS_URL": self.settings.url,
-            "TRAINFLEET_LEASE_S": str(self.settings.lease_s),
-            "TRAINFLEET_HEARTBEAT_S": str(self.settings.heartbeat_s),
-            "TRAINFLEET_FETCH_TIMEOUT_S": "0.5",
-            "TRAINFLEET_NAK_DELAY_S": "0.5",
-        }
-        with open(self.root / f"{self.host_id}.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "trainfleet.controller.cli",
-                    "agent",
-                    "--host-id",
-                    self.host_id,
-                    "--workdir",
-                    str(self.root / self.host_id),
-                    "--no-torch-probe",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.kills += 1
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def fenced(self) -> int:
-        return (self.root / f"{self.host_id}.log").read_text(errors="replace").count("fenced (lease lost)")
-
-
-async def chaos(agents: list[AgentProc], rng: random.Random, until: float, done: asyncio.Event) -> None:
+async def chaos(agents: list[FleetProc], rng: random.Random, until: float, done: asyncio.Event) -> None:
     while time.monotonic() < until and not done.is_set():
         await asyncio.sleep(rng.uniform(1.0, 3.0))
         victim = rng.choice(agents)
@@ -110,7 +53,7 @@ async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, br
     ctl = await fleet.start_controller()
     audit = await KVAudit(broker).start()
     await ctl.sync(manifest)
-    agents = [AgentProc(settings, f"c{i}", tmp_path) for i in range(AGENTS)]
+    agents = [FleetProc.agent(settings, f"c{i}", tmp_path) for i in range(AGENTS)]
     for agent in agents:
         agent.start()
     done = asyncio.Event()
@@ -132,7 +75,7 @@ async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, br
     print(
         f"\nchaos: {JOBS} jobs, {AGENTS} agents, {sum(a.kills for a in agents)} SIGKILLs | "
         f"lost={len(lost)} double-accepted={len(doubled)} "
-        f"fenced={sum(a.fenced() for a in agents)} (orphan uploads={len(stored - referenced)}) "
+        f"fenced={sum(a.log_count('fenced (lease lost)') for a in agents)} (orphan uploads={len(stored - referenced)}) "
         f"trainer-starts={sum(starts.values())} (re-runs={sum(starts.values()) - len(starts)}) "
         f"max attempts={max(r.attempt for r in recs.values())}"
     )

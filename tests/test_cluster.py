@@ -5,29 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from pathlib import Path
 
 import pytest
 
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import BrokerError
 from trainfleet.broker.schema import JobStatus
-from trainfleet.broker.server import EmbeddedServer, free_port
+from trainfleet.broker.server import start_cluster
 from trainfleet.broker.settings import Settings
 
 from .conftest import FleetHarness, linreg_manifest, records, wait_for, wait_terminal
-
-
-def start_cluster(root: Path, n: int = 3) -> list[EmbeddedServer]:
-    route_ports = [free_port() for _ in range(n)]
-    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
-    nodes = []
-    for i in range(n):
-        extra = f"cluster {{\n  name: trainfleet-test\n  listen: 127.0.0.1:{route_ports[i]}\n  routes: [{routes}]\n}}\n"
-        nodes.append(EmbeddedServer(root / f"n{i + 1}", extra_config=extra))
-    for node in nodes:
-        node.start()
-    return nodes
 
 
 async def provisioned(settings: Settings, timeout_s: float = 60) -> Broker:

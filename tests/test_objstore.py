@@ -22,7 +22,7 @@ from nats.js.object_store import ObjectStore
 from bench.proxy import LatencyProxy
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.bundle import Bundle
-from trainfleet.broker.errors import ArtifactError, ObjectNotFound
+from trainfleet.broker.errors import ArtifactError, ObjectNotFound, StoreFull
 from trainfleet.broker.objstore import ObjectStoreClient, TransferStats, encode_name
 from trainfleet.broker.server import EmbeddedServer
 
@@ -236,6 +236,45 @@ async def test_a_truncated_chunk_stream_is_an_artifact_error_and_leaves_no_file(
     await assert_get_refused(store, tmp_path, "3 of 4 chunks")
 
 
+def consumer_made_late(store: ObjectStoreClient, delay_s: float | None) -> list[asyncio.Task]:
+    """Make the chunks' consumer ``delay_s`` after the get asked for it (None: never), as a
+    cluster does when the consumer leader's interest reaches this client's server late."""
+    made_later: list[asyncio.Task] = []
+    create = store._create_consumer
+
+    async def late(name: str, subject: str) -> None:
+        if delay_s is not None:
+
+            async def later() -> None:
+                await asyncio.sleep(delay_s)
+                await create(name, subject)
+
+            made_later.append(asyncio.create_task(later()))
+
+    store._create_consumer = late  # type: ignore[method-assign]
+    return made_later
+
+
+async def test_pull_requests_that_reach_no_consumer_yet_are_asked_again(store, tmp_path):
+    # Given a consumer whose pull requests get 503 no responders for the first 0.6 s
+    data = payload(3 * CHUNK + 17)
+    await store.put_bytes("obj", data)
+    made_later = consumer_made_late(store, 0.6)
+    # When the object is fetched, then it arrives whole (asked again, not "truncated")
+    await store.get_file("obj", tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == data and made_later
+
+
+async def test_a_consumer_that_never_answers_fails_the_get_with_a_clear_error(store, tmp_path, monkeypatch):
+    from trainfleet.broker import directget, objstore
+
+    monkeypatch.setattr(directget, "NO_RESPONDERS_TRIES", 3)
+    monkeypatch.setattr(objstore, "NO_RESPONDERS_TRIES", 3)
+    await store.put_bytes("obj", payload(2 * CHUNK))
+    consumer_made_late(store, None)
+    await assert_get_refused(store, tmp_path, r"did not answer 3 pull requests \(503 no responders\) after 0 of 2")
+
+
 async def test_an_info_that_understates_the_size_is_refused(nc, store, tmp_path):
     await store.put_bytes("obj", payload(2 * CHUNK))
     await _republish_info(nc, store, "obj", size=CHUNK)
@@ -266,7 +305,7 @@ async def test_a_refused_chunk_fails_the_put_fast_and_leaves_no_chunks(nc, tmp_p
     client = ObjectStoreClient(nc, "small", chunk_bytes=CHUNK, window_bytes=4 * CHUNK)
     src = tmp_path / "src"
     src.write_bytes(payload(64 * CHUNK))
-    with pytest.raises(ArtifactError, match="refused a chunk"):
+    with pytest.raises(StoreFull, match="refused a chunk"):
         await client.put_file("obj", src)
     info = await nc.jetstream().stream_info("OBJ_small")
     assert info.state.messages == 0
