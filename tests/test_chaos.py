@@ -80,6 +80,10 @@ async def test_random_agent_kills_lose_nothing_and_train_nothing_twice(fleet, br
         f"max attempts={max(r.attempt for r in recs.values())}"
     )
     assert sum(a.kills for a in agents) >= 5
+    # Every agent the test did not SIGKILL exited cleanly on SIGTERM, without a word about the
+    # connection it closed itself (the server never went away).
+    assert {a.name: a.exits for a in agents if a.exits} == {}
+    assert sum(a.log_count("disconnected from NATS") for a in agents) == 0
     assert lost == [] and doubled == [], {i[:12]: (recs[i].status.value, recs[i].attempt, recs[i].reason) for i in lost}
     assert all(completions.get((i, 1)) == 1 for i in ids)
     assert all(starts.get(i, 0) >= 1 for i in ids)
