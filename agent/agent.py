@@ -48,6 +48,9 @@ from trainfleet.broker.tickets import TicketPuller
 from trainfleet.broker.workers import put_worker, remove_worker
 
 log = logging.getLogger("trainfleet.agent")
+# Said when a job's events have not reached the logs stream yet (its leader being elected):
+# the outbox keeps sending them, and they are lost only if this process dies first.
+MARKS_ON_THEIR_WAY = "its events are not in the logs stream yet (an election?); they follow"
 
 # How long a pull on a class whose doorbell rang waits for the ticket (returns as soon as it lands).
 RUNG_WAIT_S = 0.1
@@ -357,8 +360,15 @@ class Agent:
             await job.run()
             outcome = await job.settle()
             self.counters[outcome.value] += 1
-            await job.relay.mark("finished", outcome.value)
-            log.info("job %s (%s) %s on %s", job.job_id[:12], job.spec.name, outcome.value, self.host_id)
+            sent = await job.relay.mark("finished", outcome.value)
+            log.info(
+                "job %s (%s) %s on %s%s",
+                job.job_id[:12],
+                job.spec.name,
+                outcome.value,
+                self.host_id,
+                "" if sent else f"; {MARKS_ON_THEIR_WAY}",
+            )
         except Exception:
             log.exception("job %s failed in the agent; the lease will lapse and another agent retries", job.job_id[:12])
         finally:

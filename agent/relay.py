@@ -65,10 +65,10 @@ class Relay:
         )
         self.outbox.put(self.broker.names.events_subject(self.job_id), encode(progress))
 
-    async def mark(self, kind: str, outcome: str | None = None) -> None:
+    async def mark(self, kind: str, outcome: str | None = None) -> bool:
         """A lifecycle mark (``started``, ``finished``): never dropped, and waited for (up to a
         heartbeat: an election must not stall the job) so it reaches the stream even if the
-        agent dies right after."""
+        agent dies right after. False when it (or what was queued before it) is still on its way."""
         event = ProgressEvent(
             job_id=self.job_id,
             kind=kind,
@@ -79,4 +79,4 @@ class Relay:
             outcome=outcome,
         )
         self.outbox.put(self.broker.names.events_subject(self.job_id), encode(event), essential=True)
-        await self.outbox.flush(self.broker.settings.heartbeat_s)
+        return await self.outbox.flush(self.broker.settings.heartbeat_s)
