@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainfleet.logs")
 
 # Messages fetched per pull when reading a job's logs.
+# Empty reads in a row, with messages still to read, before a reader gives up (and says so).
+LOG_STALLS = 10
 LOG_BATCH = 256
 
 
@@ -292,6 +294,7 @@ async def read_logs(
     pending = info.num_pending
     current: tuple[int | None, int | None] = (None, None)  # (generation, attempt) of the last line
     finishing = False
+    empty_reads = 0
     try:
         while follow or pending > 0:
             try:
@@ -308,6 +311,17 @@ async def read_logs(
                 if attempt is None or entry.attempt == attempt:
                     yield entry
             if msgs:
+                empty_reads = 0
+                continue
+            if pending > 0:
+                # A read came back empty with messages still stored for us (a busy server, a pull
+                # that expired): never end there, or a cut log would read as the whole of it.
+                pending = (await sub.consumer_info()).num_pending
+                empty_reads += 1
+                if pending > 0 and empty_reads > LOG_STALLS:
+                    raise BrokerError(
+                        f"reading the logs of {job_id[:12]} stalled with {pending} messages still to read"
+                    )
                 continue
             if not follow or finishing:
                 return
@@ -329,6 +343,8 @@ class LiveProgress:
 
     def __init__(self) -> None:
         self.latest: dict[str, dict[str, Any]] = {}
+        # Called with every progress event as it arrives (the monitor draws trends with it).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._sub: Any = None
 
     async def start(self, broker: Broker) -> LiveProgress:
@@ -340,6 +356,8 @@ class LiveProgress:
             event = json.loads(msg.data)
             if isinstance(event, dict) and event.get("kind", "progress") == "progress" and event.get("job_id"):
                 self.latest[str(event["job_id"])] = event
+                for listener in self.listeners:
+                    listener(event)
 
     def apply(self, rec: JobRecord) -> JobRecord:
         """``rec`` with the newest progress of its current attempt, while it is held."""

@@ -145,9 +145,12 @@ class RecordChange:
     record: JobRecord | None
 
 
-async def watch_records(broker: Broker, job_id: str | None = None) -> AsyncIterator[RecordChange]:
+async def watch_records(
+    broker: Broker, job_id: str | None = None, *, on_caught_up: Callable[[], None] | None = None
+) -> AsyncIterator[RecordChange]:
     """Every record (or the one of ``job_id``) as it is now, then every change as it is written.
 
+    ``on_caught_up`` is called once every record stored at the start has been yielded.
     Unreadable values are logged and skipped. Use under ``contextlib.aclosing`` so the
     watcher's consumer goes when the caller stops."""
     jobs = broker.jobs
@@ -157,8 +160,11 @@ async def watch_records(broker: Broker, job_id: str | None = None) -> AsyncItera
         watcher = await jobs.watch(job_id, inactive_threshold=kv.WATCH_INACTIVE_S)
     try:
         async for entry in watcher:
-            if entry is None:
-                continue  # caught up with the bucket; live updates follow
+            if entry is None:  # caught up with the bucket; live updates follow
+                if on_caught_up is not None:
+                    on_caught_up()
+                    on_caught_up = None
+                continue
             revision = entry.revision or 0
             if entry.operation is not None or entry.value is None:
                 yield RecordChange(entry.key, revision, None)

@@ -1,12 +1,13 @@
 """``trainfleet monitor``: a Textual view of the fleet, live from NATS.
 
-The jobs table follows a watch of the jobs KV (every record change arrives as it
-is written) with progress overlaid from the events subjects; the workers panel
-re-reads the workers KV every two seconds (its TTL expiries leave no trace to
-watch); the log pane follows the highlighted job's output from the logs stream.
-Cancel and requeue go through the control service, like ``trainfleet cancel``.
+The jobs table is a virtual list over a model fed by a watch of the jobs KV (every record
+change arrives as it is written; start-up loads every record once, then sorts once) with
+progress overlaid from the events subjects; the workers panel re-reads the workers KV every
+two seconds (its TTL expiries leave no trace to watch); the log pane follows the highlighted
+job's output from the logs stream. Cancel and requeue go through the control service, like
+``trainfleet cancel``; under the viewer role they are not offered.
 
-Keys: q quit · c cancel (asks first) · r requeue (asks first) · l show/hide logs.
+Every key is in :data:`KEYS` (``?`` shows them; docs/operations.md lists them too).
 """
 
 from __future__ import annotations
@@ -15,98 +16,69 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.coordinate import Coordinate
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Header, Label, RichLog
+from textual.widgets import Footer, Header, Input, Static
 
-from trainfleet.broker import display
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.control import request
+from trainfleet.broker.display import STATE_STYLE
 from trainfleet.broker.errors import TrainfleetError
-from trainfleet.broker.logs import LiveProgress, LogEntry, read_logs
 from trainfleet.broker.records import watch_records
-from trainfleet.broker.schema import JobRecord, JobSpec
+from trainfleet.broker.schema import JobRecord
 from trainfleet.broker.security import redact_url
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.specs import get_spec, load_specs
-from trainfleet.broker.workers import load_workers, stale_after_s
+from trainfleet.tui.common import ConfirmScreen, FleetView, is_viewer
+from trainfleet.tui.logpane import LogPane
+from trainfleet.tui.model import SORTS, JobsModel
+from trainfleet.tui.table import JobsTable
+from trainfleet.tui.workers import WorkersPanel
 
-JOB_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
-    ("id", "ID", 12),
-    ("job", "JOB", None),
-    ("state", "STATE", 10),
-    ("host", "HOST", 12),
-    ("try", "TRY", 3),
-    ("progress", "PROGRESS", 16),
-    ("metric", "METRIC", 30),
+TICK_S = 0.25  # the table and header catch up with the model this often, not per change
+
+# Every key of the main screen, in the order `?` and docs/operations.md list them.
+KEYS: tuple[tuple[str, str], ...] = (
+    ("↑ ↓ / j k", "move the highlight"),
+    ("PgUp PgDn / Home End / g G", "page, first, last job"),
+    ("Enter", "job detail: spec, history, explain, provenance, curves, actions"),
+    ("/", "filter jobs: text, state:running, host:gpu-1, model:mlp, name:, id:, class:"),
+    ("Esc", "clear the filter (or close a screen)"),
+    (":", "jump to a job by name, id or id prefix"),
+    ("s", f"sort by the next column ({' → '.join(SORTS)})"),
+    ("S", "reverse the sort"),
+    ("c", "cancel the highlighted job (asks first; not for the viewer role)"),
+    ("r", "requeue the highlighted job (asks first; not for the viewer role)"),
+    ("l", "show or hide the log pane"),
+    ("w / Tab", "move between the jobs table and the workers panel (Enter: worker detail)"),
+    ("?", "this help"),
+    ("q", "quit"),
 )
-WORKER_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
-    ("host", "HOST", None),
-    ("state", "STATE", 5),
-    ("jobs", "JOBS", 4),
-    ("seen", "SEEN", 6),
-)
-WORKERS_REFRESH_S = 2.0
-PROGRESS_REFRESH_S = 0.5
 
 
-def job_cells(rec: JobRecord, spec: JobSpec) -> tuple[Any, ...]:
-    """The jobs-table row of a job, in JOB_COLUMNS order."""
-    state = rec.status.value
-    return (
-        rec.job_id[:12],
-        spec.name,
-        Text(state, style=display.STATE_STYLE.get(state, "")),
-        rec.claimed_by or "-",
-        str(rec.attempt),
-        Text(display.progress_text(rec), style="green"),
-        # Trainer-named metrics (made safe by display): a Text, since DataTable reads a str as markup.
-        Text(display.headline(rec)),
-    )
-
-
-def entry_text(entry: LogEntry) -> Text:
-    """A log pane line: Text (never markup), control characters escaped (display.safe_text)."""
-    if entry.kind == "log":
-        return Text(display.safe_text(entry.line or ""), style="red" if entry.stream == "stderr" else "")
-    return Text(display.event_text(entry.kind, entry.event or {}, entry.attempt), style="cyan")
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    """A yes/no question over the monitor; dismisses with the answer."""
+class HelpScreen(ModalScreen[None]):
+    """Every key of the monitor."""
 
     DEFAULT_CSS = """
-    ConfirmScreen { align: center middle; }
-    ConfirmScreen > Vertical { width: 64; height: auto; border: thick $warning; background: $surface;
-                               padding: 1 2; }
-    ConfirmScreen Horizontal { height: auto; align: center middle; margin-top: 1; }
-    ConfirmScreen Button { margin: 0 2; }
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 96; height: auto; max-height: 90%; border: thick $primary;
+                                   background: $surface; padding: 1 2; }
     """
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
-
-    def __init__(self, question: str):
-        super().__init__()
-        self.question = question
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
 
     def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(self.question)
-            with Horizontal():
-                yield Button("Yes (y)", id="yes", variant="error")
-                yield Button("No (n)", id="no", variant="primary")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-    def action_answer(self, yes: bool) -> None:
-        self.dismiss(yes)
+        text = Text("trainfleet monitor — keys\n\n", style="bold")
+        for key, meaning in KEYS:
+            text.append(f"{key:>28}  ", style="bold cyan")
+            text.append(f"{meaning}\n")
+        with VerticalScroll():
+            yield Static(text, id="help-text")
 
 
 class MonitorApp(App[None]):
@@ -114,208 +86,317 @@ class MonitorApp(App[None]):
 
     TITLE = "trainfleet monitor"
     CSS = """
-    #top { height: 1fr; }
-    #jobs { width: 1fr; height: 100%; border: round $primary; }
-    #workers { width: 38; height: 100%; border: round $primary; }
-    #logs { height: 40%; border: round $primary; }
+    #summary { height: 1; padding: 0 1; background: $panel; }
+    #jobs { height: 1fr; border: round $primary; }
+    #jobs:focus { border: round $accent; }
+    #bottom { height: 40%; }
+    #logs { width: 1fr; height: 100%; border: round $primary; }
     #logs.hidden { display: none; }
+    #workers { width: 1fr; max-width: 100; height: 100%; border: round $primary; }
+    #workers:focus { border: round $accent; }
+    #prompt { dock: bottom; display: none; }
+    #prompt.shown { display: block; }
     """
     BINDINGS = [
         Binding("q", "quit", "quit"),
+        Binding("question_mark", "help", "keys"),
+        Binding("slash", "prompt('filter')", "filter"),
+        Binding("colon", "prompt('jump')", "jump"),
+        Binding("s", "sort", "sort"),
+        Binding("S", "reverse", "reverse", show=False),
         Binding("c", "cancel_job", "cancel"),
         Binding("r", "requeue_job", "requeue"),
         Binding("l", "toggle_logs", "logs"),
+        Binding("w", "switch_panel", "workers"),
+        Binding("escape", "clear_filter", "clear filter", show=False),
     ]
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, now: Callable[[], float] = time.time, read_only: bool | None = None):
         super().__init__()
         self.settings = settings
-        self.broker: Broker | None = None
-        self.records: dict[str, JobRecord] = {}
-        self.specs: dict[str, JobSpec] = {}
-        self.live = LiveProgress()
+        self.now = now
+        self.read_only = is_viewer(settings) if read_only is None else read_only
+        self.model = JobsModel(now=now)
+        self.fleet: FleetView | None = None
         self.error: TrainfleetError | None = None
-        self.log_job: str | None = None
-        self._order: dict[str, tuple[int, str]] = {}  # id prefix -> sort key (priority first)
+        self.loaded = False  # every record stored at start-up is in the table
+        self.prompt_mode = "filter"
+        self._prompt_before = ""
+        self._spec_wanted: set[str] = set()
+        self._header_version = -1
 
+    # -- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        with Horizontal(id="top"):
-            yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
-            yield DataTable(id="workers", cursor_type="none", show_cursor=False)
-        yield RichLog(id="logs", max_lines=5000, markup=False, highlight=False)
+        yield Static("connecting…", id="summary")
+        yield JobsTable(self.model, id="jobs")
+        with Horizontal(id="bottom"):
+            yield LogPane(id="logs")
+        yield Input(id="prompt")
         yield Footer()
 
     @property
-    def jobs_table(self) -> DataTable[Any]:
-        return self.query_one("#jobs", DataTable)
+    def jobs_table(self) -> JobsTable:
+        return self.query_one("#jobs", JobsTable)
 
     @property
-    def workers_table(self) -> DataTable[Any]:
-        return self.query_one("#workers", DataTable)
+    def workers_panel(self) -> WorkersPanel:
+        return self.query_one("#workers", WorkersPanel)
 
     @property
-    def log_pane(self) -> RichLog:
-        return self.query_one("#logs", RichLog)
+    def log_pane(self) -> LogPane:
+        return self.query_one("#logs", LogPane)
+
+    @property
+    def prompt(self) -> Input:
+        return self.query_one("#prompt", Input)
 
     async def on_mount(self) -> None:
-        for table, columns in ((self.jobs_table, JOB_COLUMNS), (self.workers_table, WORKER_COLUMNS)):
-            for key, label, width in columns:
-                table.add_column(label, key=key, width=width)
-        self.log_pane.border_title = "logs"
         self.jobs_table.border_title = "jobs"
-        self.workers_table.border_title = "workers"
+        self.log_pane.border_title = "logs"
+        self.jobs_table.focus()
         try:
-            self.broker = await Broker.connect(self.settings, name="trainfleet-monitor")
+            broker = await Broker.connect(self.settings, name="trainfleet-monitor")
         except TrainfleetError as exc:
             self.error = exc
             self.exit(return_code=exc.exit_code)
             return
-        self.sub_title = f"{self.settings.prefix} @ {redact_url(self.settings.url)}"
-        await self.live.start(self.broker)
+        self.fleet = FleetView(broker=broker, read_only=self.read_only, now=self.now)
+        self.log_pane.fleet = self.fleet
+        await self.query_one("#bottom", Horizontal).mount(WorkersPanel(self.fleet, id="workers"))
+        self.sub_title = f"{self.settings.prefix} @ {redact_url(self.settings.url)}" + (
+            " · read-only (viewer)" if self.read_only else ""
+        )
+        self.fleet.live.listeners.append(self._on_progress)
+        await self.fleet.live.start(broker)
         self.watch_jobs()
-        await self.refresh_workers()
-        self.set_interval(WORKERS_REFRESH_S, self.refresh_workers)
-        self.set_interval(PROGRESS_REFRESH_S, self.refresh_progress)
-        self.jobs_table.focus()
+        self.set_interval(TICK_S, self.tick)
 
     async def on_unmount(self) -> None:
         # Stop the watchers before the connection they read from goes away.
         self.workers.cancel_all()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.workers.wait_for_complete(), 5.0)
-        await self.live.stop()
-        if self.broker is not None:
-            await self.broker.close()
+        if self.fleet is not None:
+            await self.fleet.live.stop()
+            await self.fleet.broker.close()
 
-    # -- jobs --------------------------------------------------------------
+    # -- jobs ----------------------------------------------------------------------
     @work(group="jobs", exclusive=True)
     async def watch_jobs(self) -> None:
-        assert self.broker is not None
-        self.specs = await load_specs(self.broker)
-        async with contextlib.aclosing(watch_records(self.broker)) as changes:
+        # Role: the monitor's own (viewer or operator): reads the specs bucket, watches the jobs KV.
+        fleet = self.fleet
+        assert fleet is not None
+        fleet.specs = await load_specs(fleet.broker)
+        start: dict[str, JobRecord] = {}
+        # Start-up collects every stored record, then sorts once (when the watch has caught up).
+        watch = watch_records(fleet.broker, on_caught_up=lambda: self._load(start))
+        async with contextlib.aclosing(watch) as changes:
             async for change in changes:
-                if change.record is None:
-                    self.drop_job(change.job_id)
-                elif await self._know_spec(change.job_id):
-                    self.show_job(change.record)
+                if not self.loaded:
+                    if change.record is None:
+                        start.pop(change.job_id, None)
+                    else:
+                        start[change.job_id] = change.record
+                elif change.record is None:
+                    fleet.records.pop(change.job_id, None)
+                    self.model.drop(change.job_id)
+                else:
+                    self._show(change.record)
 
-    async def _know_spec(self, job_id: str) -> bool:
-        """Whether the job's spec is known (a job synced after start is read once)."""
-        if job_id not in self.specs and self.broker is not None:
+    def _load(self, start: dict[str, JobRecord]) -> None:
+        fleet = self.fleet
+        assert fleet is not None
+        fleet.records.update(start)
+        self.model.bulk_load((rec, fleet.specs.get(job_id)) for job_id, rec in start.items())
+        self._spec_wanted.update(j for j in start if j not in fleet.specs)
+        self.loaded = True
+        self.tick()
+
+    def _show(self, rec: JobRecord) -> None:
+        fleet = self.fleet
+        assert fleet is not None
+        before = fleet.records.get(rec.job_id)
+        fleet.records[rec.job_id] = rec
+        spec = fleet.specs.get(rec.job_id)
+        if spec is None:
+            self._spec_wanted.add(rec.job_id)
+        self.model.upsert(fleet.live.apply(rec), spec)
+        if (
+            rec.job_id == self.log_pane.job_id
+            and before is not None
+            and before.status.terminal
+            and not rec.status.terminal
+        ):
+            self.log_pane.follow(rec.job_id)  # requeued: its reader had stopped at the end; start again
+
+    def _on_progress(self, event: dict[str, Any]) -> None:
+        if self.fleet is None or not self.loaded:
+            return
+        job_id = str(event.get("job_id"))
+        rec = self.fleet.records.get(job_id)
+        if rec is None or not rec.status.held:
+            return
+        self.model.upsert(self.fleet.live.apply(rec), self.fleet.specs.get(job_id))
+        metrics = event.get("metrics")
+        if isinstance(metrics, dict):
+            self.model.add_point(job_id, metrics)
+
+    @work(group="specs", exclusive=True)
+    async def fetch_specs(self, job_ids: list[str]) -> None:
+        """Specs of jobs synced after start-up (read once each, then their rows get names)."""
+        fleet = self.fleet
+        assert fleet is not None
+        for job_id in job_ids:
             with contextlib.suppress(TrainfleetError):
-                self.specs[job_id] = await get_spec(self.broker, job_id, identity=False)
-        return job_id in self.specs
+                fleet.specs[job_id] = await get_spec(fleet.broker, job_id, identity=False)
+            rec = fleet.records.get(job_id)
+            if rec is not None and job_id in fleet.specs:
+                self.model.upsert(fleet.live.apply(rec), fleet.specs[job_id])
 
-    def show_job(self, rec: JobRecord) -> None:
-        """Add or update the row of ``rec``."""
-        before = self.records.get(rec.job_id)
-        self.records[rec.job_id] = rec
-        if rec.job_id == self.log_job and before is not None and before.status.terminal and not rec.status.terminal:
-            self.log_job = None  # requeued: its log follower had stopped at the end; start again
-            self.follow_selected()
+    def tick(self) -> None:
+        """Bring the table, the header and the log pane up to date with the model."""
+        if self._spec_wanted:
+            wanted, self._spec_wanted = sorted(self._spec_wanted), set()
+            self.fetch_specs(wanted)
+        self.model.maybe_resort()
         table = self.jobs_table
-        spec = self.specs[rec.job_id]
-        cells = job_cells(self.live.apply(rec), spec)
-        if rec.job_id in table.rows:
-            for (key, _, _), value in zip(JOB_COLUMNS, cells, strict=True):
-                table.update_cell(rec.job_id, key, value)
-        else:
-            table.add_row(*cells, key=rec.job_id)
-            self._order[rec.job_id[:12]] = (-spec.priority, spec.name)
-            table.sort("id", key=lambda id12: self._order.get(id12, (0, "")))
-            # Sorting moves rows under the cursor without a highlight event: keep the log pane in step.
-            self.follow_selected()
-        self._update_title()
+        table.sync()
+        if self.model.version != self._header_version:
+            self._header_version = self.model.version
+            self.query_one("#summary", Static).update(self.summary())
+            table.border_title = f"jobs ({len(self.model):,} of {len(self.model.rows):,})"
+        self.follow_selected()
 
-    def name_of(self, rec: JobRecord) -> str:
-        spec = self.specs.get(rec.job_id)
-        return spec.name if spec else rec.job_id[:12]
-
-    def drop_job(self, job_id: str) -> None:
-        self.records.pop(job_id, None)
-        if job_id in self.jobs_table.rows:
-            self.jobs_table.remove_row(job_id)
-        self._update_title()
-
-    def refresh_progress(self) -> None:
-        """Overlay the latest progress events on the rows of held jobs."""
-        for rec in self.records.values():
-            if rec.status.held and rec.job_id in self.live.latest:
-                live = job_cells(self.live.apply(rec), self.specs[rec.job_id])
-                self.jobs_table.update_cell(rec.job_id, "progress", live[5])
-                self.jobs_table.update_cell(rec.job_id, "metric", live[6])
-
-    def _update_title(self) -> None:
-        counts: dict[str, int] = {}
-        for rec in self.records.values():
-            counts[rec.status.value] = counts.get(rec.status.value, 0) + 1
-        self.title = f"trainfleet · {len(self.records)} jobs · " + " ".join(
-            f"{state} {n}" for state, n in sorted(counts.items())
-        )
+    def summary(self) -> Text:
+        """The header line: counts per state, throughput, ETA of the backlog, filter and sort."""
+        model = self.model
+        if not self.loaded:
+            return Text(f"loading jobs… {len(model.rows):,}", style="dim")
+        text = Text(f"{len(model.rows):,} jobs", style="bold")
+        for state in ("running", "claimed", "pending", "completed", "failed", "cancelled"):
+            n = model.counts.get(state, 0)
+            if n:
+                text.append("  ")
+                text.append(f"{state} {n:,}", style=STATE_STYLE.get(state, ""))
+        rate = model.per_minute()
+        text.append(f"  ·  {rate:.1f} done/min")
+        eta = model.eta_s()
+        if eta is None:
+            text.append("  ·  ETA —")
+        elif eta > 0:
+            text.append(f"  ·  ETA {_eta(eta)}")
+        if model.query:
+            text.append(f"  ·  filter: {model.query.text}", style="bold yellow")
+        text.append(f"  ·  sort: {model.sort} {'↑' if model.reverse else '↓'}", style="dim")
+        return text
 
     def selected(self) -> JobRecord | None:
-        table = self.jobs_table
-        if table.row_count == 0:
-            return None
-        row_key = table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key
-        return self.records.get(str(row_key.value))
+        job_id = self.jobs_table.cursor_id
+        return self.fleet.records.get(job_id) if job_id and self.fleet else None
 
-    # -- workers -----------------------------------------------------------
-    async def refresh_workers(self) -> None:
-        if self.broker is None:
-            return
-        with contextlib.suppress(TrainfleetError, TimeoutError):
-            workers = await load_workers(self.broker)
-            table = self.workers_table
-            table.clear()
-            stale_after = stale_after_s(self.broker.settings)
-            for w in workers:
-                age = time.time() - w.last_seen
-                seen = Text(f"{age:.0f}s", style="" if age <= stale_after else "bold red")
-                table.add_row(w.host_id, w.state, str(len(w.current_jobs)), seen, key=w.host_id)
-            table.border_title = f"workers ({len(workers)})"
+    # -- keys ------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("cancel_job", "requeue_job") and self.read_only:
+            return False  # the viewer role may not: hidden, not failing
+        return True
 
-    # -- logs --------------------------------------------------------------
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table.id == "jobs":
-            self.follow_selected()
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_prompt(self, mode: str) -> None:
+        prompt = self.prompt
+        self.prompt_mode = mode
+        self._prompt_before = self.model.query.text
+        prompt.placeholder = (
+            "filter: words, state:running host:gpu-1 model:mlp (Enter keeps it, Esc restores)"
+            if mode == "filter"
+            else "jump to a job: name, id or id prefix (Enter)"
+        )
+        prompt.value = self._prompt_before if mode == "filter" else ""
+        prompt.add_class("shown")
+        prompt.focus()
+
+    @on(Input.Changed, "#prompt")
+    def _typed(self, event: Input.Changed) -> None:
+        if self.prompt_mode == "filter" and self.prompt.has_class("shown"):
+            self.model.set_query(event.value)
+            self.tick()
+
+    @on(Input.Submitted, "#prompt")
+    def _submitted(self, event: Input.Submitted) -> None:
+        self._close_prompt()
+        if self.prompt_mode == "jump":
+            self.jump(event.value)
+
+    def _close_prompt(self) -> None:
+        self.prompt.remove_class("shown")
+        self.jobs_table.focus()
+
+    def jump(self, ref: str) -> bool:
+        job_id = self.model.resolve(ref)
+        if job_id is None:
+            self.notify(f"no job named {ref!r} (nor an id or prefix of one)", severity="warning")
+            return False
+        if self.model.index_of(job_id) is None:  # hidden by the filter: show everything
+            self.model.set_query("")
+            self.tick()
+        self.jobs_table.select_job(job_id)
+        return True
+
+    def action_clear_filter(self) -> None:
+        if self.prompt.has_class("shown"):
+            if self.prompt_mode == "filter":
+                self.model.set_query(self._prompt_before)
+            self._close_prompt()
+        elif self.model.query:
+            self.model.set_query("")
+        self.tick()
+
+    def action_sort(self) -> None:
+        self.model.set_sort(SORTS[(SORTS.index(self.model.sort) + 1) % len(SORTS)], self.model.reverse)
+        self.tick()
+
+    def action_reverse(self) -> None:
+        self.model.set_sort(self.model.sort, not self.model.reverse)
+        self.tick()
+
+    def action_switch_panel(self) -> None:
+        if self.jobs_table.has_focus:
+            self.workers_panel.focus()
+        else:
+            self.jobs_table.focus()
+
+    @on(JobsTable.Selected)
+    def _open_job(self, event: JobsTable.Selected) -> None:
+        from trainfleet.tui.detail import JobDetailScreen
+
+        if self.fleet is not None:
+            self.push_screen(JobDetailScreen(self.fleet, event.job_id))
+
+    # -- logs --------------------------------------------------------------------------------
+    @on(JobsTable.Highlighted)
+    def _highlighted(self, event: JobsTable.Highlighted) -> None:
+        self.follow_selected()
 
     def follow_selected(self) -> None:
-        rec = self.selected()
-        if rec is None or rec.job_id == self.log_job or self.log_pane.has_class("hidden"):
-            return
-        self.log_job = rec.job_id
-        self.follow_logs(rec)
-
-    @work(group="logs", exclusive=True, exit_on_error=False)
-    async def follow_logs(self, rec: JobRecord) -> None:
-        assert self.broker is not None
+        job_id = self.jobs_table.cursor_id
         pane = self.log_pane
-        pane.clear()
-        name = self.name_of(rec)
-        pane.border_title = f"logs · {name}"
-        reader = read_logs(self.broker, rec.job_id, follow=True, events=True)
-        try:
-            async with contextlib.aclosing(reader) as entries:
-                async for entry in entries:
-                    pane.write(entry_text(entry))
-        except TrainfleetError as exc:
-            pane.write(Text(f"--- stopped following: {exc} (select the job again to retry) ---", style="red"))
-            self.log_job = None
+        if job_id is None or job_id == pane.job_id or pane.has_class("hidden") or self.fleet is None:
             return
-        pane.write(Text(f"--- {name} is finished; end of its output ---", style="dim"))
+        if job_id not in self.fleet.records:
+            return
+        pane.follow(job_id)
 
     def action_toggle_logs(self) -> None:
         pane = self.log_pane
         pane.toggle_class("hidden")
         if pane.has_class("hidden"):
-            self.workers.cancel_group(self, "logs")
-            self.log_job = None
+            pane.stop()
         else:
             self.follow_selected()
 
-    # -- control -----------------------------------------------------------
+    # -- control -----------------------------------------------------------------------------
     def action_cancel_job(self) -> None:
         self._confirm("cancel", "Cancel")
 
@@ -324,26 +405,34 @@ class MonitorApp(App[None]):
 
     def _confirm(self, verb: str, label: str) -> None:
         rec = self.selected()
-        if rec is None:
+        if rec is None or self.fleet is None or self.read_only:
             return
+        name = self.fleet.name_of(rec.job_id)
 
         def answered(yes: bool | None) -> None:
             if yes:
                 self.control(verb, rec)
 
-        self.push_screen(
-            ConfirmScreen(f"{label} {self.name_of(rec)} ({rec.job_id[:12]}), now {rec.status.value}?"), answered
-        )
+        self.push_screen(ConfirmScreen(f"{label} {name} ({rec.job_id[:12]}), now {rec.status.value}?"), answered)
 
     @work(group="control")
     async def control(self, verb: str, rec: JobRecord) -> None:
-        assert self.broker is not None
+        # Role: operator or admin (the control service refuses the viewer; its keys are hidden).
+        assert self.fleet is not None
         try:
-            result = await request(self.broker.nc, self.broker.names, verb, {"job": rec.job_id}, timeout_s=10.0)
+            result = await self.fleet.control(verb, rec.job_id)
         except TrainfleetError as exc:
             self.notify(str(exc), title=f"{verb} failed", severity="error")
             return
-        self.notify(f"{self.name_of(rec)} is now {result['status']}", title=verb)
+        self.notify(f"{self.fleet.name_of(rec.job_id)} is now {result['status']}", title=verb)
+
+
+def _eta(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 def run_monitor(settings: Settings) -> int:
