@@ -42,7 +42,7 @@ from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import request
 from trainfleet.broker.errors import TRANSIENT, ConsumerUnavailable
 from trainfleet.broker.logs import Outbox
-from trainfleet.broker.schema import Capability, JobRecord, JobSpec, WorkerRecord
+from trainfleet.broker.schema import Capability, GpuStat, JobRecord, JobSpec, WorkerRecord
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.tickets import TicketPuller
 from trainfleet.broker.workers import put_worker, remove_worker
@@ -60,6 +60,8 @@ PULL_RETRY_S = 0.5
 CONSUMER_RECHECK_S = 5.0
 # How long the agent waits for a controller's host policy at start.
 HOST_POLICY_TIMEOUT_S = 3.0
+# How long a heartbeat waits for NVML's readings; past it the entry goes out without them.
+GPU_TELEMETRY_TIMEOUT_S = 2.0
 
 
 class Slots:
@@ -137,6 +139,13 @@ class Agent:
         self.slots = Slots(0, [], self._slot_freed)
         self.started_at = time.time()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        from trainfleet.agent.capability import GpuTelemetry
+
+        # Live GPU readings for the worker entry (NVML opened once, at the first read).
+        self.telemetry = GpuTelemetry()
+        self.gpu_stats: tuple[GpuStat, ...] = ()
+        self.gpu_stats_reason = ""
+        self._telemetry_read: asyncio.Future[tuple[tuple[GpuStat, ...], str]] | None = None
 
     # -- setup -------------------------------------------------------------
     @property
@@ -391,6 +400,8 @@ class Agent:
             started_at=self.started_at,
             last_seen=time.time(),
             pid=os.getpid(),
+            gpu_stats=self.gpu_stats,
+            gpu_stats_reason=self.gpu_stats_reason,
         )
 
     async def _register(self) -> None:
@@ -401,13 +412,32 @@ class Agent:
     async def _registry_loop(self) -> None:
         period = min(self.settings.heartbeat_s, self.settings.worker_ttl_s / 3)
         while True:
-            if self.capability is not None and self.capability.has_cuda:
-                from trainfleet.agent.capability import refresh_gpus
-
-                # Free VRAM moves with other users of the card; explain and plan read it here.
-                self.capability = await asyncio.to_thread(refresh_gpus, self.capability)
+            await self._read_gpus()
             await self._register()
             await asyncio.sleep(period)
+
+    async def _read_gpus(self) -> None:
+        """This heartbeat's GPU telemetry, and free VRAM from it (it moves with other users of the
+        card; explain and plan read it from the entry). NVML runs in a thread and gets
+        GPU_TELEMETRY_TIMEOUT_S: a driver that hangs costs the entry its readings, never its
+        heartbeat, and no second read starts while one is still stuck."""
+        from trainfleet.agent.capability import with_free_vram
+
+        cap = self.capability
+        if cap is None or not cap.gpus:
+            self.gpu_stats, self.gpu_stats_reason = (), ""  # capability.cuda_reason says why
+            return
+        if self._telemetry_read is None or self._telemetry_read.done():
+            self._telemetry_read = asyncio.ensure_future(asyncio.to_thread(self.telemetry.read, cap.gpus))
+        try:
+            stats, reason = await asyncio.wait_for(asyncio.shield(self._telemetry_read), GPU_TELEMETRY_TIMEOUT_S)
+        except TimeoutError:
+            stats, reason = (), f"NVML did not answer within {GPU_TELEMETRY_TIMEOUT_S:g} s"
+        except Exception as exc:  # read() never raises; a broken thread pool must not end the loop
+            stats, reason = (), f"gpu telemetry failed: {exc!r}"
+        self.gpu_stats, self.gpu_stats_reason = stats, reason
+        if self.capability is not None:
+            self.capability = with_free_vram(self.capability, stats)
 
     async def _shutdown(self, registry: asyncio.Task[None]) -> None:
         """Steps 2-5 of the shutdown order (the loop has stopped taking tickets)."""
@@ -422,6 +452,8 @@ class Agent:
                     job.hand_back()
                 await asyncio.wait(pending, timeout=self.settings.term_grace_s + 10)
         registry.cancel()
+        if self._telemetry_read is None or self._telemetry_read.done():
+            self.telemetry.close()
         if self.outbox is not None:
             # What trainers said last reaches the stream before we go (an election is waited out
             # for a while, not forever).

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from trainfleet.broker.eligibility import KNOWN_MODULES, module_available
-from trainfleet.broker.schema import Capability, GpuInfo
+from trainfleet.broker.schema import Capability, GpuInfo, GpuStat
 
 try:
     import psutil
@@ -40,12 +40,14 @@ except ImportError:  # pragma: no cover - psutil is expected, but detection must
     psutil = None
 
 __all__ = [
+    "GpuTelemetry",
     "apply_overrides",
     "code_commit",
     "default_host_id",
     "detect",
     "refresh_gpus",
     "render_text",
+    "with_free_vram",
 ]
 
 HOST_ID_ENV = "TRAINFLEET_HOST_ID"
@@ -796,6 +798,123 @@ def _refreshed(lib: Any, gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> t
         free = _gib(lib.nvmlDeviceGetMemoryInfo(device.handle).free)
         out.append(msgspec.structs.replace(gpu, vram_free_gib=min(free, gpu.vram_total_gib)))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- live telemetry
+
+
+class GpuTelemetry:
+    """Live readings of this host's GPUs for the worker heartbeat (``WorkerRecord.gpu_stats``).
+
+    NVML is initialised once, at the first :meth:`read` that has GPUs to read, and stays open
+    until :meth:`close`; the devices are enumerated once too (their handles stay valid while
+    NVML is open). If NVML cannot be loaded or initialised, that reason is kept and given by
+    every later read without trying again. :meth:`read` never raises: trouble is no readings
+    plus a reason (NVML as a whole) or a ``GpuStat.error`` (one GPU). ``env`` and ``nvml`` are
+    injectable as for :func:`detect`.
+    """
+
+    def __init__(self, *, env: Mapping[str, str] | None = None, nvml: Any | None = None):
+        self._env = os.environ if env is None else env
+        self._nvml = nvml
+        self._lib: Any | None = None
+        self._opened = False
+        self._unusable = ""
+        self._devices: list[_Device] | None = None
+
+    def read(self, gpus: tuple[GpuInfo, ...]) -> tuple[tuple[GpuStat, ...], str]:
+        """(one GpuStat per GPU of ``gpus``, "") or ((), why not). No GPUs: ((), "") and NVML is
+        never touched (the capability's ``cuda_reason`` says why there are none)."""
+        if not gpus:
+            return (), ""
+        try:
+            return self._read(gpus)
+        except Exception as exc:  # noqa: BLE001 - a heartbeat must never die of telemetry
+            return (), f"gpu telemetry failed: {_errmsg(exc)}"
+
+    def close(self) -> None:
+        """Shut NVML down if this reader opened it (a later read opens it again)."""
+        if self._lib is not None:
+            with contextlib.suppress(*_nvml_errors(self._lib)):
+                self._lib.nvmlShutdown()
+        self._lib, self._opened, self._devices = None, False, None
+
+    def _open(self) -> str:
+        if not self._opened:
+            self._opened = True
+            lib, reason = _load_nvml(self._nvml)
+            if lib is None:
+                self._unusable = reason.removeprefix("no CUDA: ")
+                return self._unusable
+            try:
+                lib.nvmlInit()
+            except _nvml_errors(lib) as exc:
+                self._unusable = f"NVML init failed: {_errmsg(exc)}"
+                return self._unusable
+            self._lib = lib
+        return self._unusable
+
+    def _read(self, gpus: tuple[GpuInfo, ...]) -> tuple[tuple[GpuStat, ...], str]:
+        unusable = self._open()
+        if unusable:
+            return (), unusable
+        lib = self._lib
+        errors = _nvml_errors(lib)
+        if self._devices is None:
+            try:
+                self._devices = _enumerate(lib)
+            except errors as exc:  # tried again next heartbeat
+                return (), f"cannot count GPUs: {_errmsg(exc)}"
+        by_uuid = {d.uuid: d for d in self._devices if d.uuid}
+        visible = _resolve_visible(self._devices, _visibility(self._env, []), [])
+        stats = []
+        for gpu in gpus:
+            device = by_uuid.get(gpu.uuid) if gpu.uuid else None
+            if device is None and not gpu.uuid and gpu.index < len(visible):
+                device = visible[gpu.index]
+            stats.append(_gpu_stat(lib, gpu, device))
+        return tuple(stats), ""
+
+
+def _gpu_stat(lib: Any, gpu: GpuInfo, device: _Device | None) -> GpuStat:
+    errors = _nvml_errors(lib)
+    base = GpuStat(index=gpu.index, name=gpu.name, uuid=gpu.uuid, vram_total_gib=gpu.vram_total_gib)
+    if device is None or device.handle is None:
+        error = device.error if device is not None and device.error else "NVML no longer sees this GPU"
+        return msgspec.structs.replace(base, error=error)
+    try:
+        memory = lib.nvmlDeviceGetMemoryInfo(device.handle)
+        total, free = float(memory.total), float(memory.free)
+        used = float(getattr(memory, "used", total - free))
+    except errors as exc:  # fallen off the bus, no permission: this GPU only
+        return msgspec.structs.replace(base, error=_errmsg(exc))
+    util = temp = None
+    with contextlib.suppress(*errors):
+        util = float(lib.nvmlDeviceGetUtilizationRates(device.handle).gpu)
+    with contextlib.suppress(*errors):
+        temp = float(lib.nvmlDeviceGetTemperature(device.handle, getattr(lib, "NVML_TEMPERATURE_GPU", 0)))
+    return msgspec.structs.replace(
+        base,
+        vram_used_gib=_gib(used),
+        vram_free_gib=_gib(free),
+        vram_total_gib=_gib(total),
+        util_pct=util,
+        temp_c=temp,
+    )
+
+
+def with_free_vram(cap: Capability, stats: tuple[GpuStat, ...]) -> Capability:
+    """``cap`` with each GPU's free VRAM taken from a telemetry reading of it (never above the
+    recorded total, so a ``max_vram_gib`` override keeps holding). GPUs without a good reading
+    keep what they had."""
+    fresh = {s.index: s for s in stats if not s.error}
+    gpus = tuple(
+        msgspec.structs.replace(g, vram_free_gib=min(fresh[g.index].vram_free_gib, g.vram_total_gib))
+        if g.index in fresh and fresh[g.index].uuid == g.uuid
+        else g
+        for g in cap.gpus
+    )
+    return cap if gpus == cap.gpus else msgspec.structs.replace(cap, gpus=gpus)
 
 
 def _check_override(name: str, value: float | None) -> float | None:

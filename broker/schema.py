@@ -187,6 +187,25 @@ class Capability(msgspec.Struct, frozen=True, kw_only=True):
         return max((g.vram_free_gib for g in self.gpus), default=0.0)
 
 
+class GpuStat(msgspec.Struct, frozen=True, kw_only=True):
+    """One GPU's live telemetry, read from NVML at a worker heartbeat.
+
+    ``index`` is the GPU's position in ``Capability.gpus`` (the CUDA index). A GPU NVML could
+    not read this time has ``error`` set and its other readings left at their defaults;
+    ``util_pct`` and ``temp_c`` are None when the driver does not report them.
+    """
+
+    index: int
+    name: str = ""
+    uuid: str = ""
+    vram_used_gib: float = 0.0
+    vram_free_gib: float = 0.0
+    vram_total_gib: float = 0.0
+    util_pct: float | None = None
+    temp_c: float | None = None
+    error: str = ""
+
+
 class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
     """An agent's entry in the workers KV (the bucket's TTL reaps dead ones)."""
 
@@ -198,6 +217,12 @@ class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float = 0.0
     last_seen: float = 0.0
     pid: int = 0
+    # Live GPU telemetry, one entry per GPU of the capability (added without a schema bump:
+    # readers that predate it ignore the field, and entries without it read as no telemetry).
+    # Empty on a host without GPUs (``capability.cuda_reason`` says why) or when NVML could not
+    # be read this heartbeat (``gpu_stats_reason`` says why).
+    gpu_stats: tuple[GpuStat, ...] = ()
+    gpu_stats_reason: str = ""
     schema_version: int = SCHEMA_VERSION
 
 

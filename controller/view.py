@@ -119,15 +119,33 @@ def jobs_table(rows: list[dict[str, Any]], filtered: bool) -> None:
         print("(no jobs" + (" match" if filtered else "") + ")", file=sys.stderr)
 
 
+def _gpu_use(w: dict[str, Any]) -> str:
+    """Each GPU's live VRAM use and utilisation, compactly: ``41/141G 87%`` (agent-written text made
+    safe); entries from agents without telemetry have no ``gpu_stats``."""
+    parts = []
+    for s in w.get("gpu_stats") or ():
+        if s.get("error"):
+            parts.append(f"gpu{s['index']} error")
+            continue
+        util = f" {s['util_pct']:.0f}%" if s.get("util_pct") is not None else ""
+        parts.append(f"{s['vram_used_gib']:.0f}/{s['vram_total_gib']:.0f}G{util}")
+    if not parts and w["capability"]["gpus"] and w.get("gpu_stats_reason"):
+        parts.append(f"no telemetry: {w['gpu_stats_reason']}")
+    return safe_text("; ".join(parts) or "-", newlines=False)
+
+
 def workers_table(workers: list[dict[str, Any]]) -> None:
-    print(f"{'HOST':<16} {'STATE':<6} {'CORES':>5} {'RAM GiB':>8} {'GPUS':>4} {'SEEN':>6}  {'JOBS':<14} CLASSES")
+    print(
+        f"{'HOST':<16} {'STATE':<6} {'CORES':>5} {'RAM GiB':>8} {'GPUS':>4} {'SEEN':>6}  {'JOBS':<14} "
+        f"{'CLASSES':<24} GPU USE"
+    )
     for w in workers:
         cap = w["capability"]
         seen = f"{w['age_s']:>5.0f}s" + ("" if w["alive"] else " stale")
         jobs = ",".join(j[:12] for j in w["current_jobs"]) or "-"
         print(
             f"{w['host_id']:<16} {w['state']:<6} {cap['cores_usable']:>5g} {cap['ram_available_gib']:>8.1f} "
-            f"{len(cap['gpus']):>4} {seen:>6}  {jobs:<14} {','.join(w['classes'])}"
+            f"{len(cap['gpus']):>4} {seen:>6}  {jobs:<14} {','.join(w['classes']):<24} {_gpu_use(w)}"
         )
     if not workers:
         print("(no workers registered)", file=sys.stderr)
