@@ -240,6 +240,12 @@ def cmd_artifacts_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
+    if args.web:
+        from trainfleet.tui.web import serve_monitor
+
+        return serve_monitor(from_flags(args), args.host, args.port)
+    if args.host is not None or args.port is not None:
+        raise UsageError("--host and --port go with --web")
     from trainfleet.tui.app import run_monitor
 
     return run_monitor(from_flags(args))
@@ -489,7 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     _json_flag(p)
 
-    verb("monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, l logs)")
+    p = verb(
+        "monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, l logs)"
+    )
+    p.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the monitor to a browser instead (textual-serve; each tab runs its own monitor with "
+        "these settings); anyone who can reach the port gets this identity's rights",
+    )
+    p.add_argument("--host", help="with --web: address to listen on (default 127.0.0.1; wider warns)")
+    p.add_argument("--port", type=int, help="with --web: port to listen on (default 8000)")
 
     p = verb(
         "explain",
