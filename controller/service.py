@@ -22,6 +22,7 @@ from nats.micro.request import Request
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import ENDPOINT_DOCS, error_reply, ok_reply
 from trainfleet.broker.errors import UsageError
+from trainfleet.broker.explain import explain_json, explain_ref
 from trainfleet.broker.jobs import Job
 from trainfleet.broker.names import Names
 from trainfleet.broker.schema import JobStatus
@@ -117,7 +118,7 @@ def handlers(ctl: Served) -> dict[str, Handler]:
 
     async def explain(body: dict[str, Any]) -> Any:
         stale = stale_after_s(ctl.b.settings)
-        return explain.explain_json(*await explain.explain_ref(ctl.b, _job_ref(body), stale_after_s=stale))
+        return explain_json(*await explain_ref(ctl.b, _job_ref(body), stale_after_s=stale))
 
     return {
         "sync": sync,

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from trainfleet.broker import display, tickets
 from trainfleet.broker.display import fmt_bytes, fmt_metrics, safe_text
+from trainfleet.broker.explain import explain_text
 from trainfleet.broker.jobs import Job
 from trainfleet.broker.logs import LogEntry
 from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus
@@ -314,23 +315,8 @@ def prune_report(result: dict[str, Any]) -> str:
 
 # -- explain and plan --------------------------------------------------------------------
 def render_explain(job: Job, matches: list[Match]) -> str:
-    record = job.record
-    lines = [
-        f"{job.spec.name} ({record.job_id[:12]}) is {record.status.value}; ticket class "
-        f"{', '.join(tickets.offered_classes(record))}"
-    ]
-    if record.reason:
-        lines.append(f"  last reason: {safe_text(record.reason, newlines=False)}")
-    if not matches:
-        lines.append("  no workers are registered")
-    for m in matches:
-        verdict = "can run it" if m.eligible else "cannot run it"
-        lines.append(f"  {m.host_id:<16} {verdict}{'' if m.alive else ' (stale)'}")
-        lines += [f"      ✗ {r}" for r in m.reasons]
-        lines += [f"      · {n}" for n in m.notes]
-    if matches and not any(m.eligible and m.alive for m in matches):
-        lines.append("  → no live worker can run this job now")
-    return "\n".join(lines)
+    # The monitor's job detail shows the same lines: one rendering, in broker/explain.py.
+    return explain_text(job, matches)
 
 
 def render_plan(plans: list[JobPlan]) -> str:
