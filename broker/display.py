@@ -98,14 +98,27 @@ def fmt_metrics(metrics: dict[str, Any], limit: int | None = None) -> str:
     return " ".join(f"{safe_text(str(k), newlines=False)}={fmt_value(v)}" for k, v in items)
 
 
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def headline_metrics(metrics: dict[str, Any], limit: int = 2) -> dict[str, Any]:
+    """The metrics a one-line view shows of a trainer's ``metrics.json``: the one its optional
+    ``"headline"`` key names, else its first ``limit`` numeric metrics in the order written
+    (the trainer contract requires no ``headline`` key; README, docs/operations.md)."""
+    name = metrics.get("headline")
+    if isinstance(name, str) and name != "headline" and name in metrics:
+        return {name: metrics[name]}
+    numeric = [(k, v) for k, v in metrics.items() if k != "headline" and _numeric(v)]
+    return dict(numeric[: max(limit, 0)])
+
+
 def headline(rec: JobRecord, limit: int = 2) -> str:
-    """The final headline metric once the trainer wrote one, else the latest reported metrics."""
+    """The final headline metric (see :func:`headline_metrics`) once the job has ended, else the
+    latest reported metrics."""
     if not rec.status.terminal:  # metrics of an earlier generation would mislead: show this run's
         return fmt_metrics((rec.progress or {}).get("metrics") or {}, limit)
-    name = rec.metrics.get("headline") if rec.metrics else None
-    if name and name in rec.metrics:
-        return f"{safe_text(str(name), newlines=False)}={fmt_value(rec.metrics[name])}"
-    return ""
+    return fmt_metrics(headline_metrics(rec.metrics or {}, limit))
 
 
 def styled_state(state: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from trainfleet.broker import bundle, specs
+from trainfleet.broker import bundle, display, specs
 from trainfleet.broker.artifacts import Artifacts, check_artifact_id, is_artifact_id
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ArtifactError, JobNotFound, SchemaError
@@ -54,7 +54,6 @@ def job_json(job: Job) -> dict[str, Any]:
 def job_row(job: Job) -> dict[str, Any]:
     """One line of ``trainfleet jobs``."""
     rec, spec = job.record, job.spec
-    headline = rec.metrics.get("headline") if rec.metrics else None
     duration = (rec.finished_at - rec.started_at) if rec.finished_at and rec.started_at else None
     return {
         "job_id": rec.job_id,
@@ -68,7 +67,7 @@ def job_row(job: Job) -> dict[str, Any]:
         "priority": spec.priority,
         "duration_s": duration,
         "artifact": rec.artifact,
-        "metric": {headline: rec.metrics.get(headline)} if headline else None,
+        "metric": display.headline_metrics(rec.metrics) or None,
         "progress": rec.progress or None,
         "reason": rec.reason,
         "last_error": rec.last_error,
