@@ -26,7 +26,9 @@ from trainfleet.broker.display import safe_text
 from trainfleet.broker.logs import LogEntry
 from trainfleet.broker.schema import JobRecord, JobStatus
 from trainfleet.controller import view
-from trainfleet.tui.app import MonitorApp, entry_text, job_cells
+from trainfleet.tui.app import MonitorApp
+from trainfleet.tui.logpane import entry_text
+from trainfleet.tui.model import make_row
 
 from .conftest import gbm_jobs, gbm_manifest, put_job, role_env
 
@@ -143,8 +145,8 @@ def test_monitor_cells_and_log_lines_are_text_not_markup():
         attempt=1,
         progress={"step": 1, "total": 2, "metrics": {"[b]loss\x1b[2J": 0.5}},
     )
-    metric = job_cells(rec, spec)[-1]
-    assert _as_shown(metric) == "[b]loss\\x1b[2J=0.5"
+    metric = make_row(rec, spec).metric
+    assert metric == "[b]loss\\x1b[2J=0.5"  # drawn as segments: never read as markup
     line = entry_text(LogEntry(seq=1, at=0.0, kind="log", attempt=1, stream="stdout", line="[red]" + ATTACK))
     assert isinstance(line, Text) and line.plain == "[red]" + ATTACK_SHOWN
 
@@ -250,7 +252,11 @@ async def test_monitor_shows_trainer_output_escaped_and_metrics_not_as_markup(br
     app = MonitorApp(settings)
     async with app.run_test(size=(160, 40)) as pilot:
         await until(pilot, lambda: app.jobs_table.row_count == 1, "the job's row")
-        assert _as_shown(app.jobs_table.get_cell(rec.job_id, "metric")) == "[red]loss\\x1b[2J=0.5"
+        assert app.model.rows[rec.job_id].metric == "[red]loss\\x1b[2J=0.5"
+        table = app.jobs_table
+        drawn = lambda: "\n".join(table.render_line(y).text for y in range(table.size.height))  # noqa: E731
+        await until(pilot, lambda: "[red]loss\\x1b[2J=0.5" in drawn(), "the metric drawn as text")
+        assert not RAW_CONTROL.search(drawn())
         shown = lambda: "\n".join(strip.text for strip in app.log_pane.lines)  # noqa: E731
         await until(pilot, lambda: "pwned" in shown(), "the job's output")
         assert ATTACK_SHOWN in shown() and not RAW_CONTROL.search(shown())

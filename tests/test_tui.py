@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from textual import events
+
 from trainfleet.broker.jobs import Job
 from trainfleet.broker.logs import read_logs
 from trainfleet.broker.records import get_record
@@ -264,6 +266,26 @@ async def test_filter_sort_jump_and_the_header(broker, settings):
         # a jump to no such job says so and moves nothing
         await press(pilot, "colon", *"nosuchjob", "enter")
         assert app.jobs_table.cursor == 7
+
+
+async def test_keys_typed_in_one_burst_after_slash_and_colon_reach_the_prompt(broker, settings):
+    """A paste or a fast typist delivers `/tmux-1⏎` at once: the keys after `/` are queued for the
+    table before the prompt has the focus (a real terminal showed it; test_tui_tmux sends such a burst)."""
+    jobs = await create(broker, gbm_jobs(3, prefix="burst"))
+    app = MonitorApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.jobs_table.row_count == 3, "the jobs")
+        for text in ("/burst-1\r", ":" + jobs[2].job_id[:8] + "\r"):
+            for ch in text:
+                key = {"/": "slash", ":": "colon", "\r": "enter", "-": "minus"}.get(ch, ch)
+                app.post_message(events.Key(key, ch))
+            await pilot.pause(0.5)
+        assert shown(app) == ["burst-0", "burst-1", "burst-2"]  # the jump to burst-2 cleared the filter
+        assert app.jobs_table.cursor_id == jobs[2].job_id and not app.prompt.display
+        for ch in "/burst-1\r":
+            app.post_message(events.Key({"/": "slash", "\r": "enter", "-": "minus"}.get(ch, ch), ch))
+        await until(pilot, lambda: shown(app) == ["burst-1"], "the filter typed in one burst")
+        assert app.model.query.text == "burst-1" and app.jobs_table.has_focus
 
 
 async def test_help_lists_every_key(broker, settings):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -95,7 +95,6 @@ class MonitorApp(App[None]):
     #workers { width: 1fr; max-width: 100; height: 100%; border: round $primary; }
     #workers:focus { border: round $accent; }
     #prompt { dock: bottom; display: none; }
-    #prompt.shown { display: block; }
     """
     BINDINGS = [
         Binding("q", "quit", "quit"),
@@ -164,9 +163,8 @@ class MonitorApp(App[None]):
         self.fleet = FleetView(broker=broker, read_only=self.read_only, now=self.now)
         self.log_pane.fleet = self.fleet
         await self.query_one("#bottom", Horizontal).mount(WorkersPanel(self.fleet, id="workers"))
-        self.sub_title = f"{self.settings.prefix} @ {redact_url(self.settings.url)}" + (
-            " · read-only (viewer)" if self.read_only else ""
-        )
+        where = f"{self.settings.prefix} @ {redact_url(self.settings.url)}"
+        self.sub_title = f"read-only (viewer) · {where}" if self.read_only else where
         self.fleet.live.listeners.append(self._on_progress)
         await self.fleet.live.start(broker)
         self.watch_jobs()
@@ -314,12 +312,22 @@ class MonitorApp(App[None]):
             else "jump to a job: name, id or id prefix (Enter)"
         )
         prompt.value = self._prompt_before if mode == "filter" else ""
-        prompt.add_class("shown")
-        prompt.focus()
+        # At once, not at the next refresh (a class) or after the queued messages (focus()): keys typed
+        # right after the `/` (a paste, a fast typist, tmux send-keys) are already in the queue.
+        prompt.display = True
+        self.screen.set_focus(prompt)
+
+    def on_key(self, event: events.Key) -> None:
+        prompt = self.prompt
+        if prompt.display and self.focused is prompt and event.is_printable and event.character:
+            # Typed ahead of the prompt: keys that arrived in one burst with the `/` were handed to
+            # the table before the prompt took the focus. They belong to the prompt.
+            prompt.insert_text_at_cursor(event.character)
+            event.stop()
 
     @on(Input.Changed, "#prompt")
     def _typed(self, event: Input.Changed) -> None:
-        if self.prompt_mode == "filter" and self.prompt.has_class("shown"):
+        if self.prompt_mode == "filter" and self.prompt.display:
             self.model.set_query(event.value)
             self.tick()
 
@@ -328,10 +336,13 @@ class MonitorApp(App[None]):
         self._close_prompt()
         if self.prompt_mode == "jump":
             self.jump(event.value)
+        else:  # the Changed messages of the last keys may come after this (keys typed in one burst)
+            self.model.set_query(event.value)
+            self.tick()
 
     def _close_prompt(self) -> None:
-        self.prompt.remove_class("shown")
-        self.jobs_table.focus()
+        self.prompt.display = False
+        self.screen.set_focus(self.jobs_table)
 
     def jump(self, ref: str) -> bool:
         job_id = self.model.resolve(ref)
@@ -345,7 +356,7 @@ class MonitorApp(App[None]):
         return True
 
     def action_clear_filter(self) -> None:
-        if self.prompt.has_class("shown"):
+        if self.prompt.display:
             if self.prompt_mode == "filter":
                 self.model.set_query(self._prompt_before)
             self._close_prompt()
