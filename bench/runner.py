@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import durability, failover, fleet, scale, sync, throughput, transfer
+from bench import durability, failover, fleet, monitor, scale, sync, throughput, transfer
 from bench.env import machine_facts
 from bench.report import Row, format_table
 
@@ -38,6 +38,7 @@ class Profile:
     scale_jobs: int
     scale_agents: int
     failover_rounds: int
+    monitor_sizes: tuple[int, ...]
 
 
 PROFILES = {
@@ -56,6 +57,7 @@ PROFILES = {
         scale_jobs=300,
         scale_agents=20,
         failover_rounds=1,
+        monitor_sizes=(2000,),
     ),
     "default": Profile(
         latency_samples=50,
@@ -72,6 +74,7 @@ PROFILES = {
         scale_jobs=100_000,
         scale_agents=200,
         failover_rounds=3,
+        monitor_sizes=(10_000, 100_000),
     ),
 }
 PROFILES["full"] = Profile(
@@ -108,6 +111,10 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "failover": (
         "record-write gap and takeover when the node leading the jobs store dies (3-node cluster)",
         lambda p: failover.run(p.failover_rounds),
+    ),
+    "monitor": (
+        "the Textual monitor over N jobs: start-up, key → repaint under 100 record changes/s, counts, RSS",
+        lambda p: monitor.run(list(p.monitor_sizes)),
     ),
     "scale": (
         "100k-job manifest, hundreds of agents (runs with --full or --only scale)",

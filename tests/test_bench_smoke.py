@@ -58,6 +58,11 @@ def test_quick_benchmark_prints_a_table_with_every_row_and_its_baseline(tmp_path
     for name in EXPECTED_ROWS:
         assert rows[name]["baseline"] and rows[name]["ratio"] is not None, name
         assert rows[name]["value"] > 0, name
+    # The monitor's row (2k jobs here): started, keys measured, and its header agrees with the KV.
+    assert rows["monitor start-up, 2k jobs"]["value"] > 0
+    assert rows["monitor key → repaint p99, down, 2k jobs"]["value"] > 0
+    counts = rows["monitor header counts vs KV, 2k jobs"]
+    assert counts["value"] == 0 and counts["note"].startswith("agree"), counts
 
 
 def test_scale_run_machinery_completes_every_job_exactly_once(tmp_path):
