@@ -10,6 +10,9 @@ bundle.PROVENANCE_MAX_BYTES however the bundle was crafted. Behind it the pipeli
 object-store client (objstore.py) speaks the standard JetStream object-store format,
 and fetches large objects over a direct connection (directget.py) where it can.
 
+:func:`download_artifact` is ``trainfleet artifacts get`` and the monitor's download: a
+verified get, then a safe extraction into the new directory ``DIR/<job id>``.
+
 It also prunes: :meth:`Artifacts.prune` removes the stored bundles no job record points
 at (a requeued job's earlier bundle, a fenced agent's upload) once they are old enough.
 
@@ -18,6 +21,7 @@ Roles: an agent puts; the controller sweeps and prunes; operators and viewers ge
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -30,7 +34,7 @@ import nats.errors
 import nats.js.errors
 
 from trainfleet.broker import kv
-from trainfleet.broker.bundle import PROVENANCE_NAME, Bundle, ProvenanceStream
+from trainfleet.broker.bundle import PROVENANCE_NAME, Bundle, ProvenanceStream, check_target, extract
 from trainfleet.broker.errors import ArtifactError, BrokerError, ObjectNotFound, SchemaError, StoreFull
 from trainfleet.broker.objstore import ObjectInfo, ObjectStoreClient, _parse_rfc3339, parse_digest
 from trainfleet.broker.provision import LOGS_STREAM_PLACEHOLDER, size_text
@@ -300,6 +304,42 @@ async def referenced_artifacts(broker: Broker) -> set[str]:
         if artifact:
             referenced.add(artifact)
     return referenced
+
+
+async def download_artifact(
+    broker: Broker, artifact: str, out: Path, *, into: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Download bundle ``artifact`` (verified) into ``out/<artifact>.tar.zst`` and, when ``into``
+    is given (the job id; an orphan's artifact id), extract it into the new directory
+    ``out/<into>`` (``force``: replacing what is there).
+
+    Both names are checked to be 64 lowercase hex, so the paths never depend on anything a
+    manifest or a record said. An unusable target is refused before the download. The download
+    and the extraction are bounded by the settings' max_artifact_bytes; a refused extraction
+    removes the bundle this call downloaded, so a refusal leaves nothing behind."""
+    artifact = check_artifact_id(artifact)
+    limit = broker.settings.max_artifact_bytes
+    target = None
+    if into is not None:
+        target = check_target(out / check_artifact_id(into, "extraction directory"), force=force)
+    bundle_path = out / f"{artifact}.tar.zst"
+    existed = bundle_path.exists()
+    bundle_path = await Artifacts(broker).get(artifact, bundle_path, max_bytes=limit)
+    size = bundle_path.stat().st_size
+    if target is not None:
+        try:
+            target = await asyncio.to_thread(extract, bundle_path, target, max_bytes=limit, force=force)
+        except ArtifactError:
+            if not existed:
+                bundle_path.unlink(missing_ok=True)
+            raise
+    return {
+        "artifact": artifact,
+        "path": str(bundle_path),
+        "bytes": size,
+        "verified": True,
+        "extracted": str(target) if target else None,
+    }
 
 
 def _age_s(mtime: str, now: datetime) -> float:

@@ -4,6 +4,8 @@ Every state change is a compare-and-swap on the record's KV revision (:func:`cas
 :func:`update_record` is the one read → change → CAS loop that retries a lost CAS
 on a fresh read. Records are created by the controller (``sync``), claimed and
 renewed by the agent that holds them, cancelled and requeued by the controller.
+:func:`job_history` (over :func:`transitions`) is a record's kept revisions with the
+heartbeat-only ones collapsed, as ``trainfleet show`` and the monitor show them.
 
 Roles: the controller creates and CASes records; an agent CASes the records it
 claims or holds; operators and viewers only read (get, load, watch, history).
@@ -14,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
 from nats.js.kv import KeyValue
 
 from trainfleet.broker import kv
 from trainfleet.broker.errors import TRANSIENT, Conflict, JobNotFound, SchemaError
-from trainfleet.broker.schema import JobRecord, decode, encode
+from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
 
 if TYPE_CHECKING:
     from trainfleet.broker.connection import Broker
@@ -185,3 +187,67 @@ async def watch_records(
 async def record_history(broker: Broker, job_id: str) -> list[KeyValue.Entry]:
     """Every revision of the record the jobs bucket keeps, oldest first ([] for no such job)."""
     return await kv.key_history(broker.js, broker.names.jobs_bucket, job_id)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A revision of a job record that changed more than its heartbeat or progress."""
+
+    revision: int
+    at: float
+    status: str
+    host: str | None
+    attempt: int
+    generation: int
+    reason: str | None
+
+
+def transition_key(rec: JobRecord) -> tuple[Any, ...]:
+    """What a state change changes: two records with the same key differ at most in their
+    heartbeat or progress."""
+    return (rec.status, rec.claimed_by, rec.attempt, rec.generation, rec.reason, rec.artifact)
+
+
+def transitions(entries: Iterable[KeyValue.Entry]) -> list[Transition]:
+    """The state changes among a key's KV history entries (oldest first): a revision that only
+    renewed the heartbeat or the progress of the one before is left out; deletes and unreadable
+    values are skipped."""
+    out: list[Transition] = []
+    last: tuple[Any, ...] | None = None
+    for entry in entries:
+        if entry.value is None or entry.operation is not None:
+            continue
+        try:
+            rec: JobRecord = decode(entry.value, JobRecord)
+        except SchemaError:
+            continue
+        key = transition_key(rec)
+        if key == last:
+            continue  # a heartbeat or a progress update: same state, same holder
+        last = key
+        out.append(
+            Transition(
+                revision=entry.revision or 0,
+                at=rec.updated_at,
+                status=rec.status.value,
+                host=rec.claimed_by,
+                attempt=rec.attempt,
+                generation=rec.generation,
+                reason=rec.reason,
+            )
+        )
+    return out
+
+
+def history_truncated(rows: Sequence[Transition]) -> bool:
+    """Whether older revisions were already dropped (the bucket keeps the last few of each key):
+    every record is born pending at generation 1, attempt 0, so a history that starts elsewhere
+    lost its start."""
+    return bool(rows) and (rows[0].status != JobStatus.PENDING.value or rows[0].generation != 1 or rows[0].attempt != 0)
+
+
+async def job_history(broker: Broker, job_id: str) -> tuple[list[Transition], bool]:
+    """The state transitions among the revisions the jobs KV keeps of ``job_id`` (oldest first),
+    and whether older revisions were already dropped ([], False for no such job)."""
+    rows = transitions(await record_history(broker, job_id))
+    return rows, history_truncated(rows)

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from trainfleet.broker import bundle, display, specs
-from trainfleet.broker.artifacts import Artifacts, check_artifact_id, is_artifact_id
+from trainfleet.broker import display, specs
+from trainfleet.broker.artifacts import Artifacts, check_artifact_id, download_artifact, is_artifact_id
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import ArtifactError, JobNotFound, SchemaError
+from trainfleet.broker.errors import ArtifactError, JobNotFound
 from trainfleet.broker.jobs import Job, load_jobs, resolve
-from trainfleet.broker.records import load_records, record_history
-from trainfleet.broker.schema import JobRecord, JobStatus, decode
+from trainfleet.broker.records import job_history, load_records
+from trainfleet.broker.schema import JobStatus
 from trainfleet.broker.workers import load_workers, stale_after_s
 
 log = logging.getLogger("trainfleet.controller")
@@ -98,59 +98,6 @@ async def list_workers(broker: Broker, now: float | None = None) -> list[dict[st
         row["alive"] = row["age_s"] <= stale_after_s(broker.settings)
         out.append(row)
     return out
-
-
-# -- history -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Transition:
-    """A revision of a job record that changed more than its heartbeat or progress."""
-
-    revision: int
-    at: float
-    status: str
-    host: str | None
-    attempt: int
-    generation: int
-    reason: str | None
-
-
-def _transition_key(rec: JobRecord) -> tuple[Any, ...]:
-    return (rec.status, rec.claimed_by, rec.attempt, rec.generation, rec.reason, rec.artifact)
-
-
-async def job_history(broker: Broker, job_id: str) -> tuple[list[Transition], bool]:
-    """The state transitions among the revisions the jobs KV keeps (oldest first), and whether
-    older revisions were already dropped (the bucket keeps the last ten of each key)."""
-    entries = await record_history(broker, job_id)
-    out: list[Transition] = []
-    last: tuple[Any, ...] | None = None
-    for entry in entries:
-        if entry.value is None or entry.operation is not None:
-            continue
-        try:
-            rec: JobRecord = decode(entry.value, JobRecord)
-        except SchemaError:
-            continue
-        key = _transition_key(rec)
-        if key == last:
-            continue  # a heartbeat or a progress update: same state, same holder
-        last = key
-        out.append(
-            Transition(
-                revision=entry.revision or 0,
-                at=rec.updated_at,
-                status=rec.status.value,
-                host=rec.claimed_by,
-                attempt=rec.attempt,
-                generation=rec.generation,
-                reason=rec.reason,
-            )
-        )
-    # Every record is born pending at generation 1: starting elsewhere means revisions were dropped.
-    truncated = bool(out) and (
-        out[0].status != JobStatus.PENDING.value or out[0].generation != 1 or out[0].attempt != 0
-    )
-    return out, truncated
 
 
 # -- show ----------------------------------------------------------------------
@@ -242,27 +189,7 @@ async def fetch_artifact(broker: Broker, ref: str, out: Path, *, extract: bool, 
     The download and the extraction are bounded by the settings' max_artifact_bytes; a refused
     extraction removes the bundle this call downloaded, so a refusal leaves nothing behind."""
     artifact, dirname = await _artifact_target(broker, ref)
-    limit = broker.settings.max_artifact_bytes
-    # Refuse an unusable target before spending a download on it.
-    target = bundle.check_target(out / dirname, force=force) if extract else None
-    bundle_path = out / f"{artifact}.tar.zst"
-    existed = bundle_path.exists()
-    bundle_path = await Artifacts(broker).get(artifact, bundle_path, max_bytes=limit)
-    size = bundle_path.stat().st_size
-    if target is not None:
-        try:
-            target = bundle.extract(bundle_path, target, max_bytes=limit, force=force)
-        except ArtifactError:
-            if not existed:
-                bundle_path.unlink(missing_ok=True)
-            raise
-    return {
-        "artifact": artifact,
-        "path": str(bundle_path),
-        "bytes": size,
-        "verified": True,
-        "extracted": str(target) if target else None,
-    }
+    return await download_artifact(broker, artifact, out, into=dirname if extract else None, force=force)
 
 
 async def sweep_artifacts(broker: Broker, older_than_s: float | None, *, dry_run: bool) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.artifacts import Artifacts, download_artifact
 from trainfleet.broker.bundle import build_bundle, extract, read_provenance
 from trainfleet.broker.errors import ArtifactError, PackError
 
@@ -106,6 +106,55 @@ async def test_download_with_a_digest_mismatch_fails_and_leaves_nothing(broker, 
 async def test_download_of_a_missing_artifact_is_a_clear_error(broker, tmp_path):
     with pytest.raises(ArtifactError, match="not in the object store"):
         await Artifacts(broker).get("f" * 64, tmp_path / "x")
+
+
+async def test_download_artifact_extracts_into_a_new_directory_named_by_the_id(broker, tmp_path):
+    # (what `trainfleet artifacts get --extract` and the monitor's download both call)
+    bundle = build_bundle(make_output(tmp_path), {"p": 1}, tmp_path / "b.tar.zst")
+    await Artifacts(broker).put(bundle)
+    job_id, out = "a" * 64, tmp_path / "dl"
+    result = await download_artifact(broker, bundle.sha256, out, into=job_id)
+    assert result == {
+        "artifact": bundle.sha256,
+        "path": str(out / f"{bundle.sha256}.tar.zst"),
+        "bytes": bundle.size,
+        "verified": True,
+        "extracted": str(out.resolve() / job_id),
+    }
+    assert (out / job_id / "output" / "model.bin").read_bytes() == bytes(range(256)) * 100
+    # A used target is refused before anything is downloaded...
+    (out / f"{bundle.sha256}.tar.zst").unlink()
+    with pytest.raises(ArtifactError, match="not empty"):
+        await download_artifact(broker, bundle.sha256, out, into=job_id)
+    assert sorted(p.name for p in out.iterdir()) == [job_id]
+    # ...unless forced; without a directory to extract into only the bundle is fetched
+    (out / job_id / "output" / "model.bin").write_bytes(b"stale")
+    await download_artifact(broker, bundle.sha256, out, into=job_id, force=True)
+    assert (out / job_id / "output" / "model.bin").read_bytes() == bytes(range(256)) * 100
+    fetched = await download_artifact(broker, bundle.sha256, tmp_path / "only", into=None)
+    assert fetched["extracted"] is None and sorted(p.name for p in (tmp_path / "only").iterdir()) == [
+        f"{bundle.sha256}.tar.zst"
+    ]
+
+
+async def test_download_artifact_refuses_other_names_and_a_refused_extraction_leaves_nothing(broker, tmp_path):
+    out = tmp_path / "dl"
+    # A directory name that is not an id (a job's name, a path) is refused before any read
+    for name in ("../victim", "model", str(tmp_path / "victim")):
+        with pytest.raises(ArtifactError, match="64 lowercase hex"):
+            await download_artifact(broker, "f" * 64, out, into=name)
+    with pytest.raises(ArtifactError, match="64 lowercase hex"):
+        await download_artifact(broker, "../x", out, into="a" * 64)
+    assert not out.exists() and not (tmp_path / "victim").exists()
+    # A stored bundle with a member that leaves the target: refused, and the bundle it fetched is removed
+    info = tarfile.TarInfo("../evil.txt")
+    info.size = 4
+    data = zst_tar(tmp_path / "bad.tar.zst", [(info, b"evil")]).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    await (await stock_artifacts(broker)).put(sha, data)
+    with pytest.raises(ArtifactError, match="outside"):
+        await download_artifact(broker, sha, out, into="b" * 64)
+    assert list(out.iterdir()) == [] and not (tmp_path / "evil.txt").exists()
 
 
 def test_links_inside_the_output_travel_and_links_out_of_it_are_refused(tmp_path):

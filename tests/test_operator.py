@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import msgspec
@@ -21,7 +22,7 @@ from trainfleet.broker.control import ENDPOINT_DOCS, request
 from trainfleet.broker.errors import ArtifactError, BrokerError, TrainfleetError
 from trainfleet.broker.logs import LiveProgress, LogEntry, read_logs
 from trainfleet.broker.provision import JOBS_KV_HISTORY
-from trainfleet.broker.records import get_record, record_history
+from trainfleet.broker.records import get_record, history_truncated, record_history, transitions
 from trainfleet.broker.schema import JobRecord, JobStatus, ProgressEvent, decode, encode
 from trainfleet.controller import ops
 from trainfleet.controller.controller import Controller
@@ -167,6 +168,32 @@ async def test_history_keeps_transitions_and_collapses_heartbeats(broker):
     ]
     assert not truncated
     assert [t.revision for t in history] == sorted(t.revision for t in history)
+
+
+def test_transitions_collapse_heartbeats_and_skip_deletes_and_unreadable_values():
+    # (the one collapsing `trainfleet show`/`history` and the monitor's detail screen use)
+    def entry(revision, value, operation=None):
+        return types.SimpleNamespace(revision=revision, value=value, operation=operation)
+
+    born = JobRecord(job_id="j" * 64, updated_at=1.0)
+    running = born.evolve(status=JobStatus.RUNNING, claimed_by="a1", attempt=1, updated_at=2.0)
+    entries = [
+        entry(1, encode(born)),
+        entry(2, encode(running)),
+        entry(3, encode(running.evolve(heartbeat_at=5.0, progress={"step": 1}))),  # heartbeat only
+        entry(4, b"not a record"),
+        entry(5, None, "DEL"),
+        entry(6, encode(running.evolve(status=JobStatus.COMPLETED, reason="done", updated_at=9.0))),
+    ]
+    rows = transitions(entries)
+    assert [(t.revision, t.status, t.host, t.attempt, t.reason) for t in rows] == [
+        (1, "pending", None, 0, None),
+        (2, "running", "a1", 1, None),
+        (6, "completed", "a1", 1, "done"),
+    ]
+    assert [t.at for t in rows] == [1.0, 2.0, 9.0]
+    assert not history_truncated(rows) and not history_truncated([])
+    assert history_truncated(rows[1:])
 
 
 async def test_history_says_when_older_revisions_were_dropped(broker):

@@ -30,12 +30,10 @@ NATS, and which role does it (every one of them is allowed to a viewer unless sa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +47,15 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Input, Static
 from textual_plotext import PlotextPlot
 
-from trainfleet.broker import bundle, display
-from trainfleet.broker.artifacts import Artifacts, check_artifact_id
+from trainfleet.broker import display
+from trainfleet.broker.artifacts import Artifacts, download_artifact
 from trainfleet.broker.display import safe_text
-from trainfleet.broker.errors import ArtifactError, TrainfleetError
+from trainfleet.broker.errors import TrainfleetError
 from trainfleet.broker.explain import Match, explain_job, explain_json, explain_lines
 from trainfleet.broker.jobs import Job
 from trainfleet.broker.logs import LogEntry, read_logs
-from trainfleet.broker.records import record_history, watch_records
-from trainfleet.broker.schema import JobRecord, JobSpec, decode
+from trainfleet.broker.records import Transition, history_truncated, job_history, transition_key, watch_records
+from trainfleet.broker.schema import JobRecord, JobSpec
 from trainfleet.broker.specs import get_spec, signed_by
 from trainfleet.broker.workers import load_workers, stale_after_s
 from trainfleet.tui.common import ConfirmScreen, FleetView
@@ -110,50 +108,6 @@ def metric_series(entries: Iterable[LogEntry], run: Run | None = None) -> Series
             number = _number(value)
             if number is not None:
                 out.setdefault(str(name), []).append((x, number))
-    return out
-
-
-@dataclass(frozen=True)
-class Revision:
-    """A revision of the job's record that changed more than its heartbeat or progress."""
-
-    revision: int
-    at: float
-    status: str
-    host: str | None
-    attempt: int
-    generation: int
-    reason: str | None
-
-
-def revisions(entries: Iterable[Any]) -> list[Revision]:
-    """The state changes among a key's KV history entries (oldest first): a revision that only
-    renewed the heartbeat or the progress of the one before is left out; deletes and unreadable
-    values are skipped."""
-    out: list[Revision] = []
-    last: tuple[Any, ...] | None = None
-    for entry in entries:
-        if entry.value is None or entry.operation is not None:
-            continue
-        try:
-            rec: JobRecord = decode(entry.value, JobRecord)
-        except TrainfleetError:
-            continue
-        key = (rec.status, rec.claimed_by, rec.attempt, rec.generation, rec.reason, rec.artifact)
-        if key == last:
-            continue
-        last = key
-        out.append(
-            Revision(
-                entry.revision or 0,
-                rec.updated_at,
-                rec.status.value,
-                rec.claimed_by,
-                rec.attempt,
-                rec.generation,
-                rec.reason,
-            )
-        )
     return out
 
 
@@ -238,11 +192,11 @@ def record_text(rec: JobRecord, revision: int | None, now: float) -> Text:
     return text
 
 
-def history_text(rows: list[Revision]) -> Text:
+def history_text(rows: list[Transition]) -> Text:
     text = Text()
     if not rows:
         return Text("  (the jobs KV keeps no revision of this job)", style="dim")
-    if rows[0].status != "pending" or rows[0].generation != 1 or rows[0].attempt != 0:
+    if history_truncated(rows):
         text.append("  (older revisions already dropped)\n", style="dim")
     for row in rows:
         text.append(f"  rev {row.revision:<6} {display.fmt_time(row.at)}  ")
@@ -353,27 +307,6 @@ class DownloadScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
-async def download_artifact(fleet: FleetView, artifact: str, job_id: str, out: Path) -> dict[str, Any]:
-    """What ``trainfleet artifacts get JOB -o OUT`` does: the bundle, verified, into
-    ``OUT/<artifact>.tar.zst``, extracted into the new directory ``OUT/<job id>`` (named by the
-    job id, never by its name). Bounded by max_artifact_bytes; a refused extraction removes the
-    bundle this call downloaded. Role: any reader (viewer included) may get artifacts."""
-    artifact = check_artifact_id(artifact, f"job {job_id[:12]}'s record: artifact")
-    dirname = check_artifact_id(job_id, "job id")
-    limit = fleet.broker.settings.max_artifact_bytes
-    target = bundle.check_target(out / dirname)  # refuse an unusable target before downloading
-    bundle_path = out / f"{artifact}.tar.zst"
-    existed = bundle_path.exists()
-    bundle_path = await Artifacts(fleet.broker).get(artifact, bundle_path, max_bytes=limit)
-    try:
-        extracted = await asyncio.to_thread(bundle.extract, bundle_path, target, max_bytes=limit)
-    except ArtifactError:
-        if not existed:
-            bundle_path.unlink(missing_ok=True)
-        raise
-    return {"artifact": artifact, "path": str(bundle_path), "bytes": bundle_path.stat().st_size, "extracted": extracted}
-
-
 # -- the screen ------------------------------------------------------------------------------
 ACTIONS = ("cancel_job", "requeue_job", "download")
 
@@ -401,7 +334,7 @@ class JobDetailScreen(Screen[None]):
         self.record: JobRecord | None = fleet.records.get(job_id)
         self.revision: int | None = None
         self.signer: str | None = None
-        self.history: list[Revision] = []
+        self.history: list[Transition] = []
         self.worker_records: list[Any] = []
         self.matches: list[Match] = []
         self.explain_data: dict[str, Any] | None = None
@@ -475,10 +408,10 @@ class JobDetailScreen(Screen[None]):
 
     async def _on_record(self, rec: JobRecord, revision: int) -> None:
         self.record, self.revision = rec, revision
-        key = (rec.status, rec.claimed_by, rec.attempt, rec.generation, rec.reason, rec.artifact)
+        key = transition_key(rec)
         if key != self._history_key:
             self._history_key = key
-            self.history = revisions(await record_history(self.fleet.broker, self.job_id))  # KV direct gets
+            self.history, _ = await job_history(self.fleet.broker, self.job_id)  # KV direct gets
             if not self.worker_records:
                 await self._reload_workers()
         if rec.artifact and rec.artifact != self._provenance_of:
@@ -680,7 +613,8 @@ class JobDetailScreen(Screen[None]):
 
     async def _download(self, artifact: str, out: Path) -> None:
         try:
-            result = await download_artifact(self.fleet, artifact, self.job_id, out)
+            # What `trainfleet artifacts get JOB -o OUT --extract` does (any reader may get artifacts)
+            result = await download_artifact(self.fleet.broker, artifact, out, into=self.job_id)
         except (TrainfleetError, OSError) as exc:
             self.app.notify(safe_text(f"download failed: {exc}", newlines=False), severity="error", markup=False)
             return
