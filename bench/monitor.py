@@ -47,6 +47,7 @@ from trainfleet.broker.connection import Broker
 from trainfleet.broker.records import load_records
 from trainfleet.broker.schema import JobRecord, JobStatus, encode
 from trainfleet.broker.specs import put_spec
+from trainfleet.tui.app import FILTER_PAUSE_S, LIVE_FILTER_ROWS
 
 REPO = Path(__file__).resolve().parent.parent
 MSG = "@@monitor "  # the app role's lines to this process start with this
@@ -277,14 +278,15 @@ def rows_of(m: dict[str, Any]) -> list[Row]:
     ]
     for kind, samples in m["latency"].items():
         press, painted = samples["press"], samples["painted"]
+        paused = kind.startswith("filter: rows shown") and m["jobs"] > LIVE_FILTER_ROWS
         rows.append(
             Row(
                 "monitor",
                 f"monitor key → repaint p99, {kind}, {label} jobs",
                 percentile(painted, 99) * 1000,
                 "ms",
-                KEY_TARGET_S * 1000,
-                "#14's target",
+                (FILTER_PAUSE_S + KEY_TARGET_S) * 1000 if paused else KEY_TARGET_S * 1000,
+                f"the typing pause ({FILTER_PAUSE_S * 1000:.0f} ms) + #14's target" if paused else "#14's target",
                 note=(
                     f"{len(painted)} presses: p50 {percentile(painted, 50) * 1000:.1f} ms, "
                     f"max {max(painted) * 1000:.1f} ms; await pilot.press p50 {percentile(press, 50) * 1000:.0f} / "
@@ -372,6 +374,9 @@ def _key_plan(rng: random.Random) -> list[tuple[str, str]]:
     plan.append(("sort s", "s"))
     plan.append(("filter: open /", "slash"))
     plan += [("filter: type a char", c) for c in FILTER_TEXT]
+    # No key: from the last character typed until the table shows the filtered rows (above
+    # tui.app.LIVE_FILTER_ROWS the filter waits for the typing to pause, FILTER_PAUSE_S).
+    plan.append(("filter: rows shown after the last char", ""))
     plan.append(("filter: enter (keep)", "enter"))
     plan += [("down", "down")] * 5
     plan.append(("filter: esc (clear)", "escape"))
@@ -381,9 +386,12 @@ def _key_plan(rng: random.Random) -> list[tuple[str, str]]:
 def _effect(app: Any, kind: str, key: str) -> Any:
     """A predicate that holds once ``key``'s effect is in the app's state (taken before the press)."""
     table, model, prompt = app.jobs_table, app.model, app.prompt
-    if kind == "filter: type a char":
-        want = (prompt.value + key).strip()
-        return lambda: prompt.value.strip() == want and model.query.text == want
+    if kind == "filter: type a char":  # the character shows in the prompt
+        want = prompt.value + key
+        return lambda: prompt.value == want
+    if kind.startswith("filter: rows shown"):
+        want = prompt.value.strip()
+        return lambda: model.query.text == want and table._drawn_version == model.version
     if key in ("down", "pagedown"):
         before = table.cursor
         return lambda: table.cursor != before
@@ -456,11 +464,15 @@ async def _keys(app: Any, pilot: Any, paints: Paints) -> dict[str, dict[str, lis
     rng = random.Random(6)
     latency: dict[str, dict[str, list[float]]] = {}
     for kind, key in _key_plan(rng):
-        await asyncio.sleep(rng.uniform(0.03, 0.08))  # a fast typist, not a loop
+        if key:
+            await asyncio.sleep(rng.uniform(0.03, 0.08))  # a fast typist, not a loop
         paints.expect(_effect(app, kind, key))
-        started = time.perf_counter()
-        await pilot.press(key)
-        pressed = time.perf_counter()
+        if key:
+            started = time.perf_counter()
+            await pilot.press(key)
+            pressed = time.perf_counter()
+        else:  # the effect of the keys before: timed from the last one
+            pressed = time.perf_counter()
         deadline = pressed + 2.0
         while paints.shown_at is None and time.perf_counter() < deadline:
             await asyncio.sleep(0.0005)

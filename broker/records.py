@@ -160,28 +160,37 @@ async def watch_records(
         watcher = await jobs.watchall(inactive_threshold=kv.WATCH_INACTIVE_S)
     else:
         watcher = await jobs.watch(job_id, inactive_threshold=kv.WATCH_INACTIVE_S)
+    seen = False
     try:
         async for entry in watcher:
-            if entry is None:  # caught up with the bucket; live updates follow
-                if on_caught_up is not None:
-                    on_caught_up()
+            if entry is None:  # nats-py's "caught up" marker: it may come before the stored values
+                if on_caught_up is not None and not seen and (job_id is not None or not (await jobs.status()).values):
+                    on_caught_up()  # nothing stored
                     on_caught_up = None
                 continue
-            revision = entry.revision or 0
-            if entry.operation is not None or entry.value is None:
-                yield RecordChange(entry.key, revision, None)
-                continue
-            try:
-                record = decode(entry.value, JobRecord)
-            except SchemaError as exc:
-                log.debug("watch: record %s is unreadable: %s", entry.key, exc)
-                continue
-            yield RecordChange(entry.key, revision, record)
+            seen = True
+            change = _change(entry)
+            if change is not None:
+                yield change
+            if on_caught_up is not None and not entry.delta:
+                on_caught_up()  # that was the last stored value: nothing was pending after it
+                on_caught_up = None
     finally:
         try:
             await watcher.stop()
         except Exception as exc:  # the connection may be gone already
             log.debug("stopping a record watch: %r", exc)
+
+
+def _change(entry: KeyValue.Entry) -> RecordChange | None:
+    revision = entry.revision or 0
+    if entry.operation is not None or entry.value is None:
+        return RecordChange(entry.key, revision, None)
+    try:
+        return RecordChange(entry.key, revision, decode(entry.value, JobRecord))
+    except SchemaError as exc:
+        log.debug("watch: record %s is unreadable: %s", entry.key, exc)
+        return None
 
 
 async def record_history(broker: Broker, job_id: str) -> list[KeyValue.Entry]:

@@ -53,6 +53,7 @@ class Row:
     progress: str
     metric: str
     metric_value: float | None
+    hay: str = ""  # name, id, model, host and state in lower case: what a bare filter word searches
 
     def duration(self, now: float) -> float | None:
         if self.started_at is None:
@@ -73,12 +74,15 @@ def first_number(metrics: dict[str, Any]) -> float | None:
 
 def make_row(rec: JobRecord, spec: JobSpec | None) -> Row:
     metrics = rec.metrics if rec.status.terminal else (rec.progress or {}).get("metrics") or {}
+    name = display.safe_text(spec.name, newlines=False) if spec else rec.job_id[:12]
+    model = spec.model if spec else ""
+    host = display.safe_text(rec.claimed_by or "", newlines=False)
     return Row(
         job_id=rec.job_id,
-        name=display.safe_text(spec.name, newlines=False) if spec else rec.job_id[:12],
-        model=spec.model if spec else "",
+        name=name,
+        model=model,
         state=rec.status.value,
-        host=display.safe_text(rec.claimed_by or "", newlines=False),
+        host=host,
         klass=rec.klass,
         attempt=rec.attempt,
         priority=rec.priority,
@@ -87,6 +91,7 @@ def make_row(rec: JobRecord, spec: JobSpec | None) -> Row:
         progress=display.progress_text(rec),
         metric=display.headline(rec),
         metric_value=first_number(metrics) if isinstance(metrics, dict) else None,
+        hay=f"{name}\n{rec.job_id}\n{model}\n{host}\n{rec.status.value}".lower(),
     )
 
 
@@ -123,8 +128,7 @@ class Query:
             elif value not in _field(row, key):
                 return False
         if self.words:
-            hay = f"{row.name}\n{row.job_id}\n{row.model}\n{row.host}\n{row.state}".lower()
-            return all(word in hay for word in self.words)
+            return all(word in row.hay for word in self.words)
         return True
 
 
@@ -167,8 +171,12 @@ class JobsModel:
         self.query = Query()
         self.sort = SORTS[0]
         self.reverse = False
-        self._keys: list[tuple[Any, ...]] = []  # sorted keys of the rows in view
-        self._key_of: dict[str, tuple[Any, ...]] = {}  # job id -> its key, for rows in view
+        # Every row's sort key, sorted; with a filter, the keys of the rows it matches too
+        # (without one, the view is the whole list: the same objects).
+        self._all: list[tuple[Any, ...]] = []
+        self._all_key: dict[str, tuple[Any, ...]] = {}
+        self._keys: list[tuple[Any, ...]] = self._all  # the view: sorted keys of the rows in it
+        self._key_of: dict[str, tuple[Any, ...]] = self._all_key
         self._sorted_at = 0.0
         self._finished: dict[str, float] = {}  # completed job -> when, within the window
         self.trends: dict[str, deque[float]] = {}
@@ -176,6 +184,13 @@ class JobsModel:
 
     # -- changes -------------------------------------------------------------
     def upsert(self, rec: JobRecord, spec: JobSpec | None) -> Row:
+        row = self._put(rec, spec)
+        self._place(row)
+        self.version += 1
+        return row
+
+    def _put(self, rec: JobRecord, spec: JobSpec | None) -> Row:
+        """The row of ``rec`` made and counted (not placed in the view yet)."""
         row = make_row(rec, spec)
         old = self.rows.get(rec.job_id)
         if old is not None:
@@ -188,8 +203,6 @@ class JobsModel:
             self._finished.pop(rec.job_id, None)
         if not rec.status.held:
             self.trends.pop(rec.job_id, None)
-        self._place(row)
-        self.version += 1
         return row
 
     def drop(self, job_id: str) -> None:
@@ -212,21 +225,13 @@ class JobsModel:
     def bulk_load(self, items: Iterable[tuple[JobRecord, JobSpec | None]]) -> None:
         """Many rows at once (start-up): rows first, then one sort."""
         for rec, spec in items:
-            row = make_row(rec, spec)
-            old = self.rows.get(rec.job_id)
-            if old is not None:
-                self.counts[old.state] -= 1
-            self.counts[row.state] = self.counts.get(row.state, 0) + 1
-            self.rows[rec.job_id] = row
-            if rec.status == JobStatus.COMPLETED and rec.finished_at:
-                if rec.finished_at > self.now() - THROUGHPUT_WINDOW_S:
-                    self._finished[rec.job_id] = rec.finished_at
+            self._put(rec, spec)
         self.rebuild()
 
     # -- the view ------------------------------------------------------------
     def set_query(self, text: str) -> None:
         self.query = Query.parse(text)
-        self.rebuild()
+        self._filter()
 
     def set_sort(self, sort: str, reverse: bool = False) -> None:
         if sort not in SORTS:
@@ -235,13 +240,22 @@ class JobsModel:
         self.rebuild()
 
     def rebuild(self) -> None:
+        """Sort every row again (a new sort order), then filter."""
         now = self.now()
-        query, sort = self.query, self.sort
-        self._key_of = {
-            job_id: sort_key(sort, row, now) for job_id, row in self.rows.items() if not query or query.matches(row)
-        }
-        self._keys = sorted(self._key_of.values())
+        sort = self.sort
+        self._all_key = {job_id: sort_key(sort, row, now) for job_id, row in self.rows.items()}
+        self._all = sorted(self._all_key.values())
         self._sorted_at = now
+        self._filter()
+
+    def _filter(self) -> None:
+        """The view from the sorted list: a pass over it, no sort (a filter typed at 100k jobs)."""
+        query, rows = self.query, self.rows
+        if query:
+            self._keys = [k for k in self._all if query.matches(rows[k[-1]])]
+            self._key_of = {k[-1]: k for k in self._keys}
+        else:
+            self._keys, self._key_of = self._all, self._all_key
         self.version += 1
 
     def maybe_resort(self, every_s: float = 5.0) -> bool:
@@ -253,18 +267,17 @@ class JobsModel:
 
     def _place(self, row: Row) -> None:
         self._unplace(row.job_id)
-        if self.query and not self.query.matches(row):
-            return
         key = sort_key(self.sort, row, self._sorted_at or self.now())
-        self._key_of[row.job_id] = key
-        bisect.insort(self._keys, key)
+        self._all_key[row.job_id] = key
+        bisect.insort(self._all, key)
+        if self.query and self.query.matches(row):
+            self._key_of[row.job_id] = key
+            bisect.insort(self._keys, key)
 
     def _unplace(self, job_id: str) -> None:
-        key = self._key_of.pop(job_id, None)
-        if key is not None:
-            i = bisect.bisect_left(self._keys, key)
-            if i < len(self._keys) and self._keys[i] == key:
-                del self._keys[i]
+        _remove(self._all, self._all_key.pop(job_id, None))
+        if self.query:
+            _remove(self._keys, self._key_of.pop(job_id, None))
 
     def __len__(self) -> int:
         """Rows in view (after the filter)."""
@@ -324,3 +337,10 @@ class JobsModel:
             return prefixed[0]
         partial = sorted(j for j, row in self.rows.items() if ref.lower() in row.name.lower())
         return partial[0] if partial else (prefixed[0] if prefixed else None)
+
+
+def _remove(keys: list[tuple[Any, ...]], key: tuple[Any, ...] | None) -> None:
+    if key is not None:
+        i = bisect.bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            del keys[i]
