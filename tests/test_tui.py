@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from textual import events
+from textual.command import CommandList, CommandPalette
 
 from trainfleet.broker.jobs import Job
 from trainfleet.broker.logs import read_logs
@@ -286,6 +287,22 @@ async def test_keys_typed_in_one_burst_after_slash_and_colon_reach_the_prompt(br
             app.post_message(events.Key({"/": "slash", "\r": "enter", "-": "minus"}.get(ch, ch), ch))
         await until(pilot, lambda: shown(app) == ["burst-1"], "the filter typed in one burst")
         assert app.model.query.text == "burst-1" and app.jobs_table.has_focus
+
+
+async def test_the_command_palette_finds_jobs(broker, settings):
+    jobs = await create(broker, gbm_jobs(4, prefix="pal"))
+    app = MonitorApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.jobs_table.row_count == 4, "the jobs")
+        assert app.jobs_table.cursor_id != jobs[2].job_id
+        await press(pilot, "ctrl+p")
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette), "the palette")
+        await pilot.press(*"pal-2")
+        options = app.screen.query_one(CommandList)
+        await until(pilot, lambda: options.option_count > 0, "a hit")
+        assert "pal-2" in str(options.get_option_at_index(0).prompt)
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: app.jobs_table.cursor_id == jobs[2].job_id, "the jump to pal-2")
 
 
 async def test_help_lists_every_key(broker, settings):

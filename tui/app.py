@@ -18,12 +18,14 @@ import gc
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from rich.text import Text
 from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.command import Hit, Hits, Provider
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.timer import Timer
@@ -55,7 +57,7 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("Enter", "job detail: spec, history, explain, provenance, curves, actions"),
     ("/", "filter jobs: text, state:running, host:gpu-1, model:mlp, name:, id:, class:"),
     ("Esc", "clear the filter (or close a screen)"),
-    (":", "jump to a job by name, id or id prefix"),
+    (":", "jump to a job by name, id or id prefix (ctrl+p, the command palette, finds jobs too)"),
     ("s", f"sort by the next column ({' → '.join(SORTS)})"),
     ("S", "reverse the sort"),
     ("c", "cancel the highlighted job (asks first; not for the viewer role)"),
@@ -65,6 +67,34 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("?", "this help"),
     ("q", "quit"),
 )
+
+
+class JobsCommands(Provider):
+    """The command palette (ctrl+p) finds jobs too: by name, id or model; picking one jumps to it."""
+
+    LIMIT = 200  # candidates scored per keystroke (a substring pass over 100k rows stays cheap)
+
+    async def search(self, query: str) -> Hits:
+        app = self.app
+        if not isinstance(app, MonitorApp) or not query.strip():
+            return
+        matcher = self.matcher(query)
+        needle = query.strip().lower()
+        found = 0
+        for job_id, row in app.model.rows.items():
+            if needle not in row.hay:
+                continue
+            label = f"{row.name}  {row.state}  {job_id[:12]}"
+            score = matcher.match(label)
+            yield Hit(
+                max(score, 0.01),
+                matcher.highlight(label),
+                partial(app.jump, job_id),
+                help=f"jump to {row.name} ({row.model or 'no spec'}, {row.host or 'no host'})",
+            )
+            found += 1
+            if found >= self.LIMIT:
+                return
 
 
 class HelpScreen(ModalScreen[None]):
@@ -90,6 +120,7 @@ class MonitorApp(App[None]):
     """The fleet monitor. ``error`` holds why it could not start (it then exits non-zero)."""
 
     TITLE = "trainfleet monitor"
+    COMMANDS = App.COMMANDS | {JobsCommands}
     CSS = """
     #summary { height: 1; padding: 0 1; background: $panel; }
     #jobs { height: 1fr; border: round $primary; }
