@@ -390,8 +390,17 @@ def _effect(app: Any, kind: str, key: str) -> Any:
         want = prompt.value + key
         return lambda: prompt.value == want
     if kind.startswith("filter: rows shown"):
-        want = prompt.value.strip()
-        return lambda: model.query.text == want and table._drawn_version == model.version
+        want = FILTER_TEXT.strip()  # set up before the last character is typed
+        applied: list[int] = []  # the model's version when the filter was first seen applied
+
+        def shows() -> bool:
+            if model.query.text != want:
+                return False
+            if not applied:
+                applied.append(model.version)
+            return table._drawn_version >= applied[0]  # the table has synced with it since
+
+        return shows
     if key in ("down", "pagedown"):
         before = table.cursor
         return lambda: table.cursor != before
@@ -415,15 +424,21 @@ class Paints:
         self.times: list[float] = []
         self.effect: Any = None
         self.shown_at: float | None = None
+        # A second effect watched alongside (what the keys so far lead to, e.g. the filtered rows).
+        self.also: Any = None
+        self.also_at: float | None = None
         refresh = screen._compositor_refresh
 
         def stamped() -> None:
             shows = self.effect is not None and self.shown_at is None and self.effect()
+            also = self.also is not None and self.also_at is None and self.also()
             refresh()
             now = time.perf_counter()
             self.times.append(now)
             if shows:
                 self.shown_at = now
+            if also:
+                self.also_at = now
 
         screen._compositor_refresh = stamped  # the instance's own: Textual calls self._compositor_refresh()
 
@@ -463,16 +478,27 @@ async def _keys(app: Any, pilot: Any, paints: Paints) -> dict[str, dict[str, lis
     """Each key of the plan pressed with the changes flowing: (press, painted) seconds by kind."""
     rng = random.Random(6)
     latency: dict[str, dict[str, list[float]]] = {}
-    for kind, key in _key_plan(rng):
-        if key:
-            await asyncio.sleep(rng.uniform(0.03, 0.08))  # a fast typist, not a loop
+    plan = _key_plan(rng)
+    started = pressed = time.perf_counter()
+    for i, (kind, key) in enumerate(plan):
+        if not key:  # the effect of the key before, watched since its press (see `also`)
+            deadline = time.perf_counter() + 2.0
+            while paints.also_at is None and time.perf_counter() < deadline:
+                await asyncio.sleep(0.0005)
+            if paints.also_at is None:
+                raise RuntimeError(f"no repaint showed {kind} within 2 s (filter {app.model.query.text!r})")
+            got = latency.setdefault(kind, {"press": [], "painted": []})
+            got["press"].append(pressed - started)
+            got["painted"].append(paints.also_at - started)
+            paints.also = None
+            continue
+        await asyncio.sleep(rng.uniform(0.03, 0.08))  # a fast typist, not a loop
         paints.expect(_effect(app, kind, key))
-        if key:
-            started = time.perf_counter()
-            await pilot.press(key)
-            pressed = time.perf_counter()
-        else:  # the effect of the keys before: timed from the last one
-            pressed = time.perf_counter()
+        if i + 1 < len(plan) and not plan[i + 1][1]:
+            paints.also, paints.also_at = _effect(app, plan[i + 1][0], ""), None
+        started = time.perf_counter()
+        await pilot.press(key)
+        pressed = time.perf_counter()
         deadline = pressed + 2.0
         while paints.shown_at is None and time.perf_counter() < deadline:
             await asyncio.sleep(0.0005)
