@@ -2,7 +2,8 @@
 
 :func:`detect` looks at CPU cores (after affinity and cgroup quota), RAM
 (after cgroup limits), NVIDIA GPUs through NVML (honouring
-``CUDA_VISIBLE_DEVICES``), and torch in a subprocess, and returns a
+``NVIDIA_VISIBLE_DEVICES`` and ``CUDA_VISIBLE_DEVICES``; MIG mode and NVML permission
+errors degrade to "no CUDA: <reason>"), and torch in a subprocess, and returns a
 :class:`~trainfleet.broker.schema.Capability`. Detection never raises: a probe
 that fails degrades to a safe value and says why in ``Capability.notes`` or
 ``Capability.cuda_reason``, because an agent that cannot describe itself
@@ -412,32 +413,41 @@ def _in_container(limited: bool, proc_root: str, dockerenv_path: str) -> bool:
 
 @dataclass(frozen=True)
 class _Visibility:
+    """One device-selection variable as set in the environment."""
+
     var: str = ""
     raw: str = ""
     hidden: bool = False
-    entries: tuple[str, ...] | None = None  # None: every device NVML sees
+    entries: tuple[str, ...] | None = None  # None: every device (unset, or "all")
 
 
-def _visibility(env: Mapping[str, str], notes: list[str]) -> _Visibility:
-    var = next((v for v in _VISIBILITY_VARS if v in env), "")
-    if not var:
+def _visibility(var: str, env: Mapping[str, str]) -> _Visibility:
+    if var not in env:
         return _Visibility()
     raw = env[var].strip()
     if raw.lower() in _HIDDEN_VALUES:
         return _Visibility(var, raw, hidden=True)
     if raw.lower() == "all":
         return _Visibility(var, raw)
-    entries = tuple(e.strip() for e in raw.split(","))
-    if var == "NVIDIA_VISIBLE_DEVICES" and not all(_is_uuid(e) for e in entries):
-        # Those are host indices the container runtime has already applied: NVML inside the
-        # container sees just those devices, renumbered from 0, and CUDA ignores the variable.
-        notes.append(f"gpu: NVIDIA_VISIBLE_DEVICES={raw} lists host indices; using every GPU NVML sees")
-        return _Visibility(var, raw)
-    return _Visibility(var, raw, entries=entries)
+    return _Visibility(var, raw, entries=tuple(e.strip() for e in raw.split(",")))
+
+
+def _visibilities(env: Mapping[str, str]) -> tuple[_Visibility, _Visibility]:
+    """(NVIDIA_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES): the container runtime's selection, then
+    CUDA's within it. Both apply; either one hiding every device hides them all."""
+    return _visibility("NVIDIA_VISIBLE_DEVICES", env), _visibility("CUDA_VISIBLE_DEVICES", env)
 
 
 def _is_uuid(entry: str) -> bool:
     return entry.upper().startswith(("GPU-", "MIG-"))
+
+
+def _is_mig(entry: str) -> bool:
+    """A MIG instance: its UUID (MIG-...), or the runtime's ``<gpu>:<instance>`` form."""
+    return entry.upper().startswith("MIG-") or ":" in entry
+
+
+MIG_UNSUPPORTED = "MIG instances are not supported by this agent (give it whole GPUs)"
 
 
 def _load_nvml(nvml: Any | None) -> tuple[Any | None, str]:
@@ -449,6 +459,20 @@ def _load_nvml(nvml: Any | None) -> tuple[Any | None, str]:
     except ImportError:
         return None, "no CUDA: nvidia-ml-py not installed"
     return pynvml, ""
+
+
+# NVML's code for "the caller may not open the device" (pynvml: NVML_ERROR_NO_PERMISSION).
+_NVML_ERROR_NO_PERMISSION = 4
+# pynvml's NVML_DEVICE_MIG_ENABLE: the GPU is split into MIG instances.
+_NVML_DEVICE_MIG_ENABLE = 1
+
+
+def _nvml_errmsg(lib: Any, exc: BaseException) -> str:
+    """What an NVML error means for the operator (no permission named as such)."""
+    code = getattr(exc, "value", None)
+    if code is not None and code == getattr(lib, "NVML_ERROR_NO_PERMISSION", _NVML_ERROR_NO_PERMISSION):
+        return f"no permission to the GPU ({_errmsg(exc)}; can this user open /dev/nvidia*?)"
+    return _errmsg(exc)
 
 
 def _nvml_errors(lib: Any) -> tuple[type[BaseException], ...]:
@@ -474,7 +498,7 @@ def _enumerate(lib: Any) -> list[_Device]:
         try:
             handle = lib.nvmlDeviceGetHandleByIndex(i)
         except errors as exc:  # permission / lost device: keep its slot so indices stay right
-            devices.append(_Device(i, error=_errmsg(exc)))
+            devices.append(_Device(i, error=_nvml_errmsg(lib, exc)))
             continue
         uuid = ""
         with contextlib.suppress(*errors):
@@ -484,7 +508,7 @@ def _enumerate(lib: Any) -> list[_Device]:
 
 
 def _match(entry: str, devices: list[_Device]) -> _Device | None:
-    """The device a CUDA_VISIBLE_DEVICES entry names: an index, or a unique UUID prefix."""
+    """The device an entry names: an index into ``devices``, or a unique GPU UUID prefix."""
     if re.fullmatch(r"-?\d+", entry):
         i = int(entry)
         return devices[i] if 0 <= i < len(devices) else None
@@ -494,22 +518,65 @@ def _match(entry: str, devices: list[_Device]) -> _Device | None:
     return None
 
 
-def _resolve_visible(devices: list[_Device], vis: _Visibility, notes: list[str]) -> list[_Device]:
-    """The devices in the order CUDA will number them."""
+def _runtime_view(devices: list[_Device], vis: _Visibility, notes: list[str]) -> tuple[list[_Device], str]:
+    """The devices NVIDIA_VISIBLE_DEVICES selects, in NVML's order, and why none if none.
+
+    The NVIDIA container runtime applies the variable itself: NVML inside the container sees
+    only those devices, renumbered from 0. UUIDs name the same device either way. Indices are
+    host numbering: when NVML sees exactly as many devices as are listed, the runtime has
+    applied them; otherwise (a host, a privileged container) they pick from what NVML sees."""
     if vis.entries is None:
-        return devices
-    chosen: list[_Device] = []
-    for n, entry in enumerate(vis.entries):
+        return devices, ""
+    mig = [e for e in vis.entries if _is_mig(e)]
+    whole = [e for e in vis.entries if e and not _is_mig(e)]
+    if mig:
+        notes.append(f"gpu: {vis.var} entries {','.join(mig)}: {MIG_UNSUPPORTED}")
+    if not whole:
+        if mig:
+            return [], f"no CUDA: {vis.var}={vis.raw} names MIG instances only; {MIG_UNSUPPORTED}"
+        return [], f"no CUDA: {vis.var}={vis.raw} matches no GPU"
+    if not all(_is_uuid(e) for e in whole) and len(set(whole)) == len(devices):
+        notes.append(f"gpu: {vis.var}={vis.raw} lists host indices the runtime applied; using every GPU NVML sees")
+        return devices, ""
+    chosen: set[int] = set()
+    for entry in whole:
         device = _match(entry, devices)
         if device is None:
+            notes.append(f"gpu: {vis.var} entry {entry!r}: no such GPU")
+        else:
+            chosen.add(device.nvml_index)
+    view = [d for d in devices if d.nvml_index in chosen]
+    return view, "" if view else f"no CUDA: {vis.var}={vis.raw} matches no GPU"
+
+
+def _cuda_view(devices: list[_Device], vis: _Visibility, notes: list[str]) -> tuple[list[_Device], str]:
+    """The devices CUDA_VISIBLE_DEVICES selects from ``devices``, in the order CUDA numbers them."""
+    if vis.entries is None:
+        return devices, ""
+    chosen: list[_Device] = []
+    for n, entry in enumerate(vis.entries):
+        device = None if _is_mig(entry) else _match(entry, devices)
+        if device is None:
             # CUDA stops at the first entry it cannot resolve and ignores the rest.
-            kind = "MIG instances are not probed" if entry.upper().startswith("MIG-") else "no such GPU"
+            kind = MIG_UNSUPPORTED if _is_mig(entry) else "no such GPU"
             rest = ", later entries ignored" if n + 1 < len(vis.entries) else ""
             notes.append(f"gpu: {vis.var} entry {entry!r}: {kind}{rest}")
+            if n == 0 and _is_mig(entry):
+                return [], f"no CUDA: {vis.var}={vis.raw} names a MIG instance; {MIG_UNSUPPORTED}"
             break
         if device not in chosen:
             chosen.append(device)
-    return chosen
+    return chosen, "" if chosen else f"no CUDA: {vis.var}={vis.raw} matches no GPU"
+
+
+def _resolve_visible(devices: list[_Device], env: Mapping[str, str], notes: list[str]) -> tuple[list[_Device], str]:
+    """The devices this agent may use, in the order CUDA will number them (the runtime's
+    selection, then CUDA's within it), and why none if none."""
+    runtime, cuda = _visibilities(env)
+    view, reason = _runtime_view(devices, runtime, notes)
+    if not view:
+        return [], reason
+    return _cuda_view(view, cuda, notes)
 
 
 def _compute_capability(lib: Any, handle: Any) -> str:
@@ -519,9 +586,26 @@ def _compute_capability(lib: Any, handle: Any) -> str:
     return ""
 
 
+def _mig_enabled(lib: Any, handle: Any) -> bool:
+    """Whether the GPU runs in MIG mode (CUDA then sees its instances, not the GPU). GPUs and
+    drivers without MIG answer NOT_SUPPORTED, an old pynvml lacks the call: no MIG."""
+    getter = getattr(lib, "nvmlDeviceGetMigMode", None)
+    if getter is None:
+        return False
+    try:
+        current = getter(handle)
+    except _nvml_errors(lib):
+        return False
+    if isinstance(current, (tuple, list)):
+        current = current[0] if current else 0
+    return current == getattr(lib, "NVML_DEVICE_MIG_ENABLE", _NVML_DEVICE_MIG_ENABLE)
+
+
 def _gpu_info(lib: Any, device: _Device, position: int) -> GpuInfo:
     if device.handle is None:
         raise RuntimeError(device.error)
+    if _mig_enabled(lib, device.handle):
+        raise RuntimeError(f"MIG mode is enabled; {MIG_UNSUPPORTED}")
     name = _text(lib.nvmlDeviceGetName(device.handle))
     memory = lib.nvmlDeviceGetMemoryInfo(device.handle)
     return GpuInfo(
@@ -557,24 +641,24 @@ class _Gpus:
     cuda: str = ""
 
 
-def _probe_devices(lib: Any, vis: _Visibility, env: Mapping[str, str], notes: list[str]) -> _Gpus:
+def _probe_devices(lib: Any, env: Mapping[str, str], notes: list[str]) -> _Gpus:
     errors = _nvml_errors(lib)
     driver, cuda = _driver_versions(lib, notes)
     try:
         devices = _enumerate(lib)
     except errors as exc:
-        return _Gpus(reason=f"no CUDA: cannot count GPUs: {_errmsg(exc)}", driver=driver, cuda=cuda)
+        return _Gpus(reason=f"no CUDA: cannot count GPUs: {_nvml_errmsg(lib, exc)}", driver=driver, cuda=cuda)
     if not devices:
         return _Gpus(reason="no CUDA: NVML sees no GPU", driver=driver, cuda=cuda)
-    visible = _resolve_visible(devices, vis, notes)
+    visible, reason = _resolve_visible(devices, env, notes)
     if not visible:
-        return _Gpus(reason=f"no CUDA: {vis.var}={vis.raw} matches no GPU", driver=driver, cuda=cuda)
+        return _Gpus(reason=reason, driver=driver, cuda=cuda)
     gpus, skipped = [], []
     for position, device in enumerate(visible):
         try:
             gpus.append(_gpu_info(lib, device, position))
         except errors as exc:  # MIG parent, no permission, fallen off the bus: skip just this one
-            skipped.append(f"gpu {position} (NVML {device.nvml_index}) skipped: {_errmsg(exc)}")
+            skipped.append(f"gpu {position} (NVML {device.nvml_index}) skipped: {_nvml_errmsg(lib, exc)}")
             continue
         if position != device.nvml_index:
             notes.append(f"gpu: gpu {position} is NVML device {device.nvml_index}")
@@ -592,9 +676,9 @@ def _order_note(gpus: list[GpuInfo], env: Mapping[str, str]) -> list[str]:
 
 
 def _detect_gpus(nvml: Any | None, env: Mapping[str, str], notes: list[str]) -> _Gpus:
-    vis = _visibility(env, notes)
-    if vis.hidden:
-        return _Gpus(reason=f"no CUDA: hidden by {vis.var}")
+    hidden = next((v for v in _visibilities(env) if v.hidden), None)
+    if hidden is not None:
+        return _Gpus(reason=f"no CUDA: hidden by {hidden.var}")
     lib, reason = _load_nvml(nvml)
     if lib is None:
         return _Gpus(reason=reason)
@@ -602,9 +686,9 @@ def _detect_gpus(nvml: Any | None, env: Mapping[str, str], notes: list[str]) -> 
     try:
         lib.nvmlInit()
     except errors as exc:  # no driver, libnvidia-ml.so missing, ...
-        return _Gpus(reason=f"no CUDA: NVML init failed: {_errmsg(exc)}")
+        return _Gpus(reason=f"no CUDA: NVML init failed: {_nvml_errmsg(lib, exc)}")
     try:
-        return _probe_devices(lib, vis, env, notes)
+        return _probe_devices(lib, env, notes)
     finally:
         with contextlib.suppress(*errors):
             lib.nvmlShutdown()
@@ -717,8 +801,9 @@ def detect(
     cg = _guarded("cgroup", lambda: _Cgroups.read(proc_root, cgroup_root), _Cgroups(cgroup_root, {}), notes)
     cores = _guarded("cores", lambda: _detect_cores(cg, notes), _Cores(), notes)
     ram = _guarded("ram", lambda: _detect_ram(proc_root, cg, notes), _Ram(), notes)
-    no_gpus = _Gpus(reason="no CUDA: GPU probe failed")
-    gpus = _guarded("gpu", lambda: _detect_gpus(nvml, env, notes), no_gpus, notes)
+    gpus = _guarded("GPU", lambda: _detect_gpus(nvml, env, notes), None, notes)
+    if gpus is None:  # a bug or an NVML wrapper raising what it should not: no GPUs, and why
+        gpus = _Gpus(reason=f"no CUDA: {notes[-1]}")
     torch = _guarded("torch", lambda: _probe_torch(env, notes), _Torch(), notes) if probe_torch else _Torch()
     notes += _torch_notes(torch, gpus.gpus, gpus.reason)
     limited = cores.limited or ram.limited
@@ -787,7 +872,7 @@ def refresh_gpus(cap: Capability, *, env: Mapping[str, str] | None = None, nvml:
 def _refreshed(lib: Any, gpus: tuple[GpuInfo, ...], env: Mapping[str, str]) -> tuple[GpuInfo, ...]:
     devices = _enumerate(lib)
     by_uuid = {d.uuid: d for d in devices if d.uuid}
-    visible = _resolve_visible(devices, _visibility(env, []), [])
+    visible, _ = _resolve_visible(devices, env, [])
     out = []
     for gpu in gpus:
         device = by_uuid.get(gpu.uuid) if gpu.uuid else None
@@ -849,7 +934,7 @@ class GpuTelemetry:
             try:
                 lib.nvmlInit()
             except _nvml_errors(lib) as exc:
-                self._unusable = f"NVML init failed: {_errmsg(exc)}"
+                self._unusable = f"NVML init failed: {_nvml_errmsg(lib, exc)}"
                 return self._unusable
             self._lib = lib
         return self._unusable
@@ -866,7 +951,7 @@ class GpuTelemetry:
             except errors as exc:  # tried again next heartbeat
                 return (), f"cannot count GPUs: {_errmsg(exc)}"
         by_uuid = {d.uuid: d for d in self._devices if d.uuid}
-        visible = _resolve_visible(self._devices, _visibility(self._env, []), [])
+        visible, _ = _resolve_visible(self._devices, self._env, [])
         stats = []
         for gpu in gpus:
             device = by_uuid.get(gpu.uuid) if gpu.uuid else None
@@ -887,7 +972,7 @@ def _gpu_stat(lib: Any, gpu: GpuInfo, device: _Device | None) -> GpuStat:
         total, free = float(memory.total), float(memory.free)
         used = float(getattr(memory, "used", total - free))
     except errors as exc:  # fallen off the bus, no permission: this GPU only
-        return msgspec.structs.replace(base, error=_errmsg(exc))
+        return msgspec.structs.replace(base, error=_nvml_errmsg(lib, exc))
     util = temp = None
     with contextlib.suppress(*errors):
         util = float(lib.nvmlDeviceGetUtilizationRates(device.handle).gpu)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -78,7 +79,12 @@ def eight_cores(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeNvmlError(Exception):
-    pass
+    def __init__(self, message: str, value: int | None = None) -> None:
+        super().__init__(message)
+        self.value = value  # pynvml's NVMLError carries NVML's return code here
+
+
+NVML_ERROR_NO_PERMISSION = 4
 
 
 @dataclass
@@ -89,6 +95,8 @@ class FakeGpu:
     free: int = 79 * GIB
     cc: tuple[int, int] = (9, 0)
     broken: bool = False  # memory info raises, as for a MIG parent without permission
+    mig: bool = False  # the GPU runs in MIG mode
+    no_permission: bool = False  # its handle is refused with NVML_ERROR_NO_PERMISSION
 
 
 class FakeNvml:
@@ -112,7 +120,12 @@ class FakeNvml:
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
+        if self.gpus[index].no_permission:
+            raise FakeNvmlError("Insufficient Permissions", NVML_ERROR_NO_PERMISSION)
         return self.gpus[index]
+
+    def nvmlDeviceGetMigMode(self, handle: FakeGpu) -> list[int]:
+        return [int(handle.mig), int(handle.mig)]  # (current, pending)
 
     def nvmlDeviceGetName(self, handle: FakeGpu) -> str | bytes:
         return handle.name
@@ -327,7 +340,7 @@ def test_cuda_visible_devices_order_and_stop_at_invalid(tmp_path: Path) -> None:
     assert any("'7': no such GPU, later entries ignored" in n for n in cap.notes)
 
 
-@pytest.mark.parametrize("visible", ["7", "GPU-", "GPU-cccc", "MIG-1234"])
+@pytest.mark.parametrize("visible", ["7", "GPU-", "GPU-cccc"])
 def test_cuda_visible_devices_matching_nothing(tmp_path: Path, visible: str) -> None:
     cap = gpu_detect(tmp_path, two_gpus(), {"CUDA_VISIBLE_DEVICES": visible})
     assert cap.gpus == ()
@@ -356,8 +369,133 @@ def test_nvidia_visible_devices(tmp_path: Path) -> None:
     assert any("lists host indices" in n for n in cap.notes)
     cap = gpu_detect(tmp_path, two_gpus(), {"NVIDIA_VISIBLE_DEVICES": "void"})
     assert cap.cuda_reason == "no CUDA: hidden by NVIDIA_VISIBLE_DEVICES"
+    # Both apply: the runtime's selection hides every GPU, whatever CUDA's says.
     cap = gpu_detect(tmp_path, two_gpus(), {"NVIDIA_VISIBLE_DEVICES": "void", "CUDA_VISIBLE_DEVICES": "0"})
-    assert len(cap.gpus) == 1  # CUDA_VISIBLE_DEVICES wins
+    assert cap.gpus == () and cap.cuda_reason == "no CUDA: hidden by NVIDIA_VISIBLE_DEVICES"
+
+
+def four_gpus() -> FakeNvml:
+    return FakeNvml([FakeGpu("NVIDIA L4", f"GPU-{c * 4}-0000", 24 * GIB, 20 * GIB, (8, 9)) for c in "abcd"])
+
+
+@pytest.mark.parametrize("value", ["", "none", "void", " NONE "])
+def test_nvidia_visible_devices_hiding_every_gpu_is_no_cuda_with_the_reason(tmp_path: Path, value: str) -> None:
+    nvml = two_gpus()
+    cap = gpu_detect(tmp_path, nvml, {"NVIDIA_VISIBLE_DEVICES": value})
+    assert cap.gpus == () and cap.cuda_reason == "no CUDA: hidden by NVIDIA_VISIBLE_DEVICES"
+    assert nvml.inits == 0
+    assert len(gpu_detect(tmp_path, two_gpus(), {"NVIDIA_VISIBLE_DEVICES": "all"}).gpus) == 2
+
+
+def test_nvidia_visible_devices_indices_pick_from_what_nvml_sees_unless_the_runtime_applied_them(
+    tmp_path: Path,
+) -> None:
+    # On a host (or a privileged container) NVML sees all four: the listed ones are taken.
+    cap = gpu_detect(tmp_path, four_gpus(), {"NVIDIA_VISIBLE_DEVICES": "3,1"})
+    assert [(g.index, g.uuid[:8]) for g in cap.gpus] == [(0, "GPU-bbbb"), (1, "GPU-dddd")]
+    cap = gpu_detect(tmp_path, four_gpus(), {"NVIDIA_VISIBLE_DEVICES": "1,9"})
+    assert [g.uuid[:8] for g in cap.gpus] == ["GPU-bbbb"]
+    assert "gpu: NVIDIA_VISIBLE_DEVICES entry '9': no such GPU" in cap.notes
+    cap = gpu_detect(tmp_path, four_gpus(), {"NVIDIA_VISIBLE_DEVICES": "7,9,11"})
+    assert cap.gpus == () and cap.cuda_reason == "no CUDA: NVIDIA_VISIBLE_DEVICES=7,9,11 matches no GPU"
+
+
+def test_nvidia_visible_devices_by_uuid_then_cuda_visible_devices_within_them(tmp_path: Path) -> None:
+    env = {"NVIDIA_VISIBLE_DEVICES": "GPU-dddd-0000,GPU-bbbb"}
+    assert [g.uuid[:8] for g in gpu_detect(tmp_path, four_gpus(), env).gpus] == ["GPU-bbbb", "GPU-dddd"]
+    # CUDA numbers what the runtime left: its index 1 is the fourth GPU of the host.
+    cap = gpu_detect(tmp_path, four_gpus(), {**env, "CUDA_VISIBLE_DEVICES": "1"})
+    assert [(g.index, g.uuid) for g in cap.gpus] == [(0, "GPU-dddd-0000")]
+    cap = gpu_detect(tmp_path, four_gpus(), {**env, "CUDA_VISIBLE_DEVICES": "GPU-aaaa"})
+    assert cap.gpus == () and cap.cuda_reason == "no CUDA: CUDA_VISIBLE_DEVICES=GPU-aaaa matches no GPU"
+    cap = gpu_detect(tmp_path, four_gpus(), {**env, "CUDA_VISIBLE_DEVICES": "none"})
+    assert cap.cuda_reason == "no CUDA: hidden by CUDA_VISIBLE_DEVICES"
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"CUDA_VISIBLE_DEVICES": "MIG-1234"}, "CUDA_VISIBLE_DEVICES=MIG-1234 names a MIG instance"),
+        ({"NVIDIA_VISIBLE_DEVICES": "MIG-1234,MIG-5678"}, "NVIDIA_VISIBLE_DEVICES=MIG-1234,MIG-5678 names MIG"),
+        ({"NVIDIA_VISIBLE_DEVICES": "0:1"}, "NVIDIA_VISIBLE_DEVICES=0:1 names MIG instances only"),
+    ],
+)
+def test_mig_instances_named_in_the_environment_are_no_cuda_with_the_reason(
+    tmp_path: Path, env: dict[str, str], reason: str
+) -> None:
+    cap = gpu_detect(tmp_path, two_gpus(), env)
+    assert cap.gpus == ()
+    assert cap.cuda_reason.startswith(f"no CUDA: {reason}") and "MIG instances are not supported" in cap.cuda_reason
+
+
+def test_a_gpu_in_mig_mode_is_skipped_and_all_in_mig_mode_is_no_cuda(tmp_path: Path) -> None:
+    nvml = two_gpus()
+    nvml.gpus[0].mig = True
+    cap = gpu_detect(tmp_path, nvml)
+    assert [(g.index, g.uuid[:8]) for g in cap.gpus] == [(1, "GPU-bbbb")]
+    assert any(n.startswith("gpu 0 (NVML 0) skipped: MIG mode is enabled") for n in cap.notes)
+    nvml.gpus[1].mig = True
+    cap = gpu_detect(tmp_path, nvml)
+    assert cap.gpus == ()
+    assert cap.cuda_reason.startswith("no CUDA: gpu 0 (NVML 0) skipped: MIG mode is enabled; MIG instances are not")
+    assert (nvml.inits, nvml.shutdowns) == (2, 2)
+
+
+def test_no_permission_to_the_devices_is_no_cuda_naming_permission(tmp_path: Path) -> None:
+    nvml = two_gpus()
+    for gpu in nvml.gpus:
+        gpu.no_permission = True
+    cap = gpu_detect(tmp_path, nvml)
+    assert cap.gpus == ()
+    assert cap.cuda_reason == (
+        "no CUDA: gpu 0 (NVML 0) skipped: no permission to the GPU "
+        "(Insufficient Permissions; can this user open /dev/nvidia*?)"
+    )
+    refused = FakeNvml([])
+
+    def init() -> None:
+        raise FakeNvmlError("Insufficient Permissions", NVML_ERROR_NO_PERMISSION)
+
+    refused.nvmlInit = init  # type: ignore[method-assign]
+    cap = gpu_detect(tmp_path, refused)
+    assert cap.cuda_reason.startswith("no CUDA: NVML init failed: no permission to the GPU")
+
+
+def test_nvml_raising_the_unexpected_is_no_cuda_with_what_it_raised(tmp_path: Path) -> None:
+    class Exploding(FakeNvml):
+        def nvmlDeviceGetCount(self) -> int:
+            raise ZeroDivisionError("wrapper bug")
+
+    cap = gpu_detect(tmp_path, Exploding([]))
+    assert cap.gpus == () and cap.cuda_reason == "no CUDA: GPU probe failed: wrapper bug"
+
+
+def test_telemetry_and_refresh_follow_the_same_selection(tmp_path: Path) -> None:
+    env = {"NVIDIA_VISIBLE_DEVICES": "GPU-cccc,GPU-dddd", "CUDA_VISIBLE_DEVICES": "1"}
+    nvml = four_gpus()
+    nvml.gpus[3].free = 5 * GIB
+    cap = gpu_detect(tmp_path, nvml, env)
+    assert [g.uuid[:8] for g in cap.gpus] == ["GPU-dddd"]
+    stats, reason = capability.GpuTelemetry(env=env, nvml=nvml).read(cap.gpus)
+    assert reason == "" and [(s.uuid[:8], s.vram_free_gib) for s in stats] == [("GPU-dddd", 5.0)]
+    # A GPU known by index only (no UUID) is found through the same selection.
+    bare = msgspec.structs.replace(cap, gpus=(msgspec.structs.replace(cap.gpus[0], uuid=""),))
+    assert refresh_gpus(bare, env=env, nvml=nvml).gpus[0].vram_free_gib == 5.0
+
+
+def test_detect_json_reports_the_cuda_reason_from_the_environment(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["NVIDIA_VISIBLE_DEVICES"] = "void"
+    out = subprocess.run(
+        [sys.executable, "-m", "trainfleet.controller.cli", "agent", "--detect", "--json", "--no-torch-probe"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout
+    cap = msgspec.json.decode(out, type=Capability)
+    assert cap.gpus == () and cap.cuda_reason == "no CUDA: hidden by NVIDIA_VISIBLE_DEVICES"
 
 
 def test_nvml_init_failure(tmp_path: Path) -> None:
