@@ -73,6 +73,8 @@ _PARAM_KEYS = ("type", "default", "choices", "min", "max")
 _HOST_KEYS = (
     "allow_jobs",
     "deny_jobs",
+    "allow_job_names",
+    "deny_job_names",
     "max_cores",
     "max_ram_gib",
     "max_vram_gib",
@@ -168,25 +170,38 @@ class HostPolicy:
     cpu_slots: int | None = None
     gpu_slots: int | None = None
     serve_cpu: bool | None = None
+    allow_job_names: tuple[str, ...] = ()
+    deny_job_names: tuple[str, ...] = ()
 
     def permits(self, spec: JobSpec) -> tuple[bool, str]:
-        """Whether this host may run ``spec``: ``(True, "")`` or ``(False, reason)``.
+        """Whether this host may run ``spec``: ``(True, "")`` or ``(False, reason)``; the
+        reason names the host, the rule (its key in ``[hosts.<id>]``) and the pattern that decided.
 
-        Patterns (fnmatch, case-sensitive) match the job's model name or its
-        job name. A matching ``deny_jobs`` pattern wins over ``allow_jobs``;
-        an empty ``allow_jobs`` allows everything not denied.
+        Patterns are fnmatch globs (case-sensitive). ``allow_jobs`` / ``deny_jobs`` match the
+        job's *model* (as the predecessor's did); ``allow_job_names`` / ``deny_job_names``
+        match its job name. A matching deny pattern wins over any allow list; an empty allow
+        list allows everything not denied, and a job must pass both allow lists that are set.
         """
-        for pattern in self.deny_jobs:
-            matched = _glob_target(pattern, spec)
-            if matched:
-                reason = f"host policy of {self.host_id}: deny_jobs pattern {pattern!r} matches {matched}"
-                return False, reason
-        if self.allow_jobs and not any(_glob_target(p, spec) for p in self.allow_jobs):
-            return False, (
-                f"host policy of {self.host_id}: no allow_jobs pattern {_show(list(self.allow_jobs))} "
-                f"matches job {spec.name!r} or model {spec.model!r}"
-            )
+        rules = (
+            ("deny_jobs", self.deny_jobs, "model", spec.model),
+            ("deny_job_names", self.deny_job_names, "job", spec.name),
+        )
+        for key, patterns, what, value in rules:
+            pattern = next((p for p in patterns if fnmatch.fnmatchcase(value, p)), None)
+            if pattern is not None:
+                return False, f"{self._rule(key)} pattern {pattern!r} matches {what} {value!r}"
+        allows = (
+            ("allow_jobs", self.allow_jobs, "model", spec.model),
+            ("allow_job_names", self.allow_job_names, "job", spec.name),
+        )
+        for key, patterns, what, value in allows:
+            if patterns and not any(fnmatch.fnmatchcase(value, p) for p in patterns):
+                return False, f"{self._rule(key)} {_show(list(patterns))} does not match {what} {value!r}"
         return True, ""
+
+    def _rule(self, key: str) -> str:
+        """How a reason names a rule: ``host policy of pi-1: deny_jobs``."""
+        return f"host policy of {self.host_id}: {key}"
 
 
 @dataclass(frozen=True)
@@ -225,7 +240,8 @@ class Manifest:
 
 
 def excluded_hosts(manifest: Manifest, spec: JobSpec) -> dict[str, str]:
-    """host id → why the manifest's host policy (allow_jobs / deny_jobs) keeps ``spec`` off it."""
+    """host id → why the manifest's host policy (allow_jobs / deny_jobs on models,
+    allow_job_names / deny_job_names on job names) keeps ``spec`` off it."""
     out = {}
     for host_id, policy in manifest.hosts.items():
         ok, reason = policy.permits(spec)
@@ -756,6 +772,8 @@ def _parse_host(scope: _Scope, host_id: str, raw: dict[str, Any]) -> HostPolicy:
     values: dict[str, Any] = {
         "allow_jobs": _take(scope, raw, "allow_jobs", _glob_list, default=()),
         "deny_jobs": _take(scope, raw, "deny_jobs", _glob_list, default=()),
+        "allow_job_names": _take(scope, raw, "allow_job_names", _glob_list, default=()),
+        "deny_job_names": _take(scope, raw, "deny_job_names", _glob_list, default=()),
         "serve_cpu": _take(scope, raw, "serve_cpu", _boolean),
     }
     for key in ("max_cores", "max_ram_gib", "max_vram_gib"):
@@ -763,7 +781,7 @@ def _parse_host(scope: _Scope, host_id: str, raw: dict[str, Any]) -> HostPolicy:
     for key in ("cpu_slots", "gpu_slots"):
         values[key] = _take(scope, raw, key, _int_at_least(0))
     # A bad value is reported already; the fallback only keeps the object well-typed.
-    clean = {key: _good(value, () if key.endswith("_jobs") else None) for key, value in values.items()}
+    clean = {key: _good(value, () if key.endswith(("_jobs", "_names")) else None) for key, value in values.items()}
     return HostPolicy(host_id, **clean)
 
 
@@ -936,18 +954,6 @@ def _check_duplicate_ids(sink: _Sink, specs: Iterable[JobSpec]) -> None:
 # ---------------------------------------------------------------------------
 # helpers for the public API
 # ---------------------------------------------------------------------------
-
-
-def _glob_target(pattern: str, spec: JobSpec) -> str:
-    """What ``pattern`` matches in ``spec`` ("job 'x'" / "model 'y'"), or "" for nothing.
-
-    fnmatchcase, not fnmatch: the same manifest must mean the same on every OS.
-    """
-    if fnmatch.fnmatchcase(spec.name, pattern):
-        return f"job {spec.name!r}"
-    if fnmatch.fnmatchcase(spec.model, pattern):
-        return f"model {spec.model!r} of job {spec.name!r}"
-    return ""
 
 
 def _job_json(spec: JobSpec) -> dict[str, Any]:

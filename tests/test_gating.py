@@ -259,3 +259,24 @@ async def test_explain_and_plan_from_the_command_line(fleet, broker, settings, t
     assert code == 0 and "warning: 1 job(s) no registered host can ever run: big" in out
     code, _, _ = await arun_cli("plan", str(path), "--check", url=settings.url)
     assert code == 1
+
+
+async def test_host_policy_matches_models_and_job_names_by_their_own_keys_and_explain_names_the_rule(fleet, broker):
+    # allow_jobs = ["gbm"] admits the model gbm, never a linreg job that happens to be NAMED gbm-0
+    hosts = '[hosts.pi]\nallow_jobs = ["gbm"]\n[hosts.box]\ndeny_job_names = ["gbm-*"]\n'
+    manifest = linreg_manifest(1, prefix="gbm", extra=hosts)
+    job_id = manifest.jobs[0].job_id
+    ctl = await fleet.start_controller()
+    await ctl.sync(manifest)
+    fleet.start_agent("pi")
+    fleet.start_agent("box")
+    fleet.start_agent("spare")
+    rec = (await wait_terminal(broker, [job_id]))[job_id]
+    assert rec.status == JobStatus.COMPLETED and rec.claimed_by == "spare"
+    job = await get_job(broker, job_id)
+    matches = {m.host_id: m for m in explain_job(job, await load_workers(broker), stale_after_s=30)}
+    assert matches["pi"].reasons == ("host policy of pi: allow_jobs [\"gbm\"] does not match model 'linreg'",)
+    assert matches["box"].reasons == ("host policy of box: deny_job_names pattern 'gbm-*' matches job 'gbm-0'",)
+    assert matches["spare"].eligible
+    text = render_explain(job, list(matches.values()))
+    assert "allow_jobs" in text and "deny_job_names" in text

@@ -557,20 +557,29 @@ def test_ticket_class(constraints, klass):
 
 
 @pytest.mark.parametrize(
-    ("allow", "deny", "name", "model", "permitted"),
+    ("allow", "deny", "names", "name", "model", "permitted"),
     [
-        ((), (), "big-1", "mlp", True),
-        (("sk*",), (), "sk-tree", "mlp", True),
-        (("sk*",), (), "tree", "sk", True),
-        (("sk*",), (), "mlp-1", "mlp", False),
-        ((), ("*big*",), "big-1", "mlp", False),
-        (("*big*",), ("*big*",), "big-1", "mlp", False),
-        (("mlp",), ("big-*",), "big-1", "mlp", False),
-        (("mlp",), ("big-*",), "small-1", "mlp", True),
+        ((), (), ((), ()), "big-1", "mlp", True),
+        (("sk*",), (), ((), ()), "tree", "sk", True),
+        # allow_jobs / deny_jobs match models only (as the predecessor's did), never job names
+        (("sk*",), (), ((), ()), "sk-tree", "mlp", False),
+        (("gbm",), (), ((), ()), "gbm", "mlp", False),
+        ((), ("gbm",), ((), ()), "gbm", "mlp", True),
+        ((), ("*big*",), ((), ()), "big-1", "mlp", True),
+        ((), ("ml*",), ((), ()), "big-1", "mlp", False),
+        (("mlp",), ("mlp",), ((), ()), "big-1", "mlp", False),
+        # job-name patterns have their own keys
+        ((), (), (("sk*",), ()), "sk-tree", "mlp", True),
+        ((), (), (("sk*",), ()), "tree", "sk", False),
+        ((), (), ((), ("*big*",)), "big-1", "mlp", False),
+        (("mlp",), (), ((), ("big-*",)), "big-1", "mlp", False),
+        (("mlp",), (), ((), ("big-*",)), "small-1", "mlp", True),
+        (("mlp",), (), (("small-*",), ()), "small-1", "gbm", False),
+        (("*",), (), (("*big*",), ("*big*",)), "big-1", "mlp", False),
     ],
 )
-def test_host_policy_permits_allow_and_deny_with_deny_winning(allow, deny, name, model, permitted):
-    policy = HostPolicy("pi-1", allow_jobs=allow, deny_jobs=deny)
+def test_host_policy_permits_allow_and_deny_with_deny_winning(allow, deny, names, name, model, permitted):
+    policy = HostPolicy("pi-1", allow_jobs=allow, deny_jobs=deny, allow_job_names=names[0], deny_job_names=names[1])
     job = JobSpec(job_id="x", name=name, model=model, mode="m", hyper={}, data={}, seed=0, command=("p",))
     ok, reason = policy.permits(job)
     assert ok is permitted
@@ -579,7 +588,30 @@ def test_host_policy_permits_allow_and_deny_with_deny_winning(allow, deny, name,
         assert reason.startswith("host policy of pi-1: ")
 
 
-def test_host_policy_deny_reason_names_pattern_and_job():
-    policy = HostPolicy("pi-1", deny_jobs=("*big*",))
-    reason = "host policy of pi-1: deny_jobs pattern '*big*' matches job 'big-1'"
-    assert policy.permits(spec()) == (False, reason)
+def test_host_policy_reasons_name_the_rule_and_the_pattern():
+    job = JobSpec(job_id="x", name="gbm", model="mlp", mode="m", hyper={}, data={}, seed=0, command=("p",))
+    assert HostPolicy("pi-1", deny_jobs=("ml*",)).permits(job) == (
+        False,
+        "host policy of pi-1: deny_jobs pattern 'ml*' matches model 'mlp'",
+    )
+    assert HostPolicy("pi-1", deny_job_names=("g*",)).permits(job) == (
+        False,
+        "host policy of pi-1: deny_job_names pattern 'g*' matches job 'gbm'",
+    )
+    assert HostPolicy("pi-1", allow_jobs=("gbm",)).permits(job) == (
+        False,
+        "host policy of pi-1: allow_jobs [\"gbm\"] does not match model 'mlp'",
+    )
+    assert HostPolicy("pi-1", allow_job_names=("x*",)).permits(job) == (
+        False,
+        "host policy of pi-1: allow_job_names [\"x*\"] does not match job 'gbm'",
+    )
+
+
+def test_host_policy_job_name_keys_load_and_are_checked(tmp_path):
+    hosts = '[hosts.pi-1]\nallow_job_names = ["a*"]\ndeny_job_names = ["*-big"]\n[hosts.pi-2]\nallow_job_names = "a*"\n'
+    with pytest.raises(ManifestError) as err:
+        parse_manifest("schema_version = 1\n" + hosts)
+    assert [p.field for p in err.value.problems] == ["hosts.pi-2.allow_job_names"]
+    manifest = parse_manifest("schema_version = 1\n" + hosts.split("[hosts.pi-2]")[0])
+    assert (manifest.hosts["pi-1"].allow_job_names, manifest.hosts["pi-1"].deny_job_names) == (("a*",), ("*-big",))
