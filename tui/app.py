@@ -69,6 +69,12 @@ KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The main screen's actions: not offered while another screen is on top of it.
+MAIN_SCREEN_ACTIONS = frozenset(
+    {"help", "prompt", "sort", "reverse", "cancel_job", "requeue_job", "toggle_logs", "switch_panel", "clear_filter"}
+)
+
+
 class JobsCommands(Provider):
     """The command palette (ctrl+p) finds jobs too: by name, id or model; picking one jumps to it."""
 
@@ -128,7 +134,7 @@ class MonitorApp(App[None]):
     #bottom { height: 40%; }
     #logs { width: 1fr; height: 100%; border: round $primary; }
     #logs.hidden { display: none; }
-    #workers { width: 1fr; max-width: 100; height: 100%; border: round $primary; }
+    #workers { width: 55%; min-width: 48; height: 100%; border: round $primary; }
     #workers:focus { border: round $accent; }
     #prompt { dock: bottom; display: none; }
     """
@@ -335,6 +341,8 @@ class MonitorApp(App[None]):
 
     # -- keys ------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in MAIN_SCREEN_ACTIONS and len(self.screen_stack) > 1:
+            return False  # a screen over the list (detail, help, a question) has keys of its own
         if action in ("cancel_job", "requeue_job") and self.read_only:
             return False  # the viewer role may not: hidden, not failing
         return True

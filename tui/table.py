@@ -39,7 +39,7 @@ COLUMNS = (
     Column("try", "TRY", 3),
     Column("priority", "PRI", 3),
     Column("duration", "TIME", 7),
-    Column("progress", "PROGRESS", 16),
+    Column("progress", "PROGRESS", 18),
     Column("metric", "METRIC", 22),
     Column("trend", "TREND", 12),
 )
