@@ -423,7 +423,12 @@ async def test_the_log_pane_never_shows_a_cut_log_as_finished_whatever_the_key_s
             await pilot.press(*[rng.choice(["down", "up", "down"]) for _ in range(rng.randint(1, 9))])
             pane = app.log_pane
             # Then whatever the pane ends up showing as finished is the whole log of the highlighted job
-            await until(pilot, lambda: app.log_pane.finished, "the pane to reach the end", timeout_s=30)
+            await until(
+                pilot,
+                lambda: app.log_pane.finished and log_text(app).rstrip().endswith("end of its output ---"),
+                "the pane to reach the end",
+                timeout_s=60,
+            )
             assert pane.job_id == app.jobs_table.cursor_id
             shown_lines = log_text(app).splitlines()
             assert shown_lines[:-1] == expected[pane.job_id], app.model.rows[pane.job_id].name
