@@ -12,6 +12,10 @@ Shutdown order (SIGTERM/SIGINT, or :meth:`Agent.request_stop`):
 3. hand the rest back (record to pending, ticket NAKed for immediate redelivery);
 4. remove the worker entry;
 5. close the connection (flushing the last acks).
+A stop requested while the agent is still connecting ends the connect at once. Where the agent
+is PID 1 (a container), agent/pid1.py keeps a tiny init in front of it that forwards these
+signals and reaps orphans. ``AgentOptions.health_file``: the file agent/health.py judges,
+rewritten every heartbeat (state, connected, jobs).
 
 Roles: agent (pulls and acks tickets, CASes records it claims, writes its own worker
 entry, calls ``ctl.hostpolicy``). Provisioning at start needs the admin role.
@@ -30,10 +34,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from trainfleet.agent import health, logfmt
 from trainfleet.agent.claim import Claimer
 from trainfleet.agent.held import HeldJob, Outcome
 from trainfleet.agent.sandbox import TrainerCgroup
@@ -112,6 +118,7 @@ class AgentOptions:
     workdir: str | None = None
     handle_signals: bool = True
     keep_outputs: bool = False
+    health_file: str | None = None  # None: none written (the CLI always names one)
 
 
 class Agent:
@@ -146,6 +153,7 @@ class Agent:
         self.gpu_stats: tuple[GpuStat, ...] = ()
         self.gpu_stats_reason = ""
         self._telemetry_read: asyncio.Future[tuple[tuple[GpuStat, ...], str]] | None = None
+        self._health_failed = False  # said once that the health file cannot be written
 
     # -- setup -------------------------------------------------------------
     @property
@@ -185,10 +193,16 @@ class Agent:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        self._write_health("starting")
         # Bind only: provisioning is the admin's (or the controller's) job, never an agent's.
-        self.broker = await Broker.connect(
+        connect = Broker.connect(
             self.settings, name=f"trainfleet-agent-{self.host_id}", wait_s=self.settings.connect_wait_s
         )
+        self.broker = await self._unless_stopped(connect)
+        if self.broker is None:  # stopped while still waiting for the server: nothing to hand back
+            log.info("agent %s stopped before it connected", self.host_id)
+            await self._shutdown(None)
+            return
         if not self.settings.trust_keys:
             log.warning(
                 "no trusted controller key (--trust-key / TRAINFLEET_TRUST_KEY): this agent runs job specs "
@@ -205,6 +219,20 @@ class Agent:
                 await self.tick()
         finally:
             await asyncio.shield(self._shutdown(registry))
+
+    async def _unless_stopped(self, coro: Any) -> Any:
+        """``coro``'s result, or None when a stop is requested first (``coro`` is cancelled)."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return task.result() if not task.cancelled() else None
 
     async def _apply_host_policy(self) -> None:
         """The manifest's [hosts.<id>] overrides, from the controller; the more restrictive of
@@ -363,6 +391,7 @@ class Agent:
 
     async def _serve(self, job: HeldJob) -> None:
         """Run and settle a claimed job; the slot is released whatever happens."""
+        logfmt.JOB_ID.set(job.job_id)  # this task's log lines name the job (--log-format json)
         self.running[job.job_id] = job
         await self._register()  # `workers` shows the new job at once, not at the next refresh
         try:
@@ -414,7 +443,31 @@ class Agent:
         while True:
             await self._read_gpus()
             await self._register()
+            self._write_health("draining" if self._stopping.is_set() else "serving", period)
             await asyncio.sleep(period)
+
+    def _write_health(self, state: str, period_s: float | None = None) -> None:
+        """Rewrite the health file (agent/health.py), if this agent keeps one."""
+        if not self.options.health_file:
+            return
+        if period_s is None:
+            period_s = min(self.settings.heartbeat_s, self.settings.worker_ttl_s / 3)
+        connected = self.broker is not None and self.broker.nc.is_connected
+        status = health.Health(
+            host_id=self.host_id,
+            pid=os.getpid(),
+            state=state,
+            connected=connected and state != "stopped",
+            running_jobs=len(self.running),
+            heartbeat_s=period_s,
+            written_at=time.time(),
+        )
+        try:
+            health.write(Path(self.options.health_file), status)
+        except OSError as exc:
+            if not self._health_failed:
+                log.warning("cannot write the health file %s: %s", self.options.health_file, exc)
+            self._health_failed = True
 
     async def _read_gpus(self) -> None:
         """This heartbeat's GPU telemetry, and free VRAM from it (it moves with other users of the
@@ -439,9 +492,10 @@ class Agent:
         if self.capability is not None:
             self.capability = with_free_vram(self.capability, stats)
 
-    async def _shutdown(self, registry: asyncio.Task[None]) -> None:
+    async def _shutdown(self, registry: asyncio.Task[None] | None) -> None:
         """Steps 2-5 of the shutdown order (the loop has stopped taking tickets)."""
         self._stopping.set()
+        self._write_health("draining")
         if self._tasks:
             # 2. Running jobs get drain_timeout_s to finish on their own...
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
@@ -451,7 +505,8 @@ class Agent:
                 for job in list(self.running.values()):
                     job.hand_back()
                 await asyncio.wait(pending, timeout=self.settings.term_grace_s + 10)
-        registry.cancel()
+        if registry is not None:
+            registry.cancel()
         if self._telemetry_read is None or self._telemetry_read.done():
             self.telemetry.close()
         if self.outbox is not None:
@@ -463,5 +518,6 @@ class Agent:
             with contextlib.suppress(Exception):
                 await remove_worker(self.broker, self.host_id)
             await self.broker.close()
+        self._write_health("stopped")
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -9,9 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
 
 import msgspec
 
+from trainfleet.agent import health, logfmt, pid1
 from trainfleet.agent.sandbox import TrainerUser
 from trainfleet.broker.errors import EXIT_OK
 from trainfleet.broker.settings import from_flags
@@ -22,6 +27,25 @@ HELP = "run an agent on this host (or --detect to print its capability)"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-id", help="host id (env TRAINFLEET_HOST_ID; default: hostname)")
     p.add_argument("--detect", action="store_true", help="print detected capability and exit")
+    p.add_argument(
+        "--health",
+        action="store_true",
+        help="judge the running agent's health file and exit: 0 healthy, 1 not, with a one-line reason "
+        "(for a container or Kubernetes probe; give the agent's --workdir or --health-file)",
+    )
+    p.add_argument(
+        "--health-file",
+        metavar="PATH",
+        help="the health file the agent rewrites every heartbeat (env TRAINFLEET_HEALTH_FILE; default "
+        "WORKDIR/agent-health.json, or $TMPDIR/trainfleet-agent-HOST.health.json without --workdir)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=logfmt.FORMATS,
+        default="text",
+        help="text (default, stderr) or json: one JSON object per line on stdout (time, level, logger, "
+        "message, host, job_id)",
+    )
     p.add_argument("--json", action="store_true", help="with --detect: JSON")
     p.add_argument("--cpu-slots", type=int, default=1, help="CPU jobs at once (default 1)")
     p.add_argument("--gpu-slots", type=int, help="GPU jobs at once (default: one per visible GPU)")
@@ -50,9 +74,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_agent(args: argparse.Namespace) -> int:
-    from trainfleet.agent.capability import apply_overrides, detect, render_text
+def _stop_before_serving(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM/SIGINT while detecting: nothing is held yet, so just leave (exit 0)."""
+    raise SystemExit(EXIT_OK)
 
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from trainfleet.agent.capability import apply_overrides, default_host_id, detect, render_text
+
+    host_id = default_host_id(args.host_id)
+    health_file = Path(args.health_file) if args.health_file else health.default_path(args.workdir, host_id)
+    if args.health:
+        code, reason = health.check(health_file)
+        print(reason)
+        return code
+    serving = not args.detect
+    formatter = logfmt.use_json(host_id) if args.log_format == "json" and serving else None
+    if serving:
+        # As PID 1 (a container), an init stays in front: signals forwarded, orphans reaped.
+        pid1.become_init()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_before_serving)
     cap = detect(args.host_id, probe_torch=not args.no_torch_probe)
     cap = apply_overrides(cap, max_cores=args.max_cores, max_ram_gib=args.max_ram_gib, max_vram_gib=args.max_vram_gib)
     if args.detect:
@@ -69,6 +111,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         gpu_slots=args.gpu_slots,
         serve_cpu=not args.no_cpu,
         workdir=args.workdir,
+        health_file=str(health_file),
     )
     settings = from_flags(args).with_(trainer_user=args.trainer_user)
     if settings.trainer_user:
@@ -76,5 +119,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.trust_key:
         keys = tuple(k.strip() for arg in args.trust_key for k in arg.split(",") if k.strip())
         settings = settings.with_(trust_keys=keys)
-    asyncio.run(Agent(settings, options, capability=cap).run())
+    if formatter is not None:
+        formatter.host = cap.host_id
+    agent = Agent(settings, options, capability=cap)
+    # From here a stop is a drain: the agent's own handlers take over once its loop runs.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: agent.request_stop())
+    asyncio.run(agent.run())
+    sys.stdout.flush()
     return EXIT_OK
