@@ -525,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 when some job can never run")
     _json_flag(p)
 
+    # -- moving from the predecessor (controller/importer.py, docs/migrating.md) --
+    from trainfleet.controller import importer
+
+    p = verb("import", importer.cmd_import, importer.HELP)
+    importer.add_arguments(p)
+
     p = sub.add_parser(
         "auth",
         help="make the identities and permissions of a secured fleet",
