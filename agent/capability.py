@@ -55,7 +55,7 @@ HOST_ID_ENV = "TRAINFLEET_HOST_ID"
 CODE_COMMIT_ENV = "TRAINFLEET_CODE_COMMIT"
 
 _GIB = 1024**3
-_HOST_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_HOST_ID_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 _SHA = re.compile(r"^[0-9a-f]{40,64}$")
 # cgroup v1 reports "no limit" as a page-rounded LONG_MAX; anything this big is no limit.
 _UNLIMITED = 1 << 60
@@ -85,15 +85,17 @@ _T = TypeVar("_T")
 def default_host_id(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The agent's host id: ``flag``, else ``$TRAINFLEET_HOST_ID``, else the hostname.
 
-    The result is lowercased and every character outside ``[A-Za-z0-9_-]`` becomes
-    ``-``, so it is usable as a NATS subject token and KV key. Empty sources are
+    The result is lowercased, every character outside ``[A-Za-z0-9_.-]`` becomes ``-``
+    and empty dot-separated labels are dropped, so it is a hostname (``pi.lan`` stays
+    ``pi.lan``; broker.names.host_token makes it a subject token). Empty sources are
     skipped; if all are empty the id is ``"host"``.
     """
     env = os.environ if env is None else env
     for raw in (flag, env.get(HOST_ID_ENV), _hostname()):
-        value = (raw or "").strip()
+        value = _HOST_ID_BAD.sub("-", (raw or "").strip()).lower()
+        value = ".".join(label for label in value.split(".") if label)
         if value:
-            return _HOST_ID_BAD.sub("-", value).lower()
+            return value
     return "host"
 
 

@@ -17,6 +17,10 @@ DEFAULT_PREFIX = "trainfleet"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
+# The key in the specs bucket under which the controller keeps the fleet's own facts (the
+# manifest's name and file, when it was last synced); every other key there is a job id.
+FLEET_INFO_KEY = "_fleet"
+
 # Headers on the trainer output the agent ships (logs subjects).
 LOG_STREAM_HEADER = "Trainfleet-Stream"  # stdout | stderr
 LOG_ATTEMPT_HEADER = "Trainfleet-Attempt"
@@ -28,7 +32,38 @@ def is_token(value: str) -> bool:
     return bool(_TOKEN.match(value))
 
 
-# Names an operator chooses: jobs, models and modes (host ids are subject tokens: is_token).
+# A host id is any hostname: labels of letters, digits, '_' and '-' joined by single dots
+# (``pi``, ``gpu_box-2``, ``pi.lan``), at most 253 characters. A dot separates subject
+# tokens in NATS, so where a host id becomes part of a subject, a KV key or a consumer
+# name it goes through :func:`host_token`.
+HOST_ID_RULE = "must be a hostname: letters, digits, '_' and '-', labels joined by single dots (e.g. pi.lan)"
+_HOST_ID = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+HOST_TOKEN_DOT = "="  # what a host id's dot becomes in its token: never in a host id, allowed in keys and subjects
+
+
+def is_host_id(value: object) -> bool:
+    """A host id: a token, or tokens joined by single dots (a hostname such as ``pi.lan``)."""
+    return isinstance(value, str) and len(value) <= 253 and bool(_HOST_ID.match(value))
+
+
+def host_token(host_id: str) -> str:
+    """The one subject token (and KV key, consumer-name part) standing for ``host_id``.
+
+    Each dot becomes ``=`` (``pi.lan`` → ``pi=lan``); a host id without dots is its own
+    token, so existing hosts keep their subjects and keys. ``=`` can never be in a host id,
+    so two different host ids never share a token, and :func:`host_of_token` reverses it.
+    """
+    if not is_host_id(host_id):
+        raise ValueError(f"host id {host_id!r} {HOST_ID_RULE}")
+    return host_id.replace(".", HOST_TOKEN_DOT)
+
+
+def host_of_token(token: str) -> str:
+    """The host id a :func:`host_token` stands for."""
+    return token.replace(HOST_TOKEN_DOT, ".")
+
+
+# Names an operator chooses: jobs, models and modes (host ids are hostnames: is_host_id).
 # They end up in paths, argv and terminals, so they are tokens, not free text.
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 # Hyper parameter names become trainer flags (--<name>=value).

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainfleet.broker import jsapi
-from trainfleet.broker.names import Names
+from trainfleet.broker.names import Names, host_token
 
 ROLES = ("admin", "controller", "operator", "agent", "viewer")
 # Control verbs a viewer may call: the ones that only read.
@@ -107,7 +107,7 @@ def permissions(role: str, names: Names, *, host_id: str | None = None) -> Permi
             subscribe=(inbox, names.events_subject("*")),
         )
     if role == "agent":
-        worker = host_id if host_id else "*"
+        worker = host_token(host_id) if host_id else "*"
         return Permissions(
             publish=(
                 *_kv_read(names, names.jobs_bucket),

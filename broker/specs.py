@@ -36,8 +36,9 @@ import nats.js.errors
 import nkeys
 
 from trainfleet.broker import kv
+from trainfleet.broker.display import safe_text
 from trainfleet.broker.errors import JobNotFound, SchemaError, UntrustedSpec, UsageError
-from trainfleet.broker.names import is_env_name, is_hyper_name, is_name, is_token
+from trainfleet.broker.names import FLEET_INFO_KEY, is_env_name, is_host_id, is_hyper_name, is_name
 from trainfleet.broker.schema import SCHEMA_VERSION, JobSpec, decode
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def bad_names(spec: JobSpec) -> str:
     bad += [
         f"host {host!r}"
         for host in (*spec.constraints.allowed_hosts, *spec.constraints.denied_hosts)
-        if not is_token(host)
+        if not is_host_id(host)
     ]
     bad += [f"env {key!r}" for key in spec.env if not is_env_name(key)]
     if not spec.command or not spec.command[0]:
@@ -196,6 +197,8 @@ async def load_sealed(broker: Broker) -> dict[str, Sealed]:
     """Every usable spec with the key that signed it (signatures are the controller's own)."""
     out: dict[str, Sealed] = {}
     for entry in await kv.snapshot(broker.specs):
+        if entry.key == FLEET_INFO_KEY:
+            continue
         try:
             out[entry.key] = Sealed(open_spec(entry.value or b"", entry.key), signer_of(entry.value or b""))
         except (SchemaError, UntrustedSpec) as exc:
@@ -229,8 +232,39 @@ async def load_specs(broker: Broker) -> dict[str, JobSpec]:
     Neither signatures nor identities are checked: this is for showing jobs, not running them."""
     out: dict[str, JobSpec] = {}
     for entry in await kv.snapshot(broker.specs):
+        if entry.key == FLEET_INFO_KEY:
+            continue
         try:
             out[entry.key] = open_spec(entry.value or b"", entry.key, identity=False)
         except (SchemaError, UntrustedSpec) as exc:
             log.warning("spec %s is unusable: %s", entry.key, exc)
     return out
+
+
+# -- the fleet's own facts -------------------------------------------------------------
+async def put_fleet_info(broker: Broker, *, name: str, manifest: str) -> None:
+    """Record the name and file of the manifest last synced (controller only), under
+    FLEET_INFO_KEY in the specs bucket: ``{"name", "manifest", "synced_at"}``."""
+    info = {"name": name, "manifest": manifest, "synced_at": time.time()}
+    await broker.specs.put(FLEET_INFO_KEY, json.dumps(info).encode())
+
+
+async def get_fleet_info(broker: Broker) -> dict[str, Any]:
+    """What :func:`put_fleet_info` stored ({} before the first sync, or if unreadable)."""
+    try:
+        entry = await broker.specs.get(FLEET_INFO_KEY)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+        return {}
+    try:
+        info = json.loads(entry.value or b"{}")
+    except ValueError:
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    name = info.get("name")
+    return {**info, "name": name if isinstance(name, str) else ""}
+
+
+def fleet_name(info: dict[str, Any]) -> str:
+    """The fleet's name from :func:`get_fleet_info`'s answer, safe to print ("" for none)."""
+    return safe_text(str(info.get("name") or ""), newlines=False)

@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 
 from trainfleet.broker import jsapi
 from trainfleet.broker.errors import TRANSIENT, BrokerError, ConsumerUnavailable, SchemaError
-from trainfleet.broker.names import is_token
+from trainfleet.broker.names import host_token, is_token
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, Ticket, decode, encode
 from trainfleet.broker.settings import seconds_to_ns
 
@@ -68,7 +68,9 @@ def gpu_class(tier: int) -> str:
 
 
 def host_class(host_id: str) -> str:
-    return f"host.{host_id}"
+    """``host.<token>``: a host id's dots become ``=`` (names.host_token), so the class is
+    always two subject tokens and two hosts never share one."""
+    return f"host.{host_token(host_id)}"
 
 
 def is_gpu_class(klass: str) -> bool:

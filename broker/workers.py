@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from trainfleet.broker import kv
 from trainfleet.broker.errors import SchemaError
+from trainfleet.broker.names import host_token
 from trainfleet.broker.schema import WorkerRecord, decode, encode
 from trainfleet.broker.settings import Settings
 
@@ -40,11 +41,16 @@ async def load_workers(broker: Broker) -> list[WorkerRecord]:
     return sorted(workers, key=lambda w: w.host_id)
 
 
+def worker_key(host_id: str) -> str:
+    """A host's key in the workers bucket: its subject token (``pi.lan`` → ``pi=lan``)."""
+    return host_token(host_id)
+
+
 async def put_worker(broker: Broker, worker: WorkerRecord) -> None:
     """Write (or refresh) an agent's own entry; the bucket's TTL reaps it if the agent dies."""
-    await broker.workers.put(worker.host_id, encode(worker))
+    await broker.workers.put(worker_key(worker.host_id), encode(worker))
 
 
 async def remove_worker(broker: Broker, host_id: str) -> None:
     """An agent leaving on purpose deletes its entry at once."""
-    await broker.workers.delete(host_id)
+    await broker.workers.delete(worker_key(host_id))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from trainfleet.broker import roles
 from trainfleet.broker.errors import UsageError
-from trainfleet.broker.names import Names, is_token
+from trainfleet.broker.names import HOST_ID_RULE, Names, is_host_id
 from trainfleet.broker.specs import new_seed, public_key_of, write_seed
 from trainfleet.controller.certs import mapped_user
 
@@ -97,8 +97,8 @@ def init_auth(
     """Write (or complete) the auth files of one fleet into ``directory``; see the module doc."""
     out = AuthFiles(Path(directory).resolve())
     for host in agent_hosts or []:
-        if not is_token(host):
-            raise UsageError(f"agent host {host!r} is not a valid host id (letters, digits, '_' and '-')")
+        if not is_host_id(host):
+            raise UsageError(f"agent host {host!r} is not a valid host id: it {HOST_ID_RULE}")
     _secret_dir(out.directory)
     wanted = [roles.Identity(role, "") for role in roles.ROLES]
     wanted += [roles.Identity("agent", "", host) for host in agent_hosts or []]

@@ -293,6 +293,8 @@ class Controller:
             r.job_id for r, c in zip(existing, changed, strict=True) if not c and r.job_id not in respecced
         ]
         report.not_in_manifest = sorted(await job_ids(self.b) - {s.job_id for s in manifest.jobs})
+        # The fleet's name (status, the monitor and `up` show it): the manifest synced last names it.
+        await specs.put_fleet_info(self.b, name=manifest.name, manifest=manifest.path)
         log.info(
             "sync %s: %d new, %d updated, %d unchanged, %d refused, %d only in KV",
             manifest.path,

@@ -32,13 +32,14 @@ import msgspec
 from trainfleet.broker.errors import ManifestError, ManifestProblem
 from trainfleet.broker.names import (
     ENV_RULE,
+    HOST_ID_RULE,
     HYPER_PATTERN,
     NAME_PATTERN,
     RESERVED_FLAGS,
     is_env_name,
+    is_host_id,
     is_hyper_name,
     is_name,
-    is_token,
 )
 from trainfleet.broker.schema import Constraints, JobSpec
 from trainfleet.broker.specs import job_id_for
@@ -66,7 +67,9 @@ HYPER_RULE = f"must match {HYPER_PATTERN} and not be one of the agent's own flag
 MANIFEST_SCHEMA_VERSION = 1
 HYPER_TYPES: tuple[str, ...] = ("int", "float", "str", "bool")
 
-_TOP_KEYS = ("schema_version", "settings", "models", "hosts", "jobs")
+_TOP_KEYS = ("schema_version", "name", "settings", "models", "hosts", "jobs")
+# The manifest's (the fleet's) name: shown by status, the monitor and `up`.
+FLEET_NAME_MAX = 128
 _SETTINGS_KEYS = ("prefer_cuda_grace_s", "max_attempts")
 _MODEL_KEYS = ("command", "modes", "data", "requires", "env", "hyper")
 _PARAM_KEYS = ("type", "default", "choices", "min", "max")
@@ -88,6 +91,7 @@ _JOB_KEYS = (
     "mode",
     "hyper",
     "data",
+    "split_recipe",
     "seed",
     "priority",
     "require_cuda",
@@ -222,6 +226,7 @@ class Manifest:
     models: dict[str, ModelDef]
     hosts: dict[str, HostPolicy]
     jobs: tuple[JobSpec, ...]
+    name: str = ""  # the manifest's top-level ``name`` ("" when it has none)
 
     def job_by_id(self, job_id: str) -> JobSpec | None:
         """The job whose id is exactly ``job_id``, or None."""
@@ -231,6 +236,7 @@ class Manifest:
         """A JSON-ready summary (for ``--json`` output): file, settings, models, hosts, jobs."""
         return {
             "file": self.path,
+            "name": self.name,
             "schema_version": self.schema_version,
             "settings": msgspec.to_builtins(self.settings),
             "models": {name: msgspec.to_builtins(model) for name, model in self.models.items()},
@@ -280,6 +286,7 @@ def parse_manifest(text: str, file: str = "<string>") -> Manifest:
     top = _Scope(sink)
     _unknown_keys(top, doc, _TOP_KEYS)
     version = _schema_version(top, doc)
+    name = _good(_take(top, doc, "name", _fleet_name, default=""), "")
     settings = _parse_settings(sink, doc)
     models = _parse_models(sink, doc)
     hosts = _parse_hosts(sink, doc)
@@ -293,6 +300,7 @@ def parse_manifest(text: str, file: str = "<string>") -> Manifest:
         models={name: check.model for name, check in models.items()},
         hosts=hosts,
         jobs=tuple(jobs),
+        name=name,
     )
 
 
@@ -465,8 +473,18 @@ def _str_list(
     return tuple(value)
 
 
+def _fleet_name(value: Any) -> str:
+    """The manifest's ``name``: free text for people (shown in status and the monitor), one
+    line of printable characters."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"must be a non-empty string, got {_describe(value)}")
+    if len(value) > FLEET_NAME_MAX or not value.isprintable():
+        raise _Invalid(f"must be one line of at most {FLEET_NAME_MAX} printable characters, got {_describe(value)}")
+    return value.strip()
+
+
 def _host_list(value: Any) -> tuple[str, ...]:
-    hosts = _str_list(value, ok=is_token, what="a host id (letters, digits, '_' and '-' only)")
+    hosts = _str_list(value, ok=is_host_id, what="a host id (a hostname: letters, digits, '_', '-' and dots)")
     # Duplicates would change the job id (train_hosts) without changing meaning.
     return tuple(dict.fromkeys(hosts))
 
@@ -523,6 +541,17 @@ def _json_value(value: Any, path: str) -> None:
         raise _Invalid(f"{path}: TOML dates and times are not supported (use a string): {_describe(value)}")
     elif isinstance(value, float) and not math.isfinite(value):
         raise _Invalid(f"{path}: must be a finite number, got {_describe(value)}")
+
+
+def _data_recipe(value: Any) -> dict[str, Any]:
+    """A job's ``split_recipe``: a table (like ``data``) or a string naming the split."""
+    if isinstance(value, str) and value:
+        return {"split": value}
+    if isinstance(value, dict):
+        return _json_table(value)
+    raise _Invalid(
+        f"must be a table (the data recipe) or a non-empty string (the split's name), got {_describe(value)}"
+    )
 
 
 def _json_table(value: Any) -> dict[str, Any]:
@@ -620,9 +649,7 @@ class _NamedSection:
 
 
 _MODELS = _NamedSection("models", "NAME", "model name", _MODEL_KEYS, is_name, NAME_RULE)
-_HOSTS = _NamedSection(
-    "hosts", "HOST_ID", "host id", _HOST_KEYS, is_token, "must use only letters, digits, '_' and '-'"
-)
+_HOSTS = _NamedSection("hosts", "HOST_ID", "host id", _HOST_KEYS, is_host_id, HOST_ID_RULE)
 
 
 def _parse_named(
@@ -644,9 +671,19 @@ def _parse_named(
             # A stand-in keeps the name declared, so a job using it is not also told it is undeclared.
             parsed[name] = fallback(name)
             continue
+        if section is _HOSTS:
+            value = _unquoted_dotted_hosts(scope, name, value)
         _unknown_keys(scope, value, section.keys)
         parsed[name] = parse(scope, name, value)
     return parsed
+
+
+def _unquoted_dotted_hosts(scope: _Scope, name: str, value: dict[str, Any]) -> dict[str, Any]:
+    """``[hosts.pi.lan]`` is TOML for host ``pi`` with a table ``lan``: say to quote the id."""
+    nested = [key for key, item in value.items() if isinstance(item, dict) and key not in _HOST_KEYS]
+    for key in nested:
+        scope.add(f'a host id with dots must be quoted: [hosts."{name}.{key}"], not [hosts.{name}.{key}]', key)
+    return {key: item for key, item in value.items() if key not in nested}
 
 
 # -- models -------------------------------------------------------------------
@@ -905,7 +942,14 @@ def _given_hyper(scope: _Scope, given: dict[str, Any], check: _ModelCheck) -> di
 
 
 def _job_data(scope: _Scope, raw: dict[str, Any], check: _ModelCheck | None) -> dict[str, Any]:
-    data = _take(scope, raw, "data", _json_table, default={})
+    """The job's data recipe: ``data``, or the predecessor's ``split_recipe`` (a table is the
+    recipe itself; a string ``s`` is short for ``{ split = s }``), over the model's defaults.
+    A job without either keeps exactly the recipe (and so the id) it always had."""
+    if "split_recipe" in raw and "data" in raw:
+        scope.add("give the data recipe as data or as split_recipe, not both", "split_recipe")
+        return {}
+    key = "split_recipe" if "split_recipe" in raw else "data"
+    data = _take(scope, raw, key, _data_recipe, default={})
     if data is _BAD:
         return {}
     # Shallow merge: a job's key replaces the model default of the same name wholesale.

@@ -39,6 +39,7 @@ async def fleet_status(broker: Broker, now: float | None = None) -> dict[str, An
     alive = [w.host_id for w in workers if now - w.last_seen <= stale_after_s(broker.settings)]
     stale = [w.host_id for w in workers if w.host_id not in alive]
     return {
+        "fleet": (await specs.get_fleet_info(broker)).get("name", ""),
         "jobs": counts,
         "total": len(records),
         "workers": {"alive": len(alive), "stale": len(stale)},

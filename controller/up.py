@@ -225,7 +225,12 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         return exc.exit_code
     data_dir = Path(args.data_dir or f".trainfleet/up-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     embed = not args.url
-    console.print(f"trainfleet up: {len(manifest.jobs)} jobs, {args.agents} agents, state in {data_dir}")
+    # The manifest's name, when it has one, heads every summary (as text: never read as markup).
+    named = f"{display.safe_text(manifest.name, newlines=False)}: " if manifest.name else ""
+    console.print(
+        Text(f"trainfleet up: {named}{len(manifest.jobs)} jobs, {args.agents} agents, state in {data_dir}"),
+        highlight=False,
+    )
     # The fleet runs in its own sessions, so a closed terminal (SIGHUP) or a SIGTERM would orphan it:
     # treat both like Ctrl-C, which unwinds through fleet.stop() below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -254,8 +259,10 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         ok = all(r.status == JobStatus.COMPLETED for r in records.values())
         counts = {s.value: sum(1 for r in records.values() if r.status == s) for s in JobStatus}
         console.print(
-            f"{'all jobs completed' if ok else 'not every job completed'} in {elapsed:.1f}s: "
-            + ", ".join(f"{k} {v}" for k, v in counts.items() if v),
+            Text(
+                f"{named}{'all jobs completed' if ok else 'not every job completed'} in {elapsed:.1f}s: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+            ),
             highlight=False,
         )
         names = {spec.job_id: spec.name for spec in manifest.jobs}

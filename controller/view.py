@@ -94,8 +94,9 @@ def fleet_status(out: dict[str, Any]) -> str:
     hosts = out["hosts"]
     alive = f" ({', '.join(hosts['alive'])})" if hosts["alive"] else ""
     stale = f" ({', '.join(hosts['stale'])})" if hosts["stale"] else ""
+    name = display.safe_text(str(out.get("fleet") or ""), newlines=False)
     return (
-        f"jobs: {out['total']}" + (f"  {counts}" if counts else "") + "\n"
+        (f"fleet: {name}\n" if name else "") + f"jobs: {out['total']}" + (f"  {counts}" if counts else "") + "\n"
         f"workers: {len(hosts['alive'])} alive{alive}, {len(hosts['stale'])} stale{stale}"
     )
 

@@ -595,19 +595,21 @@ def test_apply_overrides(tmp_path: Path) -> None:
 def test_default_host_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(capability.socket, "gethostname", lambda: "Box.Example.COM")
     env = {"TRAINFLEET_HOST_ID": "From Env!"}
-    assert default_host_id("Flag.Host", env) == "flag-host"
+    assert default_host_id("Flag.Host", env) == "flag.host"
+    assert default_host_id(".pi..lan.", env) == "pi.lan"
+    assert default_host_id("...", env) == "from-env-"
     assert default_host_id(None, env) == "from-env-"
     assert default_host_id("", env) == "from-env-"
-    assert default_host_id(None, {}) == "box-example-com"
+    assert default_host_id(None, {}) == "box.example.com"
     assert default_host_id("gpu_box-2", {}) == "gpu_box-2"
     monkeypatch.setattr(capability.socket, "gethostname", lambda: "")
     assert default_host_id(None, {"TRAINFLEET_HOST_ID": "  "}) == "host"
 
 
 def test_detect_host_id_sanitised(tmp_path: Path) -> None:
-    cap = detect("My.Host", proc_root=str(tmp_path), cgroup_root=str(tmp_path), env={},
+    cap = detect("My.Host!", proc_root=str(tmp_path), cgroup_root=str(tmp_path), env={},
                  nvml=FakeNvml([]), probe_torch=False, code_commit="")  # fmt: skip
-    assert cap.host_id == "my-host"
+    assert cap.host_id == "my.host-"
 
 
 def test_code_commit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -418,7 +418,9 @@ def test_missing_file_is_a_manifest_error_naming_the_file(tmp_path):
         (("max_cores = 2.0", "max_cores = -2.0"), "hosts.pi-1.max_cores", "must be a number >= 0"),
         (("cpu_slots = 1", "cpu_slots = 1.5"), "hosts.pi-1.cpu_slots", "must be an integer >= 0"),
         (("serve_cpu = true", 'serve_cpu = "no"'), "hosts.pi-1.serve_cpu", "must be true or false"),
-        (("[hosts.pi-1]", '[hosts."pi.1"]'), "hosts.pi.1", "host id 'pi.1' must use only"),
+        (("[hosts.pi-1]", '[hosts."pi..1"]'), "hosts.pi..1", "host id 'pi..1' must be a hostname"),
+        (("[hosts.pi-1]", '[hosts."pi 1"]'), "hosts.pi 1", "host id 'pi 1' must be a hostname"),
+        (("[hosts.pi-1]", "[hosts.pi.lan]"), "hosts.pi.lan", '[hosts."pi.lan"], not [hosts.pi.lan]'),
         (("max_attempts = 3", "max_attempts = 0"), "settings.max_attempts", "must be an integer >= 1"),
         (
             ("prefer_cuda_grace_s = 300.0", "prefer_cuda_grace_s = -1"),

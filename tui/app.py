@@ -38,7 +38,7 @@ from trainfleet.broker.records import watch_records
 from trainfleet.broker.schema import JobRecord
 from trainfleet.broker.security import redact_url
 from trainfleet.broker.settings import Settings
-from trainfleet.broker.specs import get_spec, load_specs
+from trainfleet.broker.specs import fleet_name, get_fleet_info, get_spec, load_specs
 from trainfleet.tui.common import ConfirmScreen, FleetView, is_viewer
 from trainfleet.tui.logpane import LogPane
 from trainfleet.tui.model import SORTS, JobsModel, Query
@@ -207,6 +207,8 @@ class MonitorApp(App[None]):
         self.log_pane.fleet = self.fleet
         await self.query_one("#bottom", Horizontal).mount(WorkersPanel(self.fleet, id="workers"))
         where = f"{self.settings.prefix} @ {redact_url(self.settings.url)}"
+        name = fleet_name(await get_fleet_info(broker))  # the manifest's `name`, when it has one
+        where = f"{name} · {where}" if name else where
         self.sub_title = f"read-only (viewer) · {where}" if self.read_only else where
         self.fleet.live.listeners.append(self._on_progress)
         await self.fleet.live.start(broker)

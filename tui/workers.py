@@ -34,7 +34,7 @@ from textual.widgets import DataTable, Static
 from trainfleet.broker import display
 from trainfleet.broker.errors import TrainfleetError
 from trainfleet.broker.schema import GpuStat, JobRecord, WorkerRecord, decode
-from trainfleet.broker.workers import load_workers, stale_after_s
+from trainfleet.broker.workers import load_workers, stale_after_s, worker_key
 from trainfleet.tui.common import FleetView
 
 WORKERS_REFRESH_S = 2.0
@@ -378,7 +378,7 @@ class WorkerDetailScreen(ModalScreen[None]):
     async def reload(self) -> None:
         """Read this worker's entry again (as the monitor's role; viewer may) and show it."""
         try:
-            entry = await self.fleet.broker.workers.get(self.host_id)
+            entry = await self.fleet.broker.workers.get(worker_key(self.host_id))
         except nats.js.errors.KeyNotFoundError:  # deleted, purged or reaped by the TTL
             self.worker, self.missing = None, "not registered: it left, or its entry expired"
         except READ_ERRORS as exc:
