@@ -1,7 +1,8 @@
 """Run one trainer as a subprocess and supervise it.
 
 The trainer gets ``command + --mode M --seed S --out DIR + --<hyper> value``,
-``TRAINFLEET_JOB_ID`` / ``TRAINFLEET_OUTPUT_DIR`` in its env, and a pipe for
+``TRAINFLEET_JOB_ID`` / ``TRAINFLEET_OUTPUT_DIR`` in its env, its job's data recipe as
+JSON in ``TRAINFLEET_DATA`` (:func:`data_env`), and a pipe for
 progress reports (``TRAINFLEET_PROGRESS_FD``, see trainfleet.agent.progress).
 Of the agent's own environment it inherits only an allowlist (INHERITED_ENV): never
 NATS credentials. It runs in its own process group so stopping it takes its children too.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -58,6 +60,15 @@ def trainer_base_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The part of the agent's environment a trainer gets (an allowlist; see INHERITED_ENV)."""
     environ = dict(os.environ) if environ is None else environ
     return {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith(INHERITED_PREFIXES)}
+
+
+def data_env(spec: JobSpec) -> str:
+    """``TRAINFLEET_DATA``: the job's data recipe (the manifest's ``data`` or ``split_recipe``
+    over its model's ``data``) as compact JSON with sorted keys; ``{}`` when it has none.
+
+    An environment variable, not a flag: a trainer that takes no recipe runs unchanged (an
+    unknown ``--data`` would be a usage error for a strict argument parser)."""
+    return json.dumps(spec.data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def hyper_arg(value: Any) -> str:
@@ -116,6 +127,7 @@ class TrainerProcess:
             {
                 "TRAINFLEET_JOB_ID": self.spec.job_id,
                 "TRAINFLEET_OUTPUT_DIR": str(self.output_dir),
+                "TRAINFLEET_DATA": data_env(self.spec),
                 "TRAINFLEET_PROGRESS_FD": str(write_fd),
                 "PYTHONUNBUFFERED": "1",
             }

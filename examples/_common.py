@@ -20,6 +20,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 OUTPUT_DIR_ENV = "TRAINFLEET_OUTPUT_DIR"
+# The job's data recipe, JSON (the manifest's `data` / `split_recipe`); see data_recipe().
+DATA_ENV = "TRAINFLEET_DATA"
 METRICS_FILE = "metrics.json"
 TEST_FRACTION = 0.25
 
@@ -154,6 +156,47 @@ def cli_main(
     """
     args = parse_args(build_parser(prog, description, modes, hypers), argv)
     return run_main(prog, lambda: train(args))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the example trainers take from a job's data recipe (``TRAINFLEET_DATA``).
+
+    ``test_fraction``: the share of the data held out for evaluation (0 < f < 1);
+    ``max_samples``: use at most this many examples, a seeded random subset (None: all).
+    Other keys (``dataset`` and the like) describe the data and are not read here.
+    """
+
+    test_fraction: float
+    max_samples: int | None = None
+
+
+def data_recipe(default_test_fraction: float = TEST_FRACTION, environ: dict[str, str] | None = None) -> Recipe:
+    """The job's data recipe from ``$TRAINFLEET_DATA`` (absent: the defaults); a recipe that
+    is not a JSON object, or whose values are out of range, is a TrainerError."""
+    text = (os.environ if environ is None else environ).get(DATA_ENV, "").strip()
+    try:
+        raw = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise TrainerError(f"${DATA_ENV} is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise TrainerError(f"${DATA_ENV} must be a JSON object, got {text[:60]!r}")
+    fraction = raw.get("test_fraction", default_test_fraction)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 < fraction < 1.0:
+        raise TrainerError(f"data recipe: test_fraction must be a number between 0 and 1, got {fraction!r}")
+    limit = raw.get("max_samples")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 10):
+        raise TrainerError(f"data recipe: max_samples must be an integer >= 10, got {limit!r}")
+    return Recipe(float(fraction), limit)
+
+
+def subsample(x: ArrayT, y: ArrayT, recipe: Recipe, seed: int) -> tuple[ArrayT, ArrayT]:
+    """At most ``recipe.max_samples`` examples of (x, y): the same seeded subset every run."""
+    n = len(x)  # type: ignore[arg-type]
+    if recipe.max_samples is None or recipe.max_samples >= n:
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).permutation(n)[: recipe.max_samples])
+    return x[keep], y[keep]  # type: ignore[index]
 
 
 def seed_everything(seed: int) -> None:

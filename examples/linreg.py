@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from trainfleet.agent.progress import report
+from trainfleet.examples._common import data_recipe
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -52,8 +53,11 @@ def make_data(seed: int, n: int, d: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
-    x, y, w_true = make_data(args.seed, args.n_samples, args.n_features)
-    split = int(0.8 * len(x))
+    # The data recipe ($TRAINFLEET_DATA): test_fraction (default 0.2) and max_samples.
+    recipe = data_recipe(default_test_fraction=0.2)
+    n = args.n_samples if recipe.max_samples is None else min(args.n_samples, recipe.max_samples)
+    x, y, w_true = make_data(args.seed, n, args.n_features)
+    split = max(1, min(len(x) - 1, round((1.0 - recipe.test_fraction) * len(x))))
     x_train, y_train, x_test, y_test = x[:split], y[:split], x[split:], y[split:]
     rng = np.random.default_rng(args.seed + 1)
     w = np.zeros(args.n_features)

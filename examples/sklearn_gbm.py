@@ -32,9 +32,11 @@ from trainfleet.agent import progress
 from trainfleet.examples._common import (
     TEST_FRACTION,
     Hyper,
+    Recipe,
     Split,
     TrainerError,
     cli_main,
+    data_recipe,
     log,
     log_step,
     parse_bool,
@@ -44,6 +46,7 @@ from trainfleet.examples._common import (
     run_metrics,
     save_outputs,
     seed_everything,
+    subsample,
 )
 
 PROG = "sklearn_gbm"
@@ -71,7 +74,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train one model as ``args`` asks, write its files, and return the metrics."""
     out_dir = prepare_out_dir(args.out)
     seed_everything(args.seed)
-    data = load_data(args.mode, args.seed)
+    data = load_data(args.mode, args.seed, data_recipe())
     log(f"{PROG}: mode={args.mode} n_train={len(data.x_train)} n_test={len(data.x_test)} max_iter={args.max_iter}")
     if args.fail:
         raise TrainerError("requested failure (fail=true)")
@@ -83,16 +86,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return save_outputs(PROG, out_dir, "model.pkl", model_bytes, metrics, HEADLINES[args.mode])
 
 
-def load_data(mode: str, seed: int) -> Data:
-    """Digits (stratified) for classify, diabetes for regress; split by ``seed``."""
+def load_data(mode: str, seed: int, recipe: Recipe | None = None) -> Data:
+    """Digits (stratified) for classify, diabetes for regress; split by ``seed``, as the
+    job's data recipe says (test_fraction, max_samples)."""
+    recipe = recipe or Recipe(TEST_FRACTION)
     if mode == "classify":
         x, y = load_digits(return_X_y=True)
-        stratify = y
     else:
         x, y = load_diabetes(return_X_y=True)
-        stratify = None
+    x, y = subsample(x, y, recipe, seed)
+    stratify = y if mode == "classify" else None
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_FRACTION, random_state=seed, stratify=stratify
+        x, y, test_size=recipe.test_fraction, random_state=seed, stratify=stratify
     )
     return Data(x_train, y_train, x_test, y_test)
 

@@ -32,9 +32,11 @@ from trainfleet.agent import progress
 from trainfleet.examples._common import (
     TEST_FRACTION,
     Hyper,
+    Recipe,
     Split,
     TrainerError,
     cli_main,
+    data_recipe,
     log,
     log_step,
     positive_float,
@@ -43,6 +45,7 @@ from trainfleet.examples._common import (
     run_metrics,
     save_outputs,
     seed_everything,
+    subsample,
 )
 
 PROG = "torch_mlp"
@@ -70,7 +73,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train one model as ``args`` asks, write its files, and return the metrics."""
     out_dir = prepare_out_dir(args.out)
     device = _setup_torch(args.seed)
-    data = load_data(args.seed, device)
+    data = load_data(args.seed, device, data_recipe())
     model = build_model(args.mode, args.hidden, args.bottleneck).to(device)
     log(
         f"{PROG}: mode={args.mode} device={device} n_train={len(data.x_train)} "
@@ -103,10 +106,14 @@ def _omp_threads() -> int:
         return 1
 
 
-def load_data(seed: int, device: torch.device) -> Data:
-    """Digits split by ``seed`` (stratified), standardised with train-set statistics."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y)
+def load_data(seed: int, device: torch.device, recipe: Recipe | None = None) -> Data:
+    """Digits split by ``seed`` (stratified) as the job's data recipe says (test_fraction,
+    max_samples), standardised with train-set statistics."""
+    recipe = recipe or Recipe(TEST_FRACTION)
+    x, y = subsample(*load_digits(return_X_y=True), recipe, seed)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=recipe.test_fraction, random_state=seed, stratify=y
+    )
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     # Border pixels are always 0 in digits; unit scale there avoids dividing by zero.
     std[std < 1e-8] = 1.0

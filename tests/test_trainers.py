@@ -333,3 +333,58 @@ def test_read_progress_lines_skips_malformed_lines():
     assert events[0] == {"step": 1, "total": 4, "metrics": {"loss": 1.5}, "at": 10.0}
     assert events[1]["step"] == 3 and events[1]["metrics"] == {} and events[1]["total"] is None
     assert len(events) == 2
+
+
+# --- the data recipe (TRAINFLEET_DATA) ----------------------------------------------------
+
+
+def test_every_example_trainer_splits_as_its_data_recipe_says(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torch")
+    recipe = {"TRAINFLEET_DATA": json.dumps({"dataset": "digits", "test_fraction": 0.5, "max_samples": 400})}
+    runs = {
+        "linreg": ("trainfleet.examples.linreg", "--mode gd --epochs 2 --n_samples 1000"),
+        "gbm": (SKLEARN_GBM, "--mode classify --max_iter 10"),
+        "mlp": (TORCH_MLP, "--mode classify --epochs 1"),
+    }
+    for name, (module, args) in runs.items():
+        out = tmp_path / name
+        done = run_trainer(module, *args.split(), "--seed", "1", "--out", str(out), env=recipe)
+        assert_succeeded(done)
+        metrics = read_metrics(out)
+        assert (metrics["n_train"], metrics["n_test"]) == (200, 200), name
+    # Without a recipe each keeps its own default split
+    done = run_trainer("trainfleet.examples.linreg", "--mode", "gd", "--epochs", "1", "--out", str(tmp_path / "d"))
+    assert_succeeded(done)
+    assert (read_metrics(tmp_path / "d")["n_train"], read_metrics(tmp_path / "d")["n_test"]) == (3200, 800)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [("[1]", "must be a JSON object"), ("{", "is not JSON"), ('{"test_fraction": 1.5}', "test_fraction")],
+)
+def test_a_bad_data_recipe_fails_the_trainer_with_one_line(tmp_path, recipe, message):
+    pytest.importorskip("sklearn")
+    done = run_trainer(SKLEARN_GBM, "--mode", "classify", "--out", str(tmp_path), env={"TRAINFLEET_DATA": recipe})
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_the_agent_hands_the_trainer_its_data_recipe(tmp_path):
+    from trainfleet.agent.trainer import TrainerProcess
+    from trainfleet.broker.schema import JobSpec
+
+    script = "import os, sys; sys.stdout.write(os.environ['TRAINFLEET_DATA'])"
+    data = {"split": "v2", "test_fraction": 0.2, "nested": {"b": 1, "a": [1, 2]}}
+    spec = JobSpec(
+        job_id="j" * 64, name="x", model="m", mode="a", hyper={}, data=data, seed=0, command=("{python}", "-c", script)
+    )
+    lines: list[bytes] = []
+
+    async def on_output(stream: str, line: bytes) -> None:
+        lines.append(line)
+
+    proc = TrainerProcess(spec, tmp_path / "out", on_output=on_output)
+    await proc.start()
+    assert await proc.wait() == 0
+    assert json.loads(b"".join(lines)) == data
+    assert b"".join(lines).decode() == json.dumps(data, sort_keys=True, separators=(",", ":"))
