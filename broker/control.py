@@ -75,6 +75,12 @@ ENDPOINT_DOCS: dict[str, tuple[str, str, str]] = {
         '{"job": "<id, id prefix or name>"}',
         "for every registered worker: can it run the job, and which constraint fails if not",
     ),
+    "health": (
+        "read",
+        '{"brief": false}',
+        "server, streams and buckets, this controller, agents alive, backlog and oldest pending age; "
+        '{"status": "healthy|degraded", "exit_code": 0|1, "problems": [...]} (brief: only who answers)',
+    ),
 }
 
 

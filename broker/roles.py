@@ -69,6 +69,7 @@ def _reader(names: Names) -> list[str]:
         *_kv_read(names, names.jobs_bucket),
         *_kv_read(names, names.specs_bucket),
         *_kv_read(names, names.workers_bucket),
+        jsapi.stream_info(names.jobs_stream),  # its state: tickets queued (`trainfleet health`)
         jsapi.stream_info(names.logs_stream),
         *_ephemeral_consumers(names.logs_stream),
         jsapi.stream_info(artifacts),

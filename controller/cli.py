@@ -182,6 +182,15 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from trainfleet.controller import health
+
+    settings = from_flags(args)
+    report = asyncio.run(health.check_within(settings, args.timeout_s, max_pending_age_s=args.max_pending_age))
+    view.show(report, args.json, health.render)
+    return int(report["exit_code"])
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     rec, matches = _run(
         args, lambda broker: explain.explain_ref(broker, args.job, stale_after_s=stale_after_s(broker.settings))
@@ -353,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(
-        name: str, fn: Callable[[argparse.Namespace], int], help: str, parent: Any = sub
+        name: str, fn: Callable[[argparse.Namespace], int], help: str, parent: Any = sub, aliases: tuple[str, ...] = ()
     ) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help, description=help, epilog=EPILOG)
+        p = parent.add_parser(name, help=help, description=help, epilog=EPILOG, aliases=list(aliases))
         _common(p)
         p.set_defaults(fn=fn)
         return p
@@ -416,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     # -- reading (straight from the KV, stream and object store: works without a controller) --
     p = verb("status", cmd_status, "job counts by state and workers alive/stale")
     _json_flag(p)
-    p = verb("jobs", cmd_jobs, "list jobs, highest priority first")
+    p = verb("jobs", cmd_jobs, "list jobs, highest priority first (alias: list)", aliases=("list",))
     p.add_argument("--state", choices=[s.value for s in JobStatus], help="only jobs in this state")
     p.add_argument("--model", help="only jobs of this model")
     p.add_argument("--host", help="only jobs claimed by this host")
@@ -426,6 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-provenance", action="store_true", help="skip reading provenance from the bundle")
     _json_flag(p)
     p = verb("workers", cmd_workers, "registered agents, their capability and current jobs")
+    _json_flag(p)
+    p = verb(
+        "health",
+        cmd_health,
+        "is the fleet healthy: server, streams and buckets, a controller answering, agents alive, backlog "
+        "(exit 0 healthy, 1 degraded, 3 unreachable; a container or systemd probe)",
+    )
+    p.add_argument("--timeout-s", type=float, default=10.0, help="give up after this long (default 10)")
+    p.add_argument(
+        "--max-pending-age",
+        type=float,
+        metavar="SECONDS",
+        help="also degraded when the oldest pending job has waited longer than this",
+    )
     _json_flag(p)
     p = verb("logs", cmd_logs, "a job's trainer output (stdout, and stderr on stderr) from the logs stream")
     p.add_argument("job", help=JOB_HELP)

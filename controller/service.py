@@ -27,6 +27,7 @@ from trainfleet.broker.jobs import Job
 from trainfleet.broker.names import Names
 from trainfleet.broker.schema import JobStatus
 from trainfleet.broker.workers import stale_after_s
+from trainfleet.controller import health as health_check
 from trainfleet.controller import ops
 
 
@@ -78,6 +79,16 @@ def _filters(body: dict[str, Any]) -> dict[str, str | None]:
     if out["state"] and out["state"] not in {s.value for s in JobStatus}:
         raise ValueError(f"unknown state {out['state']!r}; one of {', '.join(s.value for s in JobStatus)}")
     return out
+
+
+def _health(ctl: Served) -> Handler:
+    async def health(body: dict[str, Any]) -> Any:
+        me = health_check.controller_identity(ctl.manifest_path)
+        if body.get("brief"):  # `trainfleet health` asks only whether a controller answers
+            return {"controller": me}
+        return await health_check.check(ctl.b.settings, broker=ctl.b, controller=me)
+
+    return health
 
 
 def handlers(ctl: Served) -> dict[str, Handler]:
@@ -132,6 +143,7 @@ def handlers(ctl: Served) -> dict[str, Handler]:
         "workers": workers,
         "hostpolicy": hostpolicy,
         "explain": explain,
+        "health": _health(ctl),
     }
 
 

@@ -387,3 +387,11 @@ async def test_listings_have_json_shapes_and_filters_without_a_controller(broker
     )
     code, _, err = await arun_cli("artifacts", "get", "mlp-0", "--out", str(tmp_path), url=url)
     assert code == 5 and "not in the object store" in err
+
+
+def test_list_is_an_alias_of_jobs():
+    from trainfleet.controller.cli import build_parser, cmd_jobs
+
+    args = build_parser().parse_args(["list", "--state", "pending", "--json"])
+    assert args.fn is cmd_jobs and args.state == "pending" and args.json
+    assert "alias: list" in run_cli("--help").stdout or "list" in run_cli("list", "--help").stdout
