@@ -6,7 +6,8 @@ ticket per round from the best class with a free slot and hands it to the
 :class:`~trainfleet.agent.held.HeldJob` that runs, renews its lease and settles
 itself. The agent keeps the slots, the worker registry entry and the shutdown.
 
-Shutdown order (SIGTERM/SIGINT, or :meth:`Agent.request_stop`):
+Shutdown order (SIGTERM/SIGINT; on Windows SIGINT/SIGBREAK or the stop file, see
+agent/hostos.py and ``AgentOptions.stop_file``; or :meth:`Agent.request_stop`):
 1. stop taking tickets (the loop ends; tickets fetched meanwhile are NAKed);
 2. let running jobs finish for up to ``drain_timeout_s``;
 3. hand the rest back (record to pending, ticket NAKed for immediate redelivery);
@@ -29,7 +30,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ from typing import Any
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from trainfleet.agent import health, logfmt
+from trainfleet.agent import health, hostos, logfmt
 from trainfleet.agent.claim import Claimer
 from trainfleet.agent.held import HeldJob, Outcome
 from trainfleet.agent.sandbox import TrainerCgroup
@@ -68,6 +68,8 @@ CONSUMER_RECHECK_S = 5.0
 HOST_POLICY_TIMEOUT_S = 3.0
 # How long a heartbeat waits for NVML's readings; past it the entry goes out without them.
 GPU_TELEMETRY_TIMEOUT_S = 2.0
+# How often the stop file (AgentOptions.stop_file) is looked for.
+STOP_FILE_POLL_S = 1.0
 
 
 class Slots:
@@ -119,6 +121,7 @@ class AgentOptions:
     handle_signals: bool = True
     keep_outputs: bool = False
     health_file: str | None = None  # None: none written (the CLI always names one)
+    stop_file: str | None = None  # drain and stop when it appears (the CLI's default: Windows only)
 
 
 class Agent:
@@ -141,6 +144,7 @@ class Agent:
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks_aside: set[asyncio.Task[None]] = set()  # not jobs: the stop-file watcher
         self._absent: dict[str, float] = {}  # class → when to look for its consumer again
         self._puller: TicketPuller | None = None
         self.slots = Slots(0, [], self._slot_freed)
@@ -190,9 +194,11 @@ class Agent:
         # Trainers of an agent that was killed may have left their (empty) cgroups behind.
         TrainerCgroup.sweep_stale()
         if self.options.handle_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
+            hostos.install_stop_handlers(asyncio.get_running_loop(), self.request_stop)
+        if self.options.stop_file:
+            watcher = asyncio.create_task(self._watch_stop_file(Path(self.options.stop_file)))
+            self._tasks_aside.add(watcher)
+            watcher.add_done_callback(self._tasks_aside.discard)
         self._write_health("starting")
         # Bind only: provisioning is the admin's (or the controller's) job, never an agent's.
         connect = Broker.connect(
@@ -269,6 +275,22 @@ class Agent:
         """Signal-safe: only sets a flag; the loops do the rest."""
         self._stopping.set()
         self._slot_freed.set()
+
+    async def _watch_stop_file(self, path: Path) -> None:
+        """Request a stop when ``path`` appears (how a Scheduled Task's agent is stopped gently:
+        Windows has no SIGTERM from outside). A file left from an earlier stop is removed first;
+        the one that stops us is removed once seen."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        while not self._stopping.is_set():
+            if path.exists():
+                log.info("stop file %s found: draining", path)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                self.request_stop()
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), STOP_FILE_POLL_S)
 
     async def tick(self, now: float | None = None) -> bool:
         """One round: fetch at most one ticket from the best class that has a free slot; when

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from trainfleet.agent import hostos
 from trainfleet.broker.eligibility import KNOWN_MODULES, module_available
 from trainfleet.broker.schema import Capability, GpuInfo, GpuStat
 
@@ -192,6 +193,8 @@ class _Cgroups:
     @classmethod
     def read(cls, proc_root: str, cgroup_root: str) -> _Cgroups:
         own: dict[str, tuple[str, str]] = {}
+        if hostos.is_windows():  # no cgroups (nor /proc): no limits from them
+            return cls(cgroup_root, own)
         for line in (_read(os.path.join(proc_root, "self", "cgroup")) or "").splitlines():
             parts = line.strip().split(":", 2)
             if len(parts) != 3:
@@ -213,6 +216,8 @@ class _Cgroups:
         return self._dirs(mounts, path)
 
     def _dirs(self, mounts: tuple[str, ...], path: str) -> list[str]:
+        if hostos.is_windows():
+            return []
         base = next((b for m in mounts if os.path.isdir(b := os.path.join(self.root, m))), None)
         if base is None:
             return []
@@ -371,6 +376,8 @@ def _meminfo(proc_root: str) -> tuple[int, int] | None:
 
 
 def _host_memory(proc_root: str, notes: list[str]) -> tuple[int, int] | None:
+    if hostos.is_windows():  # no /proc/meminfo: psutil (GlobalMemoryStatusEx)
+        return _psutil_memory(notes)
     found = _meminfo(proc_root)
     if found is not None:
         return found
@@ -380,6 +387,15 @@ def _host_memory(proc_root: str, notes: list[str]) -> tuple[int, int] | None:
             notes.append(f"ram: {proc_root}/meminfo unreadable; using psutil")
             return int(vm.total), int(vm.available)
     notes.append(f"ram: {proc_root}/meminfo unreadable; RAM unknown")
+    return None
+
+
+def _psutil_memory(notes: list[str]) -> tuple[int, int] | None:
+    if psutil is not None:
+        with contextlib.suppress(OSError, psutil.Error):
+            vm = psutil.virtual_memory()
+            return int(vm.total), int(vm.available)
+    notes.append("ram: psutil unavailable on Windows; RAM unknown")
     return None
 
 
@@ -404,6 +420,8 @@ def _detect_ram(proc_root: str, cg: _Cgroups, notes: list[str]) -> _Ram:
 
 
 def _in_container(limited: bool, proc_root: str, dockerenv_path: str) -> bool:
+    if hostos.is_windows():  # Windows containers are not detected (no /proc to ask)
+        return False
     if limited or os.path.exists(dockerenv_path):
         return True
     init_cgroup = _read(os.path.join(proc_root, "1", "cgroup")) or ""

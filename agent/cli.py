@@ -9,18 +9,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
+import logging
+import logging.handlers
+import os
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 
 import msgspec
 
-from trainfleet.agent import health, logfmt, pid1
+from trainfleet.agent import health, hostos, logfmt, pid1
 from trainfleet.agent.sandbox import TrainerUser
 from trainfleet.broker.errors import EXIT_OK
 from trainfleet.broker.settings import from_flags
 
+STOP_FILE_ENV = "TRAINFLEET_STOP_FILE"
+STOP_FILE_NAME = "agent.stop"
 HELP = "run an agent on this host (or --detect to print its capability)"
 
 
@@ -72,11 +77,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the torch/CUDA cross-check subprocess (faster start; torch jobs still need torch)",
     )
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="also append the agent's log to this file (rotated at 10 MiB, 3 kept): where nothing keeps a "
+        "service's output, as under a Windows Scheduled Task",
+    )
+    p.add_argument(
+        "--stop-file",
+        metavar="PATH",
+        help="drain and stop when this file appears (env TRAINFLEET_STOP_FILE; on Windows, where nothing "
+        "outside sends a SIGTERM, the default is WORKDIR/agent.stop: deploy/windows/stop-agent.ps1 creates it)",
+    )
 
 
 def _stop_before_serving(signum: int, _frame: FrameType | None) -> None:
-    """SIGTERM/SIGINT while detecting: nothing is held yet, so just leave (exit 0)."""
+    """SIGTERM/SIGINT (Windows: SIGINT/SIGBREAK) while detecting: nothing is held yet, so just
+    leave (exit 0)."""
     raise SystemExit(EXIT_OK)
+
+
+def _log_to_file(path: Path) -> None:
+    """Append every log record to ``path`` too, formatted as the console's."""
+    root = logging.getLogger()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3, encoding="utf-8")
+    console = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+    handler.setFormatter(console or logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def stop_file_path(
+    flag: str | None, workdir: str | None, host_id: str, env: dict[str, str] | None = None
+) -> Path | None:
+    """The agent's stop file: ``--stop-file``, else ``$TRAINFLEET_STOP_FILE``, else on Windows
+    WORKDIR/agent.stop (the temp dir's trainfleet-agent-HOST.stop without --workdir); on POSIX
+    none unless asked for (SIGTERM is the way there)."""
+    env = dict(os.environ) if env is None else env
+    if flag or env.get(STOP_FILE_ENV):
+        return Path(flag or env[STOP_FILE_ENV])
+    if not hostos.is_windows():
+        return None
+    if workdir:
+        return Path(workdir) / STOP_FILE_NAME
+    return Path(tempfile.gettempdir()) / f"trainfleet-agent-{host_id}.stop"
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -90,11 +134,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return code
     serving = not args.detect
     formatter = logfmt.use_json(host_id) if args.log_format == "json" and serving else None
+    if serving and args.log_file:
+        _log_to_file(Path(args.log_file))
     if serving:
         # As PID 1 (a container), an init stays in front: signals forwarded, orphans reaped.
         pid1.become_init()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _stop_before_serving)
+        hostos.set_stop_handlers(_stop_before_serving)
     cap = detect(args.host_id, probe_torch=not args.no_torch_probe)
     cap = apply_overrides(cap, max_cores=args.max_cores, max_ram_gib=args.max_ram_gib, max_vram_gib=args.max_vram_gib)
     if args.detect:
@@ -112,6 +157,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         serve_cpu=not args.no_cpu,
         workdir=args.workdir,
         health_file=str(health_file),
+        stop_file=str(stop_file) if (stop_file := stop_file_path(args.stop_file, args.workdir, cap.host_id)) else None,
     )
     settings = from_flags(args).with_(trainer_user=args.trainer_user)
     if settings.trainer_user:
@@ -123,8 +169,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         formatter.host = cap.host_id
     agent = Agent(settings, options, capability=cap)
     # From here a stop is a drain: the agent's own handlers take over once its loop runs.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _signum, _frame: agent.request_stop())
+    hostos.set_stop_handlers(lambda _signum, _frame: agent.request_stop())
     asyncio.run(agent.run())
     sys.stdout.flush()
     return EXIT_OK

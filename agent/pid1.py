@@ -24,11 +24,16 @@ import signal
 import sys
 from types import FrameType
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+from trainfleet.agent import hostos
+
+# By name: Windows' signal module has no SIGHUP, SIGQUIT or SIGUSR*, and this module must import there.
+_NAMES = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+FORWARDED = tuple(getattr(signal, name) for name in _NAMES if hasattr(signal, name))
 
 
 def is_pid1() -> bool:
-    return os.getpid() == 1
+    """Whether this process is PID 1 of its namespace (never on Windows: no fork, no init)."""
+    return not hostos.is_windows() and os.getpid() == 1
 
 
 def become_init() -> None:

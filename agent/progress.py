@@ -5,7 +5,9 @@ The protocol is deliberately tiny so trainers in any language can implement it:
 * The agent starts a trainer with the environment variable ``TRAINFLEET_PROGRESS_FD``
   set to the number of an open, writable file descriptor (the write end of a pipe the
   trainer inherited). If the variable is absent, the trainer is not under the fleet and
-  should simply not report.
+  should simply not report. On Windows, which cannot pass a file descriptor, the agent sets
+  ``TRAINFLEET_PROGRESS_HANDLE`` instead: an inherited Win32 pipe handle (in C, write to it
+  with ``WriteFile``; in Python, ``msvcrt.open_osfhandle(handle, os.O_WRONLY)`` gives an fd).
 * Each report is a single line of UTF-8 JSON terminated by ``\\n``::
 
       {"step": 3, "total": 10, "metrics": {"loss": 0.41, "accuracy": 0.93}, "at": 1700000000.25}
@@ -31,6 +33,7 @@ import time
 from typing import Any
 
 PROGRESS_FD_ENV = "TRAINFLEET_PROGRESS_FD"
+PROGRESS_HANDLE_ENV = "TRAINFLEET_PROGRESS_HANDLE"
 
 # Module state: the stream is opened lazily on the first report and kept for the life
 # of the process; once anything goes wrong we stop trying rather than failing training.
@@ -77,15 +80,21 @@ def _get_stream() -> Any:
     if _stream is not None or _disabled:
         return _stream
     value = os.environ.get(PROGRESS_FD_ENV, "").strip()
-    if not value:
+    handle = os.environ.get(PROGRESS_HANDLE_ENV, "").strip()
+    if not value and not handle:
         return None
     try:
-        fd = int(value)
+        if value:
+            fd = int(value)
+        else:  # Windows: an inherited pipe handle, made an fd (agent/hostos.py)
+            from trainfleet.agent import hostos
+
+            fd = hostos.open_progress_handle(handle)
         # Unbuffered binary so each line goes out in one write() and nothing is left in
         # a buffer for interpreter shutdown to flush into a dead pipe; closefd=False
         # because the fd belongs to whoever passed it to us, and it stays open until exit.
         _stream = os.fdopen(fd, "wb", buffering=0, closefd=False)
-    except (ValueError, OSError):
+    except (ValueError, OSError, ImportError):
         _disable()
     return _stream
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pwd
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trainfleet.agent import hostos
 
 log = logging.getLogger("trainfleet.agent")
 
@@ -60,7 +61,9 @@ class TrainerCgroup:
     @classmethod
     def create(cls, name: str) -> TrainerCgroup | None:
         """A new cgroup named ``name`` under the agent's own, or None where that is not
-        possible (no cgroup v2, no permission): the process group then has to do."""
+        possible (no cgroup v2, no permission; Windows: its Job Object, agent/hostos.py)."""
+        if hostos.is_windows():
+            return None
         mount, own = _unified_mount(), _own_cgroup()
         if mount is None or own is None:
             return None
@@ -77,6 +80,8 @@ class TrainerCgroup:
     @staticmethod
     def sweep_stale() -> int:
         """Remove the empty cgroups of trainers whose agent died (SIGKILL leaves them); how many."""
+        if hostos.is_windows():
+            return 0
         mount, own = _unified_mount(), _own_cgroup()
         if mount is None or own is None:
             return 0
@@ -122,9 +127,9 @@ class TrainerCgroup:
 
 
 def kill_group(pgid: int) -> None:
-    """SIGKILL what is left of a trainer's process group (it may have exited itself)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+    """SIGKILL what is left of a trainer's process group (it may have exited itself); on
+    Windows, terminate and close its Job Object (agent/hostos.py)."""
+    hostos.end_tree(pgid)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,10 @@ class TrainerUser:
 
     @classmethod
     def lookup(cls, name: str) -> TrainerUser:
+        if hostos.is_windows():
+            raise ValueError("--trainer-user is not supported on Windows: run the agent itself as that user")
+        import pwd
+
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
@@ -163,6 +172,8 @@ class TrainerUser:
 def _load_prctl() -> Any:
     """libc's prctl, looked up in the agent: a child that already dropped to the trainer user
     may not be able to read the modules ctypes would import."""
+    if hostos.is_windows():
+        return None
     try:
         import ctypes
 

@@ -16,13 +16,13 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from trainfleet.agent import hostos
 from trainfleet.agent.progress import read_progress_lines
 from trainfleet.agent.sandbox import Confinement
 from trainfleet.broker.schema import JobSpec
@@ -52,6 +52,17 @@ INHERITED_ENV = (
     "CUDA_HOME",
     "CUDA_PATH",
     "SYSTEMROOT",
+    # Windows: what its runtime and common libraries expect (absent on POSIX hosts)
+    "SYSTEMDRIVE",
+    "WINDIR",
+    "COMSPEC",
+    "PATHEXT",
+    "USERPROFILE",
+    "APPDATA",
+    "LOCALAPPDATA",
+    "PROGRAMDATA",
+    "NUMBER_OF_PROCESSORS",
+    "PROCESSOR_ARCHITECTURE",
 )
 INHERITED_PREFIXES = ("LC_", "NVIDIA_")
 
@@ -120,7 +131,7 @@ class TrainerProcess:
 
     async def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        read_fd, write_fd = os.pipe()
+        pipe = hostos.progress_pipe()  # POSIX: an fd; Windows: an inherited handle
         env = trainer_base_env()
         env.update(self.extra_env)
         env.update(
@@ -128,7 +139,7 @@ class TrainerProcess:
                 "TRAINFLEET_JOB_ID": self.spec.job_id,
                 "TRAINFLEET_OUTPUT_DIR": str(self.output_dir),
                 "TRAINFLEET_DATA": data_env(self.spec),
-                "TRAINFLEET_PROGRESS_FD": str(write_fd),
+                **pipe.env,
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -136,25 +147,25 @@ class TrainerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *build_argv(self.spec, self.output_dir),
                 env=env,
-                pass_fds=(write_fd,),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
                 cwd=str(self.output_dir),
-                preexec_fn=self.confinement.preexec if sys.platform.startswith("linux") else None,
+                **pipe.popen_kwargs,
+                **hostos.new_process_group_kwargs(self.confinement.preexec),
             )
         except (OSError, subprocess.SubprocessError):
-            os.close(read_fd)
+            pipe.abandon()
             self.confinement.cleanup(None)
             raise
         finally:
-            os.close(write_fd)
+            pipe.child_started()
+        hostos.attach_tree(self.proc.pid)  # Windows: a Job Object; POSIX: nothing to do
         assert self.proc.stdout and self.proc.stderr
         self._readers = [
             asyncio.create_task(self._relay(self.proc.stdout, "stdout")),
             asyncio.create_task(self._relay(self.proc.stderr, "stderr")),
-            asyncio.create_task(self._progress(read_fd)),
+            asyncio.create_task(self._progress(pipe)),
         ]
 
     async def _relay(self, stream: asyncio.StreamReader, name: str) -> None:
@@ -164,12 +175,10 @@ class TrainerProcess:
             if self.on_output:
                 await self.on_output(name, line)
 
-    async def _progress(self, read_fd: int) -> None:
+    async def _progress(self, pipe: hostos.ProgressPipe) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-        )
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe.reader())
         try:
             while line := await reader.readline():
                 # Malformed lines are skipped: a trainer's garbage must not break supervision.
@@ -191,22 +200,22 @@ class TrainerProcess:
             await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), 5.0)
         return code
 
-    def _signal_group(self, sig: int) -> None:
+    def _signal_group(self, *, hard: bool) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
+        hostos.signal_tree(self.proc.pid, hard=hard)
 
     async def stop(self, grace_s: float) -> int | None:
-        """SIGTERM the trainer's process group, SIGKILL after ``grace_s``."""
+        """SIGTERM the trainer's process group, SIGKILL after ``grace_s`` (Windows:
+        CTRL_BREAK_EVENT, then its Job Object terminated; see agent/hostos.py)."""
         if self.proc is None:
             return None
         self.stopped_by_us = True
-        self._signal_group(signal.SIGTERM)
+        self._signal_group(hard=False)
         try:
             return await asyncio.wait_for(self.proc.wait(), grace_s)
         except TimeoutError:
-            self._signal_group(signal.SIGKILL)
+            self._signal_group(hard=True)
             return await self.proc.wait()
 
     def error_tail(self) -> str:
