@@ -208,7 +208,12 @@ async def test_agent_as_pid1_drains_on_sigterm_and_exits_0(fleet, broker, settin
         init = await agent.init_pid()
         await wait_for(lambda: _running(broker, job_id), 60, what="the job to run")
         # Healthy while serving: --health says so on one line, exit 0
-        ok = await wait_for(lambda: (h := agent.health()).returncode == 0 and h, 10, what=f"health: {agent.health()}")
+        # (the file is rewritten each heartbeat: the one after the claim counts the job)
+        ok = await wait_for(
+            lambda: (h := agent.health()).returncode == 0 and "1 job(s)" in h.stdout and h,
+            10,
+            what=f"health: {agent.health()}",
+        )
         assert ok.stdout.startswith("healthy: agent p1") and "serving, connected, 1 job(s)" in ok.stdout
         # When the runtime stops the container: SIGTERM to PID 1 (dropped unless it has a handler)
         started = time.monotonic()
