@@ -55,8 +55,9 @@ ELECTION_PATIENCE_S = 30.0
 # An upload that failed is tried again after this, doubling up to UPLOAD_RETRY_MAX_S.
 UPLOAD_RETRY_S = 0.25
 UPLOAD_RETRY_MAX_S = 5.0
-# Libraries whose versions go into every bundle's provenance.
-PROVENANCE_DISTRIBUTIONS = ("trainfleet", "torch", "scikit-learn", "numpy", "nats-py")
+# Libraries whose versions go into every run's provenance (zstandard: the bundle's bytes, so
+# its artifact id, depend on its compressor's version too).
+PROVENANCE_DISTRIBUTIONS = ("trainfleet", "torch", "scikit-learn", "numpy", "nats-py", "zstandard")
 
 
 class Outcome(enum.Enum):
@@ -317,8 +318,9 @@ class HeldJob:
         hands the job back: pending again, the ticket NAKed for another try."""
         limit = self.settings.max_artifact_bytes
         try:
+            # The output only, packed deterministically: the same files give the same artifact id.
             bundle = await asyncio.to_thread(
-                build_bundle, self.workdir / "output", self._provenance(), self.workdir / "bundle.tar.zst"
+                build_bundle, self.workdir / "output", None, self.workdir / "bundle.tar.zst"
             )
         except PackError as exc:
             return await self._fail(f"pack: {exc}")
@@ -345,16 +347,24 @@ class HeldJob:
         return await self._conclude(done, Outcome.COMPLETED, self.msg.ack)
 
     async def _upload(self, bundle: Bundle) -> None:
-        """Put the bundle, trying again with backoff while the lease holds, for up to the upload
+        """Put this run's provenance object, then the bundle (its bytes stored already by another
+        run are reused), trying again with backoff while the lease holds, for up to the upload
         patience (default: a lease, at least ELECTION_PATIENCE_S): an election or a reconnect
-        is waited out, not a re-run."""
+        is waited out, not a re-run. The provenance goes first, so every stored bundle was named
+        by the provenance of a run that uploaded it."""
         patience = self.settings.upload_patience_s
         if patience is None:
             patience = max(self.settings.lease_s, ELECTION_PATIENCE_S)
         deadline = time.monotonic() + patience
         delay = UPLOAD_RETRY_S
+        rec = self.record
+        provenance = {**self._provenance(), "artifact": bundle.sha256, "artifact_bytes": bundle.size}
+        provenance_stored = False  # (once stored, a retry puts only the bundle)
         while True:
             try:
+                if not provenance_stored:
+                    await Artifacts(self.broker).put_provenance(rec.job_id, rec.generation, rec.attempt, provenance)
+                    provenance_stored = True
                 await Artifacts(self.broker).put(bundle)
                 return
             except Exception as exc:

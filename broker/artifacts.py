@@ -1,8 +1,17 @@
-"""Artifacts: bundles in the ``<prefix>-artifacts`` object store, named by their sha256.
+"""Artifacts: bundles in the ``<prefix>-artifacts`` object store, named by their sha256, and
+beside them one provenance object per run.
 
-:class:`Artifacts` is the one client every part of trainfleet uses: put a bundle,
-get one (verified end to end, written atomically), read an object's info, list the
-stored bundles, read a bundle's provenance from its first chunks only, and sweep
+A bundle is the trainer's output only, packed deterministically (bundle.py), so runs that
+write the same files share one artifact id and one stored object. What belongs to a run
+(host, timings, versions, argv, attempt, spec) is its own small JSON object in the same
+bucket, ``provenance/<job id>/<generation>-<attempt>.json`` (:func:`provenance_object_name`):
+one per run, never shared, readable by any object-store client. Bundles stored before
+carry provenance.json inside; :meth:`Artifacts.run_provenance` falls back to that.
+
+:class:`Artifacts` is the one client every part of trainfleet uses: put a bundle (storing
+the same bytes again reuses the stored object), put and read a run's provenance, get a
+bundle (verified end to end, written atomically), read an object's info, list the stored
+bundles, read an old bundle's provenance from its first chunks only, and sweep
 the stray chunks an upload cut off mid-way leaves behind. An artifact id is checked
 to be 64 lowercase hex before it reaches a path or a subject, a get is refused when
 the object is bigger than the size limit, and a provenance read decompresses at most
@@ -14,7 +23,8 @@ and fetches large objects over a direct connection (directget.py) where it can.
 verified get, then a safe extraction into the new directory ``DIR/<job id>``.
 
 It also prunes: :meth:`Artifacts.prune` removes the stored bundles no job record points
-at (a requeued job's earlier bundle, a fenced agent's upload) once they are old enough.
+at (a requeued job's earlier bundle, a fenced agent's upload) once they are old enough, and
+the provenance objects of jobs that no longer exist.
 
 Roles: an agent puts; the controller sweeps and prunes; operators and viewers get, list and read.
 """
@@ -22,8 +32,13 @@ Roles: an agent puts; the controller sweeps and prunes; operators and viewers ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import os
 import re
+import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,10 +49,25 @@ import nats.errors
 import nats.js.errors
 
 from trainfleet.broker import kv
-from trainfleet.broker.bundle import PROVENANCE_NAME, Bundle, ProvenanceStream, check_target, extract
+from trainfleet.broker.bundle import (
+    PROVENANCE_MAX_BYTES,
+    PROVENANCE_NAME,
+    Bundle,
+    ProvenanceStream,
+    check_target,
+    extract,
+    parse_provenance,
+)
 from trainfleet.broker.errors import ArtifactError, BrokerError, ObjectNotFound, SchemaError, StoreFull
-from trainfleet.broker.objstore import ObjectInfo, ObjectStoreClient, _parse_rfc3339, parse_digest
+from trainfleet.broker.objstore import (
+    ObjectInfo,
+    ObjectStoreClient,
+    _parse_rfc3339,
+    completeness_problem,
+    parse_digest,
+)
 from trainfleet.broker.provision import LOGS_STREAM_PLACEHOLDER, size_text
+from trainfleet.broker.records import job_ids
 from trainfleet.broker.schema import JobRecord, decode
 
 if TYPE_CHECKING:
@@ -53,6 +83,21 @@ PROVENANCE_MAX_CHUNKS = 16
 _ARTIFACT_ID = re.compile(r"[0-9a-f]{64}")
 # Any sha256 in the text of a record this trainfleet cannot decode: each may be a reference.
 _ANY_ARTIFACT_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+# A run's provenance object: provenance/<job id>/<generation>-<attempt>.json.
+PROVENANCE_PREFIX = "provenance/"
+_PROVENANCE_OBJECT = re.compile(r"provenance/([0-9a-f]{64})/([0-9]{1,18})-([0-9]{1,18})\.json")
+
+
+def provenance_object_name(job_id: str, generation: int, attempt: int) -> str:
+    """The name of the provenance object of one run: attempt ``attempt`` of generation
+    ``generation`` of job ``job_id`` (checked to be 64 lowercase hex)."""
+    return f"{PROVENANCE_PREFIX}{check_artifact_id(job_id, 'job id')}/{int(generation)}-{int(attempt)}.json"
+
+
+def parse_provenance_object_name(name: str) -> tuple[str, int, int] | None:
+    """(job id, generation, attempt) of a provenance object's name; None for any other name."""
+    match = _PROVENANCE_OBJECT.fullmatch(name)
+    return (match[1], int(match[2]), int(match[3])) if match else None
 
 
 def is_artifact_id(value: object) -> bool:
@@ -79,15 +124,22 @@ class Artifacts:
         )
 
     async def put(self, bundle: Bundle) -> str:
-        """Store the bundle under its sha256 unless an identical object is already stored.
+        """Store the bundle under its sha256; when the same bytes are stored already (another run
+        wrote the same files), reuse them: their info is stored again with a new mtime (a
+        "touch": one small message, no chunk sent), so the object is as young as this upload and
+        a prune's grace period protects it until the run's record points at it.
 
-        StoreFull when the store has no room for it: the same put succeeds once room is made
-        (retry later), and nothing of a refused upload is readable under the artifact's name."""
-        existing = await self.store.info(bundle.sha256)
-        if existing is not None and existing.size == bundle.size:
+        Reuse needs the stored info to say the same size and sha256, its chunks to be all there,
+        and the touch to land on the info just read (see ObjectStoreClient.touch): otherwise the
+        bundle is uploaded again, replacing what is there (chunks under a new nuid; the old ones,
+        if any, are left to the stray-chunk sweep, since an agent may not purge). StoreFull when
+        the store has no room for it: the same put succeeds once room is made (retry later), and
+        nothing of a refused upload is readable under the artifact's name."""
+        if await self._reuse(bundle):
             return bundle.sha256
         try:
-            info = await self.store.put_file(bundle.sha256, bundle.path)
+            # (what this replaces, if anything, leaves its chunks to the sweep: an agent may not purge)
+            info = await self.store.put_file(bundle.sha256, bundle.path, purge_previous=False)
         except StoreFull as exc:
             why = str(exc).replace(LOGS_STREAM_PLACEHOLDER, self.broker.names.logs_stream)
             raise StoreFull(
@@ -103,6 +155,94 @@ class Artifacts:
                 f"{stored.hex() if stored else '?'}, expected {bundle.size} bytes (bundle changed on disk)"
             )
         return bundle.sha256
+
+    async def _reuse(self, bundle: Bundle) -> bool:
+        """Whether the bundle's bytes are stored already and were touched (see :meth:`put`)."""
+        found = await self.store.info_and_seq(bundle.sha256)
+        if found is None:
+            return False
+        info, seq = found
+        same = (
+            not info.deleted
+            and info.name == bundle.sha256
+            and info.size == bundle.size
+            and parse_digest(info.digest) == bytes.fromhex(bundle.sha256)
+            and (info.options is None or info.options.link is None)
+            and bool(info.nuid)
+        )
+        if not same or await self.store.chunk_count(info.nuid) != info.chunks:
+            return False
+        return await self.store.touch(info, seq)
+
+    # -- provenance objects ------------------------------------------------------
+    async def put_provenance(self, job_id: str, generation: int, attempt: int, provenance: dict[str, Any]) -> str:
+        """Store one run's provenance as its own JSON object; returns the object's name. Storing
+        it again (a retried upload of the same run) replaces it."""
+        name = provenance_object_name(job_id, generation, attempt)
+        data = json.dumps(provenance, indent=2, sort_keys=True, default=str).encode()
+        await self.store.put_bytes(name, data, purge_previous=False)  # (agents may not purge: the sweep does)
+        return name
+
+    async def read_provenance_object(self, name: str) -> dict[str, Any] | None:
+        """A run's provenance object, or None when it is not stored. Bounded and verified: an
+        info saying more than bundle.PROVENANCE_MAX_BYTES, a link, more bytes than the info says
+        or bytes that do not hash to its digest are an ArtifactError; so is text that is not JSON."""
+        if parse_provenance_object_name(name) is None:
+            raise ArtifactError(f"{str(name)[:120]!r} is not a provenance object's name")
+        info = await self.store.info(name)
+        if info is None:
+            return None
+        if info.options is not None and info.options.link is not None:
+            raise ArtifactError(f"provenance object {name}: a link; links are not followed")
+        if info.size > PROVENANCE_MAX_BYTES:
+            raise ArtifactError(
+                f"provenance object {name} is {info.size} bytes: over the PROVENANCE_MAX_BYTES limit "
+                f"of {PROVENANCE_MAX_BYTES}"
+            )
+        data = bytearray()
+        digest = hashlib.sha256()
+        async for chunk in self.store.chunks(info, limit=PROVENANCE_MAX_CHUNKS):
+            if len(data) + len(chunk) > info.size:
+                raise ArtifactError(f"provenance object {name}: its chunks hold more than its {info.size} bytes")
+            data += chunk
+            digest.update(chunk)
+        problem = completeness_problem(info, len(data), digest)
+        if problem is not None:
+            raise ArtifactError(f"provenance object {name}: {problem}")
+        try:
+            return parse_provenance(bytes(data))
+        except ArtifactError as exc:
+            raise ArtifactError(f"provenance object {name}: {exc}") from exc
+
+    async def run_provenance(self, job_id: str, generation: int, attempt: int, artifact: str | None) -> RunProvenance:
+        """The provenance of one run: its provenance object, or for a bundle stored before those
+        existed the provenance.json inside ``artifact`` (read from its first chunks). ArtifactError
+        when there is neither, or what there is cannot be read within the limits."""
+        name = provenance_object_name(job_id, generation, attempt)
+        found = await self.read_provenance_object(name)
+        if found is not None:
+            return RunProvenance(found, name)
+        if not artifact:
+            raise ArtifactError(f"no provenance stored for this run ({name} is not in the object store)")
+        try:
+            return RunProvenance(await self.provenance(artifact), None)
+        except ArtifactError as exc:
+            raise ArtifactError(
+                f"no provenance stored for this run: {name} is not in the object store, and the bundle "
+                f"carries none ({exc})"
+            ) from exc
+
+    async def provenance_objects(self, job_id: str, runs: Iterable[tuple[int, int]]) -> list[str]:
+        """The names of the stored provenance objects of job ``job_id``'s ``runs`` ((generation,
+        attempt) pairs, as its record's history names them), by generation and attempt: one
+        info read each. (Object names are base64 in their subjects, so a job's objects cannot
+        be listed without listing the whole bucket: the caller says which runs to look for.)"""
+        names = []
+        for generation, attempt in sorted(set(runs)):
+            name = provenance_object_name(job_id, generation, attempt)
+            if await self.store.info(name) is not None:
+                names.append(name)
+        return names
 
     async def get(self, sha256: str, dest: str | os.PathLike[str], *, max_bytes: int | None = None) -> Path:
         """Fetch artifact ``sha256`` into ``dest``, verifying the digest; nothing is left on mismatch.
@@ -133,7 +273,9 @@ class Artifacts:
         return await self.store.list()
 
     async def provenance(self, sha256: str) -> dict[str, Any]:
-        """A bundle's provenance.json, read from the object store's first chunk(s) only.
+        """An old bundle's provenance.json (bundles stored before provenance objects carried it
+        inside), read from the object store's first chunk(s) only; a bundle of today has none
+        (see :meth:`run_provenance`).
 
         provenance.json is the bundle's first tar member, so a few KiB of the zstd stream
         hold it: this reads chunk by chunk and stops as soon as the member is complete.
@@ -169,21 +311,22 @@ class Artifacts:
         completed record that points at it, so a young unreferenced object may be one whose
         record is on its way. The records are read again right before anything is removed (a
         job that completed meanwhile keeps its object), and each object goes only while its
-        info is still the one judged (see :meth:`_remove`). Objects whose names are not
-        artifact ids are not trainfleet's bundles: they are counted, never touched.
+        info is still the one judged (see :meth:`_remove`). A run's provenance object stays as
+        long as its job's record exists (any state), and goes like a bundle, past the same age,
+        once the record is gone. Objects whose names are neither artifact ids nor provenance
+        objects' are not trainfleet's: they are counted, never touched.
 
         Removing needs the right to purge the artifacts stream (controller or admin); without
         it a BrokerError says so before anything is removed."""
         report = PruneReport(dry_run=dry_run, older_than_s=older_than_s)
         objects = await self.list()
-        referenced = await referenced_artifacts(self.broker)
+        referenced, jobs = await referenced_artifacts(self.broker), await job_ids(self.broker)
         now = datetime.now(UTC)
         candidates: list[ObjectInfo] = []
         for info in objects:
-            if not is_artifact_id(info.name):
-                report.foreign += 1
-            elif info.name in referenced:
-                report.kept_referenced += 1
+            kept = _kept_because(info.name, referenced, jobs)
+            if kept is not None:
+                setattr(report, kept, getattr(report, kept) + 1)
             elif _age_s(info.mtime, now) < older_than_s:
                 report.kept_recent += 1
             else:
@@ -195,10 +338,12 @@ class Artifacts:
         await self._check_purge_right()  # refused whether or not there is anything to remove
         if not candidates:
             return report
-        referenced = await referenced_artifacts(self.broker)  # a job may have completed meanwhile
+        # A job may have completed (or been created) meanwhile: read the records again.
+        referenced, jobs = await referenced_artifacts(self.broker), await job_ids(self.broker)
         for info in candidates:
-            if info.name in referenced:
-                report.kept_referenced += 1
+            kept = _kept_because(info.name, referenced, jobs)
+            if kept is not None:
+                setattr(report, kept, getattr(report, kept) + 1)
                 continue
             outcome, removed = await self._remove(info.name, older_than_s)
             if outcome == "kept":
@@ -212,8 +357,12 @@ class Artifacts:
         """Remove object ``name`` if its info is still at least ``older_than_s`` old: purge its
         info (only up to the message judged, so an info stored meanwhile survives), then its
         chunks. Returns ("removed", its info), ("kept", None) when it was stored again meanwhile
-        (an upload of the same bytes) or its info cannot be read, or ("gone", None) when it is
-        gone already (another controller's prune).
+        (an upload of the same bytes, or an agent's touch reusing them: see Artifacts.put) or its
+        info cannot be read, or ("gone", None) when it is gone already (another controller's prune).
+
+        A touch is conditional on the info message it read still being the latest: once the purge
+        of the info judged has landed none can succeed, and one that landed before it is seen
+        here, before the chunks (which it reuses) are touched.
 
         A purge rather than ObjectStoreClient.delete's marker: purging the artifacts stream is
         the controller's right, publishing object infos is not (only an uploader's). A prune cut
@@ -231,6 +380,9 @@ class Artifacts:
         if msg.time is None or (datetime.now(UTC) - msg.time).total_seconds() < older_than_s:
             return "kept", None
         await self._purge(stream, meta, seq=msg.seq + 1)
+        newer = await self._last(stream, meta)
+        if newer is not None and _nuid_of(newer) in (info.nuid, None):
+            return "kept", None  # stored again on these same chunks (a touch), or unreadable: they stay
         if info.nuid:
             await self._purge(stream, self.store.chunk_subject(info.nuid))
         if await self._last(stream, meta) is not None:
@@ -279,10 +431,11 @@ class PruneReport:
 
     dry_run: bool
     older_than_s: float
-    removed: list[str] = field(default_factory=list)  # artifact ids
+    removed: list[str] = field(default_factory=list)  # artifact ids, and provenance objects' names
     bytes: int = 0  # their sizes together
     kept_referenced: int = 0  # a job record points at them
     kept_recent: int = 0  # unreferenced, but younger than older_than_s
+    kept_provenance: int = 0  # provenance objects of runs of jobs whose records exist
     foreign: int = 0  # objects whose names are not artifact ids: never touched
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,12 +459,51 @@ async def referenced_artifacts(broker: Broker) -> set[str]:
     return referenced
 
 
+def _kept_because(name: str, referenced: set[str], jobs: set[str]) -> str | None:
+    """The PruneReport counter of an object a prune keeps whatever its age: a bundle a record
+    points at, a provenance object of a job that exists, an object that is not trainfleet's.
+    None: the object goes once old enough."""
+    run = parse_provenance_object_name(name)
+    if run is not None:
+        return "kept_provenance" if run[0] in jobs else None
+    if not is_artifact_id(name):
+        return "foreign"
+    return "kept_referenced" if name in referenced else None
+
+
+@dataclass(frozen=True)
+class RunProvenance:
+    """A run's provenance, and the object it was read from (None: from inside an old bundle)."""
+
+    provenance: dict[str, Any]
+    source: str | None
+
+
+def _nuid_of(msg: Any) -> str | None:
+    """The nuid of an info message; None when it cannot be read."""
+    try:
+        return msgspec.json.decode(msg.data or b"", type=ObjectInfo).nuid
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 async def download_artifact(
-    broker: Broker, artifact: str, out: Path, *, into: str | None = None, force: bool = False
+    broker: Broker,
+    artifact: str,
+    out: Path,
+    *,
+    into: str | None = None,
+    force: bool = False,
+    provenance: dict[str, Any] | None = None,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
     """Download bundle ``artifact`` (verified) into ``out/<artifact>.tar.zst`` and, when ``into``
     is given (the job id; an orphan's artifact id), extract it into the new directory
     ``out/<into>`` (``force``: replacing what is there).
+
+    ``provenance`` (the run's, see Artifacts.run_provenance) is written beside it as JSON: into
+    the extracted directory as ``provenance.json``, where bundles used to carry it (an old
+    bundle's own is left as it is), else as ``out/<job_id>.provenance.json``.
 
     Both names are checked to be 64 lowercase hex, so the paths never depend on anything a
     manifest or a record said. An unusable target is refused before the download. The download
@@ -333,13 +525,38 @@ async def download_artifact(
             if not existed:
                 bundle_path.unlink(missing_ok=True)
             raise
+    written = None
+    if provenance is not None:
+        if target is not None:
+            written = target / PROVENANCE_NAME
+            if not os.path.lexists(written):
+                _write_json(written, provenance)
+        else:
+            written = out / f"{check_artifact_id(job_id or artifact, 'job id')}.provenance.json"
+            _write_json(written, provenance)
     return {
         "artifact": artifact,
         "path": str(bundle_path),
         "bytes": size,
         "verified": True,
         "extracted": str(target) if target else None,
+        "provenance": str(written) if written else None,
     }
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` as JSON at ``path`` through a temp file beside it, renamed over whatever
+    is there (a link there is replaced, never followed)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.part-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(value, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _age_s(mtime: str, now: datetime) -> float:

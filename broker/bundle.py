@@ -1,15 +1,25 @@
-"""The artifact bundle format: the trainer's output dir plus provenance, as a zstd-compressed tar.
+"""The artifact bundle format: the trainer's output dir, packed deterministically as a zstd-compressed tar.
 
-``provenance.json`` is the first member, then ``output/**``. The bundle id is the
-sha256 of the compressed bytes, so identical bundles deduplicate in the object store.
-Bundles are streamed to and from disk (memory does not grow with the artifact). No
-NATS here: broker/artifacts.py moves bundles in and out of the object store.
+A bundle holds ``output/**`` only, packed so that the same files give the same bytes:
+members sorted by path, mtime 0, uid/gid 0 and no owner names, modes normalised (0755
+for directories and for files with any exec bit, else 0644; links 0777), no timestamps
+in any header, one zstd frame at level :data:`ZSTD_LEVEL`. The bundle id is the sha256
+of the compressed bytes, so two runs whose trainers write the same files get the same id
+and share one stored object. Provenance (host, timings, versions, argv, attempt) is per
+run and lives beside the bundle, never inside it (broker/artifacts.py: one object per run).
+
+Bundles written before that carried ``provenance.json`` as their first member; they are
+still read (:func:`read_provenance`, :class:`ProvenanceStream`, extraction), and
+:func:`build_bundle` still writes one when given a provenance dict (tests make old
+bundles that way). Bundles are streamed to and from disk (memory does not grow with the
+artifact). No NATS here: broker/artifacts.py moves bundles in and out of the object store.
 
 A bundle read back is untrusted (anyone who can write one object or one record can
 hand us one), so every read is confined and bounded:
 
 * extraction builds a temp dir beside a NEW target and renames it into place; only
-  ``provenance.json`` and ``output/**`` regular files and directories are accepted,
+  ``output/**`` regular files, directories and links inside it (and an old bundle's
+  ``provenance.json``) are accepted,
   each member's resolved path must stay inside, and no existing file is overwritten;
 * extraction stops past ``max_bytes`` of member data or ``max_members`` members;
 * a provenance read never decompresses more than :data:`PROVENANCE_MAX_BYTES`;
@@ -31,7 +41,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -43,7 +52,11 @@ from trainfleet.broker.settings import Settings
 
 PROVENANCE_NAME = "provenance.json"
 OUTPUT_PREFIX = "output"
+# Part of the format: another level gives other bytes, so another artifact id.
 ZSTD_LEVEL = 3
+# Every member of a bundle is stamped with this mtime (extraction leaves such files the
+# time they were written), owned by uid/gid 0 with no owner names.
+BUNDLE_MTIME = 0
 
 # provenance.json is a few KiB of JSON: a read of it never decompresses more than this.
 PROVENANCE_MAX_BYTES = 1 << 20
@@ -98,29 +111,45 @@ class _HashingWriter(io.RawIOBase):
         return len(view)
 
 
-def build_bundle(output_dir: str | os.PathLike, provenance: dict[str, Any], dest: str | os.PathLike) -> Bundle:
-    """Write ``output_dir`` and ``provenance`` as a .tar.zst at ``dest``; return its id."""
+def build_bundle(output_dir: str | os.PathLike, provenance: dict[str, Any] | None, dest: str | os.PathLike) -> Bundle:
+    """Pack ``output_dir`` deterministically as a .tar.zst at ``dest``; return its id and size.
+
+    ``provenance`` None is the current format, the one agents write: the output only, so the
+    id depends on the output's bytes alone. A dict writes the format before that, with it as
+    a ``provenance.json`` first member (how tests make old bundles; nothing uploads it now)."""
     output_dir = Path(output_dir)
     dest = Path(dest)
-    prov = json.dumps(provenance, indent=2, sort_keys=True, default=str).encode()
     with open(dest, "wb") as raw:
         hashing = _HashingWriter(raw)
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0)
         with cctx.stream_writer(hashing, closefd=False) as zw:
-            with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                info = tarfile.TarInfo(PROVENANCE_NAME)
-                info.size = len(prov)
-                info.mtime = int(time.time())
-                tar.addfile(info, io.BytesIO(prov))
+            with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+                if provenance is not None:
+                    prov = json.dumps(provenance, indent=2, sort_keys=True, default=str).encode()
+                    info = _member(PROVENANCE_NAME, tarfile.REGTYPE, 0o644)
+                    info.size = len(prov)
+                    tar.addfile(info, io.BytesIO(prov))
                 for path in sorted(output_dir.rglob("*")):
                     _add_output(tar, output_dir, path)
     return Bundle(path=dest, sha256=hashing.digest.hexdigest(), size=hashing.size)
 
 
+def _member(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
+    """A header that says nothing of where or when it was packed: fixed mtime, owners 0."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.mtime = BUNDLE_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
 def _add_output(tar: tarfile.TarFile, output_dir: Path, path: Path) -> None:
     """One entry of the output dir into the bundle. A symlink travels as a relative link when it
     points inside the output dir (dangling or not); one that points out is refused, like a file
-    that cannot be read (PackError names it). Devices, FIFOs and sockets never travel."""
+    that cannot be read (PackError names it). Devices, FIFOs and sockets never travel; a hard
+    link travels as a regular file (its content again). Only the exec bit of a mode is kept."""
     rel = path.relative_to(output_dir).as_posix()
     arcname = f"{OUTPUT_PREFIX}/{rel}"
     if path.is_symlink():
@@ -128,15 +157,21 @@ def _add_output(tar: tarfile.TarFile, output_dir: Path, path: Path) -> None:
         where = os.path.normpath(os.path.join(path.parent, link))
         if os.path.commonpath([where, str(output_dir)]) != str(output_dir) or where == str(output_dir):
             raise PackError(f"{arcname}: a symlink to {link!r}, outside the output dir: only links inside it travel")
-        info = tarfile.TarInfo(arcname)
-        info.type = tarfile.SYMTYPE
+        info = _member(arcname, tarfile.SYMTYPE, 0o777)
         info.linkname = os.path.relpath(where, path.parent)
         tar.addfile(info)
         return
-    if not (path.is_file() or path.is_dir()):
+    if path.is_dir():
+        tar.addfile(_member(arcname, tarfile.DIRTYPE, 0o755))
+        return
+    if not path.is_file():
         return
     try:
-        tar.add(path, arcname=arcname, recursive=False)
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            info = _member(arcname, tarfile.REGTYPE, 0o755 if st.st_mode & 0o111 else 0o644)
+            info.size = st.st_size
+            tar.addfile(info, fh)
     except OSError as exc:
         raise PackError(f"{arcname}: cannot read it: {exc.strerror or exc}") from exc
 
@@ -356,8 +391,9 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> 
     with os.fdopen(fd, "wb") as dest:
         if source is not None:
             shutil.copyfileobj(source, dest, 1 << 20)
-    with contextlib.suppress(OverflowError, OSError, ValueError):
-        os.utime(path, (member.mtime, member.mtime))
+    if member.mtime != BUNDLE_MTIME:  # (a packed bundle's files keep the time they are written)
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            os.utime(path, (member.mtime, member.mtime))
 
 
 def _move_into_place(staging: Path, target: Path, *, force: bool) -> None:
@@ -409,6 +445,12 @@ def _check_provenance_member(member: tarfile.TarInfo | None) -> tarfile.TarInfo:
             f"{PROVENANCE_NAME} is {member.size} bytes: over the PROVENANCE_MAX_BYTES limit of {PROVENANCE_MAX_BYTES}"
         )
     return member
+
+
+def parse_provenance(data: bytes) -> dict[str, Any]:
+    """Provenance JSON (a bundle's provenance.json, or a run's provenance object) as a dict;
+    ArtifactError when it is not JSON, {} when it is JSON but not an object."""
+    return _provenance_json(data)
 
 
 def _provenance_json(data: bytes) -> dict[str, Any]:

@@ -25,6 +25,8 @@ SERVICE_ERROR = "Nats-Service-Error"  # micro: the error text of a failed reques
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"  # micro: its code
 
 ROLLUP_SUBJECT = {ROLLUP: "sub"}
+# A publish stored only while the subject's last message is at this stream sequence.
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
 # -- status codes (the Status header) ----------------------------------------
 STATUS_HEARTBEAT = "100"  # idle heartbeat / flow control
@@ -36,6 +38,7 @@ STATUS_NO_RESPONDERS = "503"  # nothing listens on the subject
 
 # -- JetStream API error codes (``error.err_code`` of an API response) --------
 ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET found no message
+ERR_WRONG_LAST_SEQUENCE = 10071  # a publish's expected last (subject) sequence is not the stream's
 ERR_STREAM_NAME_IN_USE = 10058  # the stream exists with another config
 ERR_STREAM_NOT_FOUND = 10059
 

@@ -519,6 +519,15 @@ class ObjectStoreClient:
 
     async def _info_at(self, meta_subject: str, name: str) -> ObjectInfo | None:
         """The latest info record on ``meta_subject`` (deleted ones too), or None when there is none."""
+        found = await self._info_msg(meta_subject, name)
+        return found[0] if found is not None else None
+
+    async def info_and_seq(self, name: str) -> tuple[ObjectInfo, int] | None:
+        """The object's info (deleted ones too) and the stream sequence of its info message, which
+        :meth:`touch` needs; None when there is no info."""
+        return await self._info_msg(self.meta_subject(name), name)
+
+    async def _info_msg(self, meta_subject: str, name: str) -> tuple[ObjectInfo, int] | None:
         resp = await self._api(jsapi.stream_msg_get(self.stream, self.api), {"last_by_subj": meta_subject})
         if "error" in resp:
             if resp["error"].get("err_code") == jsapi.ERR_NO_MESSAGE:
@@ -531,7 +540,31 @@ class ObjectStoreClient:
             raise ArtifactError(f"object {name!r}: unreadable info record: {exc}") from exc
         # ADR-20: the modification time is the info message's time.
         info.mtime = message.get("time") or info.mtime
-        return info
+        return info, int(message.get("seq") or 0)
+
+    async def chunk_count(self, nuid: str) -> int:
+        """How many chunks the stream holds under ``nuid`` (one stream info request)."""
+        return sum((await self._subject_counts(self.chunk_subject(nuid))).values())
+
+    async def touch(self, info: ObjectInfo, seq: int) -> bool:
+        """Store ``info`` again, unchanged but for its mtime, only while the info message at ``seq``
+        is still the object's latest: its chunks are reused and its mtime is now. False when the
+        object changed or went meanwhile (a prune purges the info before the chunks, so a touch
+        never brings back an object whose chunks are going)."""
+        fresh = msgspec.structs.replace(info, mtime=_now_rfc3339())
+        ack = await self._request(
+            self.meta_subject(info.name),
+            fresh.to_json(),
+            what=f"the pub-ack for the info of {info.name!r}",
+            unanswered=self._no_bucket(),
+            headers={**jsapi.ROLLUP_SUBJECT, jsapi.EXPECTED_LAST_SUBJECT_SEQ: str(seq)},
+            timeout_error=ArtifactError,
+        )
+        if "error" not in ack:
+            return True
+        if jsapi.api_error(ack)[0] == jsapi.ERR_WRONG_LAST_SEQUENCE:
+            return False
+        raise self._api_error(ack, f"storing the info of {info.name!r} again")
 
     async def list(self) -> list[ObjectInfo]:
         """Every object in the bucket that is not deleted, by name."""
@@ -565,19 +598,31 @@ class ObjectStoreClient:
         *,
         chunk_bytes: int | None = None,
         stats: TransferStats | None = None,
+        purge_previous: bool = True,
     ) -> ObjectInfo:
         """Store the file at ``path`` as object ``name``, replacing any previous version."""
         with open(path, "rb") as fh:
-            return await self.put_stream(name, fh, chunk_bytes=chunk_bytes, stats=stats)
+            return await self.put_stream(name, fh, chunk_bytes=chunk_bytes, stats=stats, purge_previous=purge_previous)
 
-    async def put_bytes(self, name: str, data: bytes, *, chunk_bytes: int | None = None) -> ObjectInfo:
+    async def put_bytes(
+        self, name: str, data: bytes, *, chunk_bytes: int | None = None, purge_previous: bool = True
+    ) -> ObjectInfo:
         """Store ``data`` as object ``name`` (small objects and tests)."""
-        return await self.put_stream(name, io.BytesIO(data), chunk_bytes=chunk_bytes)
+        return await self.put_stream(name, io.BytesIO(data), chunk_bytes=chunk_bytes, purge_previous=purge_previous)
 
     async def put_stream(
-        self, name: str, reader: BinaryIO, *, chunk_bytes: int | None = None, stats: TransferStats | None = None
+        self,
+        name: str,
+        reader: BinaryIO,
+        *,
+        chunk_bytes: int | None = None,
+        stats: TransferStats | None = None,
+        purge_previous: bool = True,
     ) -> ObjectInfo:
-        """Store everything ``reader`` yields as object ``name``: chunks pipelined, then the info."""
+        """Store everything ``reader`` yields as object ``name``: chunks pipelined, then the info.
+
+        A previous version's chunks are purged once ours are in; ``purge_previous`` False leaves
+        them to the stray-chunk sweep (for an identity that may not purge: an agent)."""
         chunk_bytes = chunk_bytes or self.chunk_bytes
         if chunk_bytes > self.nc.max_payload:
             raise ArtifactError(f"chunk size {chunk_bytes} exceeds the server's max_payload {self.nc.max_payload}")
@@ -611,7 +656,7 @@ class ObjectStoreClient:
             if lookup_error is not None and isinstance(exc, Exception):
                 raise lookup_error from exc  # e.g. "bucket does not exist" says more than a refused chunk
             raise
-        if old is not None and old.nuid and old.nuid != nuid:
+        if purge_previous and old is not None and old.nuid and old.nuid != nuid:
             await self._purge(self.chunk_subject(old.nuid))
         if stats is not None:
             stats.bytes, stats.chunks, stats.max_in_flight = size, chunks, window.max_in_flight

@@ -16,7 +16,13 @@ from typing import Any
 import msgspec
 
 from trainfleet.broker import display, specs
-from trainfleet.broker.artifacts import Artifacts, check_artifact_id, download_artifact, is_artifact_id
+from trainfleet.broker.artifacts import (
+    Artifacts,
+    check_artifact_id,
+    download_artifact,
+    is_artifact_id,
+    parse_provenance_object_name,
+)
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ArtifactError, JobNotFound
 from trainfleet.broker.jobs import Job, load_jobs, resolve
@@ -102,8 +108,16 @@ async def list_workers(broker: Broker, now: float | None = None) -> list[dict[st
 
 
 # -- show ----------------------------------------------------------------------
+# ``show`` reads the provenance of at most this many of a job's runs (the latest).
+SHOW_MAX_RUNS = 20
+
+
 async def job_detail(broker: Broker, ref: str, *, provenance: bool = True) -> dict[str, Any]:
-    """``trainfleet show``: the record and its spec, its revision, state history, provenance."""
+    """``trainfleet show``: the record and its spec, its revision, state history, provenance.
+
+    ``provenance`` is the current run's (its provenance object; an old bundle's own
+    provenance.json), ``provenance_object`` the object it came from; ``runs`` lists every run
+    of the job that stored provenance (an earlier generation's too), each read from its object."""
     job = await resolve(broker, ref)
     rec = job.record
     data = job_json(job)
@@ -114,19 +128,49 @@ async def job_detail(broker: Broker, ref: str, *, provenance: bool = True) -> di
     data["history_truncated"] = truncated
     data["provenance"] = None
     data["provenance_error"] = None
-    if provenance and rec.artifact:
-        try:
-            data["provenance"] = await Artifacts(broker).provenance(rec.artifact)
-        except ArtifactError as exc:
-            data["provenance_error"] = str(exc)
+    data["provenance_object"] = None
+    data["runs"] = []
+    if provenance:
+        store = Artifacts(broker)
+        if rec.artifact:
+            try:
+                found = await store.run_provenance(rec.job_id, rec.generation, rec.attempt, rec.artifact)
+                data["provenance"], data["provenance_object"] = found.provenance, found.source
+            except ArtifactError as exc:
+                data["provenance_error"] = str(exc)
+        runs = {(t.generation, t.attempt) for t in history if t.attempt > 0} | {(rec.generation, rec.attempt)}
+        data["runs"] = await _runs(store, rec.job_id, runs)
     return data
+
+
+async def _runs(store: Artifacts, job_id: str, runs: set[tuple[int, int]]) -> list[dict[str, Any]]:
+    """One row per stored provenance object of the job's runs the history names (the latest
+    SHOW_MAX_RUNS; a run older than the revisions the jobs KV keeps is not looked for)."""
+    rows = []
+    for name in await store.provenance_objects(job_id, sorted(runs)[-SHOW_MAX_RUNS:]):
+        _, generation, attempt = parse_provenance_object_name(name) or ("", 0, 0)
+        row: dict[str, Any] = {"object": name, "generation": generation, "attempt": attempt, "error": None}
+        try:
+            prov = await store.read_provenance_object(name) or {}
+        except ArtifactError as exc:
+            prov, row["error"] = {}, str(exc)
+        # (untrusted: an agent wrote it; only values of the expected types are passed on)
+        host = prov.get("host") if isinstance(prov.get("host"), dict) else {}
+        timings = prov.get("timings") if isinstance(prov.get("timings"), dict) else {}
+        finished = timings.get("finished_at")
+        row["artifact"] = prov.get("artifact") if is_artifact_id(prov.get("artifact")) else None
+        row["host"] = host.get("host_id") if isinstance(host.get("host_id"), str) else None
+        row["finished_at"] = finished if isinstance(finished, (int, float)) and not isinstance(finished, bool) else None
+        rows.append(row)
+    return rows
 
 
 # -- artifacts -----------------------------------------------------------------
 async def list_artifacts(broker: Broker) -> list[dict[str, Any]]:
     """Every job with an artifact, then every stored bundle no record points at (an orphan:
     the upload of an agent that lost its lease, or of a job since requeued)."""
-    objects = {o.name: o for o in await Artifacts(broker).list()}
+    # (a run's provenance object is listed by `show`, not here)
+    objects = {o.name: o for o in await Artifacts(broker).list() if parse_provenance_object_name(o.name) is None}
     rows: list[dict[str, Any]] = []
     referenced: set[str] = set()
     for job in sorted((await load_jobs(broker)).values(), key=lambda j: j.spec.name):
@@ -166,31 +210,53 @@ async def list_artifacts(broker: Broker) -> list[dict[str, Any]]:
     return rows
 
 
-async def _artifact_target(broker: Broker, ref: str) -> tuple[str, str]:
-    """(artifact id, directory name) for a job reference, or for a stored artifact's full id
-    (so orphans can be fetched too). Both are 64 lowercase hex, checked here: the directory is
-    named by the job id (the artifact id for an orphan), never by the job's name, which is
-    anything its manifest said."""
+async def _artifact_target(broker: Broker, ref: str) -> tuple[str, str, Job | None]:
+    """(artifact id, directory name, the job) for a job reference, or for a stored artifact's
+    full id (so orphans can be fetched too; no job then). Both are 64 lowercase hex, checked
+    here: the directory is named by the job id (the artifact id for an orphan), never by the
+    job's name, which is anything its manifest said."""
     try:
         job = await resolve(broker, ref)
     except JobNotFound:
         if is_artifact_id(ref):
-            return ref, ref
+            return ref, ref, None
         raise
     if not job.record.artifact:
         raise ArtifactError(f"job {job.spec.name} has no artifact (it is {job.record.status.value})")
     artifact = check_artifact_id(job.record.artifact, f"job {job.job_id[:12]}'s record: artifact")
-    return artifact, check_artifact_id(job.job_id, "job id")
+    return artifact, check_artifact_id(job.job_id, "job id"), job
 
 
 async def fetch_artifact(broker: Broker, ref: str, out: Path, *, extract: bool, force: bool = False) -> dict[str, Any]:
     """``artifacts get``: download a job's bundle into ``out`` (verified), optionally extract it
-    into the new directory ``out/<job id>`` (``force``: replacing what is there).
+    into the new directory ``out/<job id>`` (``force``: replacing what is there), and write the
+    run's provenance beside it (``out/<job id>/provenance.json`` when extracted, else
+    ``out/<job id>.provenance.json``; none for an orphan, whose run no record names).
 
     The download and the extraction are bounded by the settings' max_artifact_bytes; a refused
-    extraction removes the bundle this call downloaded, so a refusal leaves nothing behind."""
-    artifact, dirname = await _artifact_target(broker, ref)
-    return await download_artifact(broker, artifact, out, into=dirname if extract else None, force=force)
+    extraction removes the bundle this call downloaded, so a refusal leaves nothing behind. A
+    provenance that cannot be read does not stop the download: ``provenance_error`` says why."""
+    artifact, dirname, job = await _artifact_target(broker, ref)
+    provenance, problem = None, None
+    if job is not None:
+        rec = job.record
+        try:
+            provenance = (
+                await Artifacts(broker).run_provenance(rec.job_id, rec.generation, rec.attempt, artifact)
+            ).provenance
+        except ArtifactError as exc:
+            problem = str(exc)
+    result = await download_artifact(
+        broker,
+        artifact,
+        out,
+        into=dirname if extract else None,
+        force=force,
+        provenance=provenance,
+        job_id=dirname,
+    )
+    result["provenance_error"] = problem
+    return result
 
 
 async def sweep_artifacts(broker: Broker, older_than_s: float | None, *, dry_run: bool) -> dict[str, Any]:

@@ -170,8 +170,8 @@ def _print_history(data: dict[str, Any]) -> None:
         )
 
 
-def _print_provenance(prov: dict[str, Any]) -> None:
-    """The bundle's provenance: read from the artifact, so every field is shown made safe."""
+def _print_provenance(prov: dict[str, Any], source: str | None = None) -> None:
+    """The run's provenance: read from the object store, so every field is shown made safe."""
     host = prov.get("host") or {}
     timings = prov.get("timings") or {}
     gpus = ", ".join(str(g.get("name", "?")) for g in host.get("gpus") or []) or "none"
@@ -179,7 +179,7 @@ def _print_provenance(prov: dict[str, Any]) -> None:
     def line(text: str) -> None:
         print(safe_text(text, newlines=False))
 
-    print("provenance (from the bundle):")
+    print(safe_text(f"provenance (from {source}):" if source else "provenance (from the bundle):", newlines=False))
     line(
         f"  {'host':<11} {host.get('host_id', '-')}  {host.get('platform', '')}  "
         f"{host.get('cores_usable', '?')} cores  {host.get('ram_total_gib', '?')} GiB  GPU: {gpus}"
@@ -243,9 +243,27 @@ def _print_detail(data: dict[str, Any], rec: JobRecord, spec: JobSpec) -> None:
             print(f"    {safe_text(line)}")
     _print_history(data)
     if data["provenance"]:
-        _print_provenance(data["provenance"])
+        _print_provenance(data["provenance"], data.get("provenance_object"))
     elif data["provenance_error"]:
         print(f"provenance: unavailable ({data['provenance_error']})")
+    _print_runs(data.get("runs") or [])
+
+
+def _print_runs(runs: list[dict[str, Any]]) -> None:
+    """Every run of the job that stored provenance (one object each; runs may share an artifact)."""
+    if not runs:
+        return
+    print("runs (provenance objects):")
+    for run in runs:
+        what = (
+            f"unreadable ({run['error']})"
+            if run["error"]
+            else (
+                f"{run['host'] or '-'}  finished {display.fmt_time(run['finished_at'])}  "
+                f"artifact {str(run['artifact'] or '-')[:12]}"
+            )
+        )
+        print(safe_text(f"  gen {run['generation']} attempt {run['attempt']}  {what}  {run['object']}", newlines=False))
 
 
 def _record_fields(data: dict[str, Any]) -> dict[str, Any]:
@@ -293,6 +311,10 @@ def artifact_fetched(result: dict[str, Any]) -> str:
     lines = [f"downloaded {result['path']} ({result['bytes']} bytes, sha256 verified)"]
     if result["extracted"]:
         lines.append(f"extracted into {result['extracted']}")
+    if result.get("provenance"):
+        lines.append(f"the run's provenance in {result['provenance']}")
+    elif result.get("provenance_error"):
+        lines.append(safe_text(f"provenance: unavailable ({result['provenance_error']})", newlines=False))
     return "\n".join(lines)
 
 
@@ -309,6 +331,8 @@ def prune_report(result: dict[str, Any]) -> str:
     kept = (
         f"kept {result['kept_referenced']} referenced, {result['kept_recent']} younger than {result['older_than_s']:g}s"
     )
+    if result.get("kept_provenance"):
+        kept += f", {result['kept_provenance']} provenance object(s) of existing jobs"
     if result["foreign"]:
         kept += f", {result['foreign']} not trainfleet's (left alone)"
     return f"{verb_text} {len(result['removed'])} unreferenced artifact(s), {fmt_bytes(result['bytes'])}; {kept}"

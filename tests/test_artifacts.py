@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from trainfleet.broker import bundle as bundle_module
 from trainfleet.broker.artifacts import Artifacts, download_artifact
 from trainfleet.broker.bundle import build_bundle, extract, read_provenance
 from trainfleet.broker.errors import ArtifactError, PackError
@@ -120,6 +121,7 @@ async def test_download_artifact_extracts_into_a_new_directory_named_by_the_id(b
         "bytes": bundle.size,
         "verified": True,
         "extracted": str(out.resolve() / job_id),
+        "provenance": None,
     }
     assert (out / job_id / "output" / "model.bin").read_bytes() == bytes(range(256)) * 100
     # A used target is refused before anything is downloaded...
@@ -175,13 +177,13 @@ def test_links_inside_the_output_travel_and_links_out_of_it_are_refused(tmp_path
 
 def test_an_unreadable_output_file_is_named(tmp_path, monkeypatch):
     out = make_output(tmp_path)
-    real_add = tarfile.TarFile.add
+    real_open = open
 
-    def add(self, name, *args, **kwargs):
+    def unreadable(name, *args, **kwargs):
         if str(name).endswith("metrics.json"):
             raise PermissionError(13, "Permission denied", str(name))
-        return real_add(self, name, *args, **kwargs)
+        return real_open(name, *args, **kwargs)
 
-    monkeypatch.setattr(tarfile.TarFile, "add", add)  # (root reads any file: simulate one it cannot)
+    monkeypatch.setattr(bundle_module, "open", unreadable, raising=False)  # (root reads any file: simulate one)
     with pytest.raises(PackError, match="output/sub/metrics.json: cannot read it: Permission denied"):
         build_bundle(out, {}, tmp_path / "b.tar.zst")

@@ -186,7 +186,7 @@ async def test_operator_verbs_against_a_running_controller(fleet, broker, settin
     code, out, _ = await arun_cli("show", "boom-0", url=url)
     assert code == 0 and "failed on a1" in out and "requested failure" in out and "last error" in out
     code, out, _ = await arun_cli("show", "job-1", url=url)
-    assert code == 0 and "provenance (from the bundle)" in out and "scikit-learn" in out
+    assert code == 0 and "provenance (from provenance/" in out and "scikit-learn" in out  # (its run's object)
     assert [line.split()[4] for line in out.splitlines() if line.startswith("  rev ")] == [
         "pending",
         "claimed",

@@ -22,7 +22,7 @@ import pytest
 
 from trainfleet.agent.agent import MARKS_ON_THEIR_WAY
 from trainfleet.broker import jsapi
-from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.artifacts import Artifacts, is_artifact_id, parse_provenance_object_name
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.records import record_history
 from trainfleet.broker.schema import JobRecord, JobStatus, ProgressEvent, decode
@@ -195,16 +195,24 @@ async def unexplained_bundles(
     upload that gave up would leave one; an agent killed between upload and record write may,
     and prune clears those), and how many orphans there are in all."""
     referenced = {recs[i].artifact for i in ids}
+    objects = await artifacts.list()
+    # Each run stores its provenance object before its bundle: every bundle is named by the runs that uploaded it
+    uploaders: dict[str, list[dict]] = defaultdict(list)
+    for info in objects:
+        if parse_provenance_object_name(info.name) is not None:
+            prov = await artifacts.read_provenance_object(info.name) or {}
+            uploaders[str(prov.get("artifact"))].append(prov)
     unexplained, orphans = [], 0
-    for info in await artifacts.list():
-        if info.name in referenced:
+    for info in objects:
+        if not is_artifact_id(info.name) or info.name in referenced:
             continue
         orphans += 1
-        prov = await artifacts.provenance(info.name)
-        host = (prov.get("host") or {}).get("host_id")
-        claimed_at = (prov.get("timings") or {}).get("claimed_at") or 0.0
-        if not killed_between(by_host.get(host or ""), claimed_at, time.time()):
-            unexplained.append((info.name[:12], host, prov.get("attempt")))
+        runs = [
+            ((prov.get("host") or {}).get("host_id"), (prov.get("timings") or {}).get("claimed_at") or 0.0, prov)
+            for prov in uploaders[info.name]
+        ]
+        if not any(killed_between(by_host.get(host or ""), claimed_at, time.time()) for host, claimed_at, _ in runs):
+            unexplained.append((info.name[:12], [host for host, _, _ in runs], [p.get("attempt") for *_, p in runs]))
     return unexplained, orphans
 
 

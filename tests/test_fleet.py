@@ -13,6 +13,7 @@ from trainfleet.broker.records import record_history
 from trainfleet.broker.schema import JobRecord, JobStatus, decode
 from trainfleet.broker.specs import get_spec
 from trainfleet.broker.tickets import scan_tickets
+from trainfleet.controller import ops
 from trainfleet.controller.manifest import parse_manifest
 
 from .conftest import REPO, KVAudit, gbm_jobs, gbm_manifest, records, wait_for, wait_terminal
@@ -48,13 +49,18 @@ async def test_two_agents_complete_every_job_exactly_once_with_verified_artifact
         assert [h[0] for h in history].count("completed") == 1
         # every held revision the KV keeps names one holder and one attempt
         assert {(h[1], h[2]) for h in history if h[0] != "pending"} == {(rec.claimed_by, 1)}
-        # and its artifact downloads, verifies by sha256 and holds the trainer's output + provenance
+        # and its artifact downloads, verifies by sha256 and holds the trainer's output; `artifacts get
+        # --extract` puts the run's provenance (its own object in the store) beside it
         bundle = await Artifacts(broker).get(rec.artifact, tmp_path / f"{spec.name}.tar.zst")
         assert hashlib.sha256(bundle.read_bytes()).hexdigest() == rec.artifact
         out = extract(bundle, tmp_path / spec.name)
         metrics = json.loads((out / "output" / "metrics.json").read_text())
         assert metrics[metrics["headline"]] == rec.metrics[metrics["headline"]]
-        provenance = json.loads((out / "provenance.json").read_text())
+        assert not (out / "provenance.json").exists()  # (not in the bundle: its bytes are the output's only)
+        got = await ops.fetch_artifact(broker, spec.job_id, tmp_path / "get", extract=True)
+        provenance = json.loads((tmp_path / "get" / spec.job_id / "provenance.json").read_text())
+        assert got["provenance"] == str(tmp_path.resolve() / "get" / spec.job_id / "provenance.json")
+        assert provenance["artifact"] == rec.artifact and provenance["attempt"] == 1
         assert provenance["job"]["job_id"] == spec.job_id and provenance["host"]["host_id"] == rec.claimed_by
         assert provenance["versions"]["python"]
     # And every ticket was acked: the work queue is empty

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 
 from trainfleet.broker import artifacts as artifacts_module
-from trainfleet.broker.artifacts import Artifacts
+from trainfleet.broker.artifacts import Artifacts, parse_provenance_object_name
 from trainfleet.broker.bundle import Bundle, build_bundle
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.records import get_record
@@ -43,7 +43,8 @@ async def put_completed(broker: Broker, name: str, artifact: str) -> str:
 
 
 async def stored(broker: Broker) -> set[str]:
-    return {info.name for info in await Artifacts(broker).list()}
+    """The stored objects' names, runs' provenance objects aside."""
+    return {info.name for info in await Artifacts(broker).list() if parse_provenance_object_name(info.name) is None}
 
 
 async def chunk_sets(broker: Broker) -> set[str]:
@@ -92,7 +93,9 @@ async def test_after_requeues_prune_leaves_only_the_referenced_bundle(fleet, bro
     assert sorted(report.removed) == sorted(before - {referenced})
     assert report.kept_referenced == 1 and report.bytes > 0
     assert await stored(broker) == {referenced}
-    assert await chunk_sets(broker) == {(await Artifacts(broker).info(referenced)).nuid}
+    # (each run's provenance object stays with its job; no chunk set is left that no object uses)
+    assert report.kept_provenance == 3
+    assert await chunk_sets(broker) == {info.nuid for info in await Artifacts(broker).list()}
     dest = await Artifacts(broker).get(referenced, tmp_path / "dl.tar.zst")
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == referenced
     # ... and a second prune finds nothing more

@@ -210,7 +210,7 @@ def history_text(rows: list[Transition]) -> Text:
 
 
 def provenance_text(prov: dict[str, Any]) -> Text:
-    """The bundle's provenance (read from the artifact: every field shown made safe)."""
+    """A run's provenance (read from the object store: every field shown made safe)."""
     text = Text()
     host = prov.get("host") if isinstance(prov.get("host"), dict) else {}
     timings = prov.get("timings") if isinstance(prov.get("timings"), dict) else {}
@@ -340,7 +340,7 @@ class JobDetailScreen(Screen[None]):
         self.explain_data: dict[str, Any] | None = None
         self.provenance: dict[str, Any] | None = None
         self.provenance_error: str | None = None
-        self._provenance_of: str | None = None
+        self._provenance_of: tuple[str, int, int] | None = None  # (artifact, generation, attempt)
         # The curves of the run shown (the record's current generation and attempt).
         self.run: Run | None = None
         self.entries: list[LogEntry] = []
@@ -414,9 +414,9 @@ class JobDetailScreen(Screen[None]):
             self.history, _ = await job_history(self.fleet.broker, self.job_id)  # KV direct gets
             if not self.worker_records:
                 await self._reload_workers()
-        if rec.artifact and rec.artifact != self._provenance_of:
-            self._provenance_of = rec.artifact
-            self.run_worker(self._load_provenance(rec.artifact), group="provenance")
+        if rec.artifact and (rec.artifact, rec.generation, rec.attempt) != self._provenance_of:
+            self._provenance_of = (rec.artifact, rec.generation, rec.attempt)
+            self.run_worker(self._load_provenance(rec), group="provenance")
         run = (rec.generation, rec.attempt)
         if run != self.run:
             self._follow(run)
@@ -443,9 +443,13 @@ class JobDetailScreen(Screen[None]):
         )
         self.explain_data = explain_json(job, self.matches)
 
-    async def _load_provenance(self, artifact: str) -> None:
+    async def _load_provenance(self, rec: JobRecord) -> None:
+        """The run's provenance: its own object beside the artifact (an old bundle's from inside it)."""
         try:
-            self.provenance = await Artifacts(self.fleet.broker).provenance(artifact)  # object store reads
+            found = await Artifacts(self.fleet.broker).run_provenance(  # object store reads
+                rec.job_id, rec.generation, rec.attempt, rec.artifact
+            )
+            self.provenance = found.provenance
             self.provenance_error = None
         except TrainfleetError as exc:
             self.provenance, self.provenance_error = None, str(exc)
@@ -614,7 +618,9 @@ class JobDetailScreen(Screen[None]):
     async def _download(self, artifact: str, out: Path) -> None:
         try:
             # What `trainfleet artifacts get JOB -o OUT --extract` does (any reader may get artifacts)
-            result = await download_artifact(self.fleet.broker, artifact, out, into=self.job_id)
+            result = await download_artifact(
+                self.fleet.broker, artifact, out, into=self.job_id, provenance=self.provenance
+            )
         except (TrainfleetError, OSError) as exc:
             self.app.notify(safe_text(f"download failed: {exc}", newlines=False), severity="error", markup=False)
             return
