@@ -318,8 +318,12 @@ async def test_cluster_chaos_loses_nothing_trains_nothing_twice_and_drops_no_eve
         )
         assert unexplained == []
         # And what kills left behind, prune removes: only referenced bundles stay.
+        # (Provenance objects stay while their job's record exists: one per run that uploaded.)
         await Artifacts(broker).prune(0.0)
-        assert {o.name for o in await Artifacts(broker).list()} == {recs[i].artifact for i in ids}
+        left = [o.name for o in await Artifacts(broker).list()]
+        runs = [parse_provenance_object_name(name) for name in left]
+        assert {name for name, run in zip(left, runs, strict=True) if run is None} == {recs[i].artifact for i in ids}
+        assert {run[0] for run in runs if run is not None} == set(ids)
     finally:
         for proc in [controller, *agents]:
             with contextlib.suppress(Exception):
