@@ -425,3 +425,12 @@ class FleetProc:
 
     def log_count(self, text: str) -> int:
         return self.log_path.read_text(errors="replace").count(text)
+
+
+async def pilot_until(pilot: Any, predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
+    """Let a Textual app under its pilot run until ``predicate`` holds (fails after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)

@@ -13,8 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -31,6 +29,7 @@ from trainfleet.tui.logpane import entry_text
 from trainfleet.tui.model import make_row
 
 from .conftest import gbm_jobs, gbm_manifest, put_job, role_env
+from .conftest import pilot_until as until
 
 CLI = [sys.executable, "-m", "trainfleet.controller.cli"]
 # What the brief's attacker prints: set the window title, clear the screen, turn the text red.
@@ -229,14 +228,6 @@ async def test_trainfleet_show_shows_last_error_reason_and_metrics_escaped(broke
     # --json stays JSON
     code, out, _ = await run_cli_bytes("show", "evil", "--json", url=settings.url)
     assert code == 0 and b"\x1b" not in out and json.loads(out)["reason"] == "\x1b[31mboom"
-
-
-async def until(pilot: Any, predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 async def test_monitor_shows_trainer_output_escaped_and_metrics_not_as_markup(broker, settings):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 from textual import events
@@ -28,6 +27,7 @@ from trainfleet.tui.table import JobsTable, layout
 from trainfleet.tui.workers import WorkerDetailScreen
 
 from .conftest import as_role, gbm_jobs, gbm_manifest, put_job, records
+from .conftest import pilot_until as until
 
 SIZE = (160, 40)
 PRESSED: set[str] = set()  # every key a test below presses (checked against the bindings)
@@ -36,15 +36,6 @@ PRESSED: set[str] = set()  # every key a test below presses (checked against the
 async def press(pilot: Any, *keys: str) -> None:
     PRESSED.update(keys)
     await pilot.press(*keys)
-
-
-async def until(pilot: Any, predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
-    """Let the app run until ``predicate`` holds (the test fails after ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def shown(app: MonitorApp) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from trainfleet.tui.common import ConfirmScreen, FleetView, is_viewer
 from trainfleet.tui.detail import DownloadScreen, JobDetailScreen, metric_series
 
 from .conftest import as_role, fake_capability, gbm_jobs, gbm_manifest, linreg_manifest, put_job, records
+from .conftest import pilot_until as until
 
 SIZE = (140, 60)
 
@@ -43,14 +44,6 @@ class Host(App[None]):
 
     def on_mount(self) -> None:
         self.push_screen(JobDetailScreen(self.fleet, self.job_id))
-
-
-async def until(pilot: Any, predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 @contextlib.asynccontextmanager

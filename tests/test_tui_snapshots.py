@@ -58,7 +58,7 @@ from trainfleet.tui.app import MonitorApp
 from trainfleet.tui.detail import JobDetailScreen
 from trainfleet.tui.workers import WorkerDetailScreen
 
-from .conftest import as_role, put_job
+from .conftest import as_role, pilot_until, put_job
 
 SIZE = (200, 50)
 FIXED = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC: "now" for every snapshot
@@ -307,11 +307,7 @@ def monitor(settings: Settings, nats_server: EmbeddedServer, utc: None) -> Calla
 
 
 async def until(pilot: Pilot[Any], predicate: Callable[[], Any], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
+    await pilot_until(pilot, predicate, what, timeout_s)
 
 
 def stable_subtitle(app: MonitorApp) -> None:

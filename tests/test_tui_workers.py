@@ -4,7 +4,7 @@ small host app, reading a real nats-server as the viewer role."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,6 +23,7 @@ from trainfleet.tui.common import FleetView
 from trainfleet.tui.workers import WorkerDetailScreen, WorkersPanel
 
 from .conftest import as_role, fake_capability, gbm_jobs, gbm_manifest, put_job, wait_for
+from .conftest import pilot_until as until
 
 SIZE = (200, 40)
 H200 = 141.0
@@ -41,14 +42,6 @@ class Host(App[None]):
     @property
     def panel(self) -> WorkersPanel:
         return self.query_one(WorkersPanel)
-
-
-async def until(pilot: Any, predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def cell(panel: WorkersPanel, host: str, column: str) -> str:
