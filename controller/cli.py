@@ -519,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
 
     p = verb(
-        "monitor", cmd_monitor, "live terminal monitor: jobs, workers and logs (q quit, c cancel, r requeue, l logs)"
+        "monitor",
+        cmd_monitor,
+        "live terminal monitor: jobs, workers, logs, job and worker detail (? keys, / filter, Enter detail, q quit)",
     )
     p.add_argument(
         "--web",
