@@ -4,8 +4,11 @@ One agent (the shipped :class:`~trainfleet.agent.agent.Agent`, a stub
 capability) serves jobs whose trainer is a no-op Python script that notes when
 it started. Jobs are published one at a time and each is watched through the
 jobs KV until it completes. Baselines, same run: a bare JetStream
-publish → pull-fetch (the floor under any claim), and the same trainer spawned
-directly (the floor under any trainer start and any job).
+publish → pull-fetch (the floor under any delivery); the claim floor (issue 17): plain
+nats-py publish → fetch → KV get → KV update(last=revision), since a durable claim needs at
+least one fsynced compare-and-swap after the fetch, and its variant whose ticket already
+carries the record's revision (no get); and the same trainer spawned directly (the floor
+under any trainer start and any job).
 """
 
 from __future__ import annotations
@@ -122,6 +125,65 @@ async def bare_delivery(env: Env, count: int) -> list[float]:
     return out
 
 
+async def claim_floor(env: Env, count: int, *, with_get: bool) -> list[float]:
+    """The least a durable claim can cost, with plain nats-py on the same server: publish a
+    ticket → a waiting pull fetch returns it → KV get of the record (skipped ``with_get=False``:
+    the ticket carries the revision) → KV update(last=revision). Timed like ticket → claimed:
+    until a watcher of the key sees the claimed value."""
+    js = env.broker.js
+    tag = "get" if with_get else "rev"
+    stream, subject = f"BENCH_FLOOR_{tag.upper()}", f"bench.floor.{tag}"
+    await js.add_stream(
+        api.StreamConfig(
+            name=stream,
+            subjects=[subject],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+        )
+    )
+    kv = await js.create_key_value(
+        api.KeyValueConfig(bucket=f"bench_floor_{tag}", history=1, storage=api.StorageType.FILE)
+    )
+    sub = await js.pull_subscribe(subject, durable=f"floor_{tag}", stream=stream)
+    out = []
+    try:
+        for i in range(count + 1):
+            key = f"job{i}"
+            record = JobRecord(
+                job_id=uuid.uuid4().hex, klass="cpu", offered=("cpu",), created_at=time.time(), queued_at=time.time()
+            )
+            rev = await kv.create(key, encode(record))
+            claimed = encode(record.evolve(status=JobStatus.CLAIMED, claimed_by="bench-floor", attempt=1))
+            watcher = await kv.watch(key)
+            try:
+                # The watcher first delivers the current value (the pending record).
+                while (entry := await watcher.updates(timeout=5)) is None:
+                    pass
+                fetch = asyncio.create_task(sub.fetch(1, timeout=10))
+                await asyncio.sleep(0.02)  # let the pull request reach the server first
+                sent = time.time()
+                await js.publish(subject, json.dumps({"key": key, "rev": rev}).encode())
+                msgs = await fetch
+                ticket = json.loads(msgs[0].data)
+                last = (await kv.get(ticket["key"])).revision if with_get else ticket["rev"]
+                await kv.update(ticket["key"], claimed, last=last)
+                while True:
+                    entry = await watcher.updates(timeout=5)
+                    if entry is not None and entry.value == claimed:
+                        break
+                elapsed = time.time() - sent
+                await msgs[0].ack()
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+            if i:  # the first one warms up the consumer and the bucket
+                out.append(elapsed)
+    finally:
+        await js.delete_stream(stream)
+        await js.delete_key_value(f"bench_floor_{tag}")
+    return out
+
+
 async def direct_trainer(count: int) -> tuple[list[float], list[float]]:
     """The no-op trainer spawned directly: (spawn → its first line, spawn → exit)."""
     starts, totals = [], []
@@ -147,6 +209,8 @@ def _ms(values: list[float], pct: float) -> float:
 async def run(samples: int) -> list[Row]:
     async with fleet_env() as env:
         bare = await bare_delivery(env, samples)
+        floor = await claim_floor(env, samples, with_get=True)
+        floor_rev = await claim_floor(env, samples, with_get=False)
         fleet = await fleet_samples(env, samples)
     direct_start, direct_total = await direct_trainer(samples)
     claimed = [s.claimed_s for s in fleet]
@@ -163,6 +227,43 @@ async def run(samples: int) -> list[Row]:
                 _ms(bare, pct),
                 "bare JetStream publish → fetch",
                 note=f"n={len(claimed)}",
+            )
+        )
+    for pct in (50, 99):
+        rows.append(
+            Row(
+                "fleet",
+                f"claim floor p{pct}",
+                _ms(floor, pct),
+                "ms",
+                _ms(bare, pct),
+                "bare JetStream publish → fetch",
+                note=f"nats-py publish → fetch → KV get → update(last=rev), n={len(floor)}",
+            )
+        )
+    for pct in (50, 99):
+        rows.append(
+            Row(
+                "fleet",
+                f"claim floor, revision in ticket p{pct}",
+                _ms(floor_rev, pct),
+                "ms",
+                _ms(bare, pct),
+                "bare JetStream publish → fetch",
+                note=f"nats-py publish → fetch → update(last=rev), n={len(floor_rev)}",
+            )
+        )
+    for pct, target in ((50, 1.3), (99, 2.0)):
+        rev_ratio = _ms(claimed, pct) / _ms(floor_rev, pct)
+        rows.append(
+            Row(
+                "fleet",
+                f"ticket → claimed p{pct} vs claim floor",
+                _ms(claimed, pct),
+                "ms",
+                _ms(floor, pct),
+                "claim floor: fetch → get → CAS",
+                note=f"target ≤ {target}x; {rev_ratio:.2f}x the revision-in-ticket floor",
             )
         )
     for pct in (50, 99):

@@ -18,6 +18,12 @@ pytestmark = pytest.mark.slow
 EXPECTED_ROWS = [
     "ticket → claimed p50",
     "ticket → claimed p99",
+    "claim floor p50",
+    "claim floor p99",
+    "claim floor, revision in ticket p50",
+    "claim floor, revision in ticket p99",
+    "ticket → claimed p50 vs claim floor",
+    "ticket → claimed p99 vs claim floor",
     "ticket → trainer start p50",
     "ticket → trainer start p99",
     "job end to end (ticket → completed), mean",
