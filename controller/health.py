@@ -167,10 +167,10 @@ async def check(
         report["status"] = DEGRADED if report["problems"] else HEALTHY
         return _verdict(report)
     finally:
-        if own:
+        if own:  # both connections opened here: the plain one and the broker's own
             if broker is not None:
                 await broker.close()
-            elif nc is not None:
+            if nc is not None and (broker is None or nc is not broker.nc):
                 with contextlib.suppress(Exception):
                     await nc.close()
 
