@@ -14,6 +14,7 @@ import logging.handlers
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -108,12 +109,12 @@ def _log_to_file(path: Path) -> None:
 
 
 def stop_file_path(
-    flag: str | None, workdir: str | None, host_id: str, env: dict[str, str] | None = None
+    flag: str | None, workdir: str | None, host_id: str, env: Mapping[str, str] | None = None
 ) -> Path | None:
     """The agent's stop file: ``--stop-file``, else ``$TRAINFLEET_STOP_FILE``, else on Windows
     WORKDIR/agent.stop (the temp dir's trainfleet-agent-HOST.stop without --workdir); on POSIX
     none unless asked for (SIGTERM is the way there)."""
-    env = dict(os.environ) if env is None else env
+    env = os.environ if env is None else env  # read, never copied or passed on
     if flag or env.get(STOP_FILE_ENV):
         return Path(flag or env[STOP_FILE_ENV])
     if not hostos.is_windows():

@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
 
 
-def default_path(workdir: str | None, host_id: str, env: dict[str, str] | None = None) -> Path:
+def default_path(workdir: str | None, host_id: str, env: Mapping[str, str] | None = None) -> Path:
     """Where the agent writes its health (and where ``--health`` looks) unless told otherwise."""
-    env = dict(os.environ) if env is None else env
+    env = os.environ if env is None else env  # read, never copied or passed on
     if env.get(ENV):
         return Path(env[ENV])
     if workdir:

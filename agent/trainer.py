@@ -18,7 +18,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,9 @@ INHERITED_ENV = (
 INHERITED_PREFIXES = ("LC_", "NVIDIA_")
 
 
-def trainer_base_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def trainer_base_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The part of the agent's environment a trainer gets (an allowlist; see INHERITED_ENV)."""
-    environ = dict(os.environ) if environ is None else environ
+    environ = os.environ if environ is None else environ
     return {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith(INHERITED_PREFIXES)}
 
 

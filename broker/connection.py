@@ -240,37 +240,45 @@ class Broker:
         **options: Any,
     ) -> Broker:
         nc = await connect_nats(settings, name=name, wait_s=wait_s, **options)
-        # A long-running process waits out an election for as long as it takes (saying so once);
-        # a command gives up after CLI_PATIENCE_S with exit 3.
-        patience = math.inf if wait_s > 0 else CLI_PATIENCE_S
         try:
-            js = nc.jetstream(timeout=API_TIMEOUT_S)
-            # Record reads and writes answer in milliseconds; one sent into an election is given
-            # up soon and tried again (a CAS that landed is seen on the re-read), not waited on.
-            js_records = nc.jetstream(timeout=RECORD_TIMEOUT_S)
-            if provision:
-                await patiently(lambda: provision_resources(js, settings), what="provisioning", limit_s=patience)
-            names = settings.names
-
-            async def bind() -> tuple[KeyValue, KeyValue, KeyValue]:
-                buckets = [
-                    await js_records.key_value(b) for b in (names.jobs_bucket, names.specs_bucket, names.workers_bucket)
-                ]
-                await js.stream_info(jsapi.object_stream(names.artifacts_bucket))
-                return buckets[0], buckets[1], buckets[2]
-
-            try:
-                jobs, specs, workers = await patiently(bind, what="binding to the fleet's streams", limit_s=patience)
-            except nats.js.errors.NotFoundError as exc:
-                raise NotProvisioned(
-                    f"trainfleet resources (prefix {settings.prefix!r}) are not provisioned on "
-                    f"{redact_url(settings.url)}: "
-                    "run `trainfleet provision` or start the controller first"
-                ) from exc
-            return cls(nc=nc, js=js, settings=settings, jobs=jobs, specs=specs, workers=workers)
+            # A long-running process waits out an election for as long as it takes (saying so
+            # once); a command gives up after CLI_PATIENCE_S with exit 3.
+            return await cls.bind(
+                nc, settings, provision=provision, patience_s=math.inf if wait_s > 0 else CLI_PATIENCE_S
+            )
         except BaseException:
             await nc.close()
             raise
+
+    @classmethod
+    async def bind(
+        cls, nc: Client, settings: Settings, *, provision: bool = False, patience_s: float = CLI_PATIENCE_S
+    ) -> Broker:
+        """A Broker over a connection already open (it becomes the Broker's: ``close`` closes it)."""
+        js = nc.jetstream(timeout=API_TIMEOUT_S)
+        # Record reads and writes answer in milliseconds; one sent into an election is given
+        # up soon and tried again (a CAS that landed is seen on the re-read), not waited on.
+        js_records = nc.jetstream(timeout=RECORD_TIMEOUT_S)
+        if provision:
+            await patiently(lambda: provision_resources(js, settings), what="provisioning", limit_s=patience_s)
+        names = settings.names
+
+        async def bind() -> tuple[KeyValue, KeyValue, KeyValue]:
+            buckets = [
+                await js_records.key_value(b) for b in (names.jobs_bucket, names.specs_bucket, names.workers_bucket)
+            ]
+            await js.stream_info(jsapi.object_stream(names.artifacts_bucket))
+            return buckets[0], buckets[1], buckets[2]
+
+        try:
+            jobs, specs, workers = await patiently(bind, what="binding to the fleet's streams", limit_s=patience_s)
+        except nats.js.errors.NotFoundError as exc:
+            raise NotProvisioned(
+                f"trainfleet resources (prefix {settings.prefix!r}) are not provisioned on "
+                f"{redact_url(settings.url)}: "
+                "run `trainfleet provision` or start the controller first"
+            ) from exc
+        return cls(nc=nc, js=js, settings=settings, jobs=jobs, specs=specs, workers=workers)
 
     async def close(self) -> None:
         """Flush what we published (acks, final writes), then close. Not drain(): draining

@@ -153,8 +153,8 @@ async def check(
         if not report["controller"]["answering"]:
             report["problems"].append("no controller answers (start one: `trainfleet controller`)")
         if report["resources"]["ok"] or broker is not None:
-            if broker is None:
-                broker = await Broker.connect(settings, name="trainfleet-health")
+            if broker is None:  # the same connection, now bound to the fleet's buckets
+                broker = await Broker.bind(nc, settings)
             report["fleet"] = (await get_fleet_info(broker)).get("name", "")
             report["agents"], report["backlog"] = await _fleet(broker, now)
             report["backlog"]["tickets"] = tickets
@@ -167,12 +167,9 @@ async def check(
         report["status"] = DEGRADED if report["problems"] else HEALTHY
         return _verdict(report)
     finally:
-        if own:  # both connections opened here: the plain one and the broker's own
-            if broker is not None:
-                await broker.close()
-            if nc is not None and (broker is None or nc is not broker.nc):
-                with contextlib.suppress(Exception):
-                    await nc.close()
+        if own and nc is not None:  # the one connection opened here (a broker bound to it closes it)
+            with contextlib.suppress(Exception):
+                await nc.close()
 
 
 def _verdict(report: dict[str, Any]) -> dict[str, Any]:
