@@ -8,6 +8,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# The shipped setting: JetStream file store, every stored message fsynced before its ack.
+SHIPPED = "file, sync always"
+# Benches whose server runs otherwise (the rest run fleet_env's default: the shipped setting).
+BENCH_DURABILITY = {
+    "monitor": "file, sync 2 min (default)",  # it measures the monitor, not the disk
+    "durability": "always vs default",
+    "failover": "R3 cluster, sync always",
+}
+
 
 @dataclass
 class Row:
@@ -21,6 +30,13 @@ class Row:
     baseline_label: str = ""
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The server's durability for this row ("" = the bench's usual setting: BENCH_DURABILITY).
+    durability: str = ""
+
+    @property
+    def storage(self) -> str:
+        """How durable the writes this row measures were: every row says it (issue 17 item 7)."""
+        return self.durability or BENCH_DURABILITY.get(self.bench, SHIPPED)
 
     @property
     def ratio(self) -> float | None:
@@ -31,6 +47,7 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["ratio"] = self.ratio
+        out["durability"] = self.storage
         return out
 
 
@@ -62,12 +79,12 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """A markdown table: benchmark, measured, baseline, measured/baseline, note."""
-    header = ("benchmark", "measured", "baseline", "ratio", "note")
+    header = ("benchmark", "measured", "baseline", "ratio", "durability", "note")
     lines = []
     for row in rows:
         base = f"{_fmt(row.baseline, row.unit)} ({row.baseline_label})" if row.baseline is not None else "—"
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "—"
-        lines.append((row.name, _fmt(row.value, row.unit), base, ratio, row.note))
+        lines.append((row.name, _fmt(row.value, row.unit), base, ratio, row.storage, row.note))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = [
         "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",

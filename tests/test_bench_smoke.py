@@ -69,6 +69,11 @@ def test_quick_benchmark_prints_a_table_with_every_row_and_its_baseline(tmp_path
     assert rows["monitor key → repaint p99, down, 2k jobs"]["value"] > 0
     counts = rows["monitor header counts vs KV, 2k jobs"]
     assert counts["value"] == 0 and counts["note"].startswith("agree"), counts
+    # Every row says how durable the server it measured was (issue 17 item 7), in the table too.
+    for row in rows.values():
+        assert row["durability"], row["name"]
+    assert "| durability" in table
+    assert rows["monitor start-up, 2k jobs"]["durability"] != rows["ticket → claimed p50"]["durability"]
 
 
 def test_scale_run_machinery_completes_every_job_exactly_once(tmp_path):
