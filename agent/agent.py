@@ -311,6 +311,7 @@ class Agent:
         for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
             # A rung class's ticket may reach the doorbell a moment before the consumer can
             # deliver it: wait briefly for it there; empty classes answer at once.
+            self.claimer.step("", f"pull sent ({'rung' if klass in rung else 'idle'} {klass})")
             msg = await self._fetch_one(klass, RUNG_WAIT_S if klass in rung else 0.0)
             if msg is None or self._stopping.is_set():
                 if msg is not None:
@@ -335,6 +336,7 @@ class Agent:
         async def ring(msg: Msg) -> None:
             self._rung.add(self.names.class_of_subject(msg.subject))
             self._doorbell.set()
+            self.claimer.step("", "doorbell")
 
         for klass in self.classes():
             await self.broker.nc.subscribe(self.names.jobs_subject(klass), cb=ring)

@@ -19,6 +19,7 @@ import enum
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -32,7 +33,7 @@ from trainfleet.broker.errors import JobNotFound, SchemaError, UntrustedSpec
 from trainfleet.broker.logs import Outbox
 from trainfleet.broker.records import Stored, cas, get_record
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, JobStatus, Ticket
-from trainfleet.broker.specs import get_spec
+from trainfleet.broker.specs import open_spec, read_spec
 
 log = logging.getLogger("trainfleet.agent")
 
@@ -84,11 +85,20 @@ class Seat(Protocol):
     def trainer_threads(self) -> int: ...
 
 
+# Told (job id, step name) at each step of a claim: how bench/fleet.py --profile times the path.
+StepHook = Callable[[str, str], None]
+
+
 class Claimer:
     """Claims tickets for one agent (its host id, slots and capability come from the seat)."""
 
     def __init__(self, seat: Seat):
         self.seat = seat
+        self.on_step: StepHook | None = None  # None in service: profiling only
+
+    def step(self, job_id: str, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(job_id, name)
 
     @property
     def broker(self) -> Broker:
@@ -103,12 +113,14 @@ class Claimer:
             log.warning("dropping garbage ticket on %s: %s", msg.subject, exc)
             await tickets.answer(msg.term())
             return None
+        self.step(ticket.job_id, "ticket in hand")
         settings = self.broker.settings
         seq = msg.metadata.sequence.stream
         spec: JobSpec | None = None  # read once, at the first verdict to claim
         for _ in range(CLAIM_ROUNDS):
             try:
                 stored = await get_record(self.broker, ticket.job_id)
+                self.step(ticket.job_id, "record read")
             except JobNotFound:
                 log.warning("dropping ticket for unknown job %s", ticket.job_id)
                 await tickets.answer(msg.ack())
@@ -145,7 +157,12 @@ class Claimer:
         for long (an agent trusting other keys may take it)."""
         settings = self.broker.settings
         try:
-            return await get_spec(self.broker, stored.record.job_id, settings.trust_keys)
+            job_id = stored.record.job_id
+            raw = await read_spec(self.broker, job_id)
+            self.step(job_id, "spec read")
+            spec = open_spec(raw, job_id, settings.trust_keys)
+            self.step(job_id, "spec opened")
+            return spec
         except (UntrustedSpec, SchemaError, JobNotFound) as exc:
             log.warning("job %s: refusing its spec: %s", stored.record.job_id[:12], exc)
             await self._note(stored, f"spec refused: {exc}")
@@ -188,7 +205,9 @@ class Claimer:
             started_at=None,
             progress={},
         )
+        self.step(record.job_id, "claim CAS sent")
         new_rev = await cas(self.broker, claimed, revision)
+        self.step(record.job_id, "claim CAS answered")
         if new_rev is None:
             self.seat.release_slot(slot)
             return False

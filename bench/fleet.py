@@ -13,21 +13,23 @@ under any trainer start and any job).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.js import api
 
-from bench.env import Env, bench_capability, fleet_env, noop_spec, publish_ticket
-from bench.report import Row, percentile
+from bench.env import Env, bench_capability, fleet_env, machine_facts, noop_spec, publish_ticket
+from bench.report import Row, format_table, percentile
 from trainfleet.agent.agent import Agent, AgentOptions
 from trainfleet.agent.trainer import build_argv
 from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
@@ -39,14 +41,36 @@ class Sample:
     claimed_s: float
     started_s: float
     completed_s: float
+    # --profile: each step's first mark after the ticket was sent, in seconds after it
+    steps: dict[str, float] = field(default_factory=dict)
 
 
-async def _watch_job(env: Env, record: JobRecord, timeout_s: float = 60.0) -> Sample:
+class StepLog:
+    """Collects the agent's step marks (Claimer.on_step) for the job being timed."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def __call__(self, job_id: str, name: str) -> None:
+        self.marks.append((name, time.time()))
+
+    def since(self, sent: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, at in self.marks:
+            if at >= sent:
+                out.setdefault(name, at - sent)
+        return out
+
+
+async def _watch_job(env: Env, record: JobRecord, timeout_s: float = 60.0, steps: StepLog | None = None) -> Sample:
     """Publish the job's ticket and time the record's transitions as the KV reports them."""
     watcher = await env.broker.jobs.watch(record.job_id)
     seen: dict[JobStatus, float] = {}
     try:
+        if steps is not None:
+            steps.marks.clear()
         sent = await publish_ticket(env.broker, record)
+        acked = time.time()
         deadline = time.monotonic() + timeout_s
         while JobStatus.COMPLETED not in seen:
             entry = await watcher.updates(timeout=max(0.1, deadline - time.monotonic()))
@@ -60,19 +84,29 @@ async def _watch_job(env: Env, record: JobRecord, timeout_s: float = 60.0) -> Sa
         with contextlib.suppress(Exception):
             await watcher.stop()
     started = float(current.metrics.get("t_start", "nan"))
-    return Sample(
+    sample = Sample(
         claimed_s=seen.get(JobStatus.CLAIMED, seen[JobStatus.COMPLETED]) - sent,
         started_s=started - sent,
         completed_s=seen[JobStatus.COMPLETED] - sent,
     )
+    if steps is not None:
+        sample.steps = steps.since(sent)
+        sample.steps["ticket PubAck (bench)"] = acked - sent
+        for status, at in seen.items():
+            sample.steps[f"{status.value} seen by the bench's watcher"] = at - sent
+        sample.steps["running CAS sent (record's started_at)"] = (current.started_at or math.nan) - sent
+        sample.steps["trainer's first line (its t_start)"] = started - sent
+    return sample
 
 
-async def fleet_samples(env: Env, count: int) -> list[Sample]:
+async def fleet_samples(env: Env, count: int, *, profile: bool = False) -> list[Sample]:
     agent = Agent(
         env.settings,
         AgentOptions(host_id="bench-agent", handle_signals=False, workdir=str(env.workdir / "agent")),
         capability=bench_capability("bench-agent"),
     )
+    steps = StepLog() if profile else None
+    agent.claimer.on_step = steps
     task = asyncio.create_task(agent.run())
     nonce = uuid.uuid4().hex
     samples = []
@@ -91,7 +125,7 @@ async def fleet_samples(env: Env, count: int) -> list[Sample]:
             # A random gap over a whole poll cycle (one long-poll per class the agent
             # serves) so arrivals do not phase-lock with it.
             await asyncio.sleep(random.uniform(0.0, 2 * env.settings.fetch_timeout_s))
-            sample = await _watch_job(env, record)
+            sample = await _watch_job(env, record, steps=steps)
             if i:  # the first job warms up the agent's consumers
                 samples.append(sample)
     finally:
@@ -291,3 +325,66 @@ async def run(samples: int) -> list[Row]:
         )
     )
     return rows
+
+
+def profile_table(samples: list[Sample]) -> str:
+    """Where the time goes: each step's time after the ticket was sent (p50, max) and since
+    the step before it (p50 over the jobs that passed both), in the order the steps happen."""
+    names = {name for s in samples for name in s.steps}
+    offsets = {n: [s.steps[n] for s in samples if n in s.steps and not math.isnan(s.steps[n])] for n in names}
+    order = sorted((n for n in names if offsets[n]), key=lambda n: percentile(offsets[n], 50))
+    lines = [
+        "| step | jobs | after send p50 | max | since the step before p50 | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, name in enumerate(order):
+        gaps = []
+        if i:
+            prev = order[i - 1]
+            gaps = [s.steps[name] - s.steps[prev] for s in samples if name in s.steps and prev in s.steps]
+        gap = f"{_ms(gaps, 50):.2f} | {max(gaps) * 1000:.2f}" if gaps else "— | —"
+        after = f"{_ms(offsets[name], 50):.2f} | {max(offsets[name]) * 1000:.2f}"
+        lines.append(f"| {name} | {len(offsets[name])} | {after} | {gap} |")
+    return "\n".join(lines)
+
+
+async def profile(samples: int) -> None:
+    """The rows of this bench plus the claim path's step profile (``python -m bench.fleet --profile``)."""
+    async with fleet_env() as env:
+        floor = await claim_floor(env, samples, with_get=True)
+        floor_rev = await claim_floor(env, samples, with_get=False)
+        fleet = await fleet_samples(env, samples, profile=True)
+    claimed = [s.claimed_s for s in fleet]
+    rows = [
+        Row("fleet", f"ticket → claimed p{pct} vs claim floor", _ms(claimed, pct), "ms", _ms(floor, pct), "claim floor")
+        for pct in (50, 99)
+    ]
+    rows += [
+        Row(
+            "fleet",
+            f"ticket → claimed p{pct} vs revision-in-ticket floor",
+            _ms(claimed, pct),
+            "ms",
+            _ms(floor_rev, pct),
+            "claim floor, revision in ticket",
+        )
+        for pct in (50, 99)
+    ]
+    print(format_table(rows))
+    print()
+    print(f"Where the time goes (ms; ticket sent = 0; n={len(fleet)}):")
+    print(profile_table(fleet))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=profile.__doc__)
+    parser.add_argument("--profile", action="store_true", required=True, help="print the claim path's step profile")
+    parser.add_argument("--samples", type=int, default=50, help="jobs timed (default 50, after one warm-up)")
+    args = parser.parse_args(argv)
+    facts = machine_facts()
+    print("trainfleet fleet profile: " + ", ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
+    asyncio.run(profile(args.samples))
+
+
+if __name__ == "__main__":
+    main()

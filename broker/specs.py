@@ -206,13 +206,19 @@ async def load_sealed(broker: Broker) -> dict[str, Sealed]:
     return out
 
 
-async def get_spec(broker: Broker, job_id: str, trusted: tuple[str, ...] = (), *, identity: bool = True) -> JobSpec:
-    """A job's spec, checked as :func:`open_spec` does (JobNotFound when there is none)."""
+async def read_spec(broker: Broker, job_id: str) -> bytes:
+    """A job's stored spec, unopened: check it with :func:`open_spec` before any use
+    (JobNotFound when there is none)."""
     try:
         entry = await broker.specs.get(job_id)
     except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError) as exc:
         raise JobNotFound(f"no spec for job {job_id}") from exc
-    return open_spec(entry.value or b"", job_id, trusted, identity=identity)
+    return entry.value or b""
+
+
+async def get_spec(broker: Broker, job_id: str, trusted: tuple[str, ...] = (), *, identity: bool = True) -> JobSpec:
+    """A job's spec, checked as :func:`open_spec` does (JobNotFound when there is none)."""
+    return open_spec(await read_spec(broker, job_id), job_id, trusted, identity=identity)
 
 
 async def signed_by(broker: Broker, job_id: str) -> str:
