@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import durability, failover, fleet, monitor, scale, sync, throughput, transfer
+from bench import control, durability, failover, fleet, monitor, scale, sync, throughput, transfer
 from bench.env import machine_facts
 from bench.report import Row, format_table
 
@@ -115,6 +115,11 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "monitor": (
         "the Textual monitor over N jobs: start-up, key → repaint under 100 record changes/s, counts, RSS",
         lambda p: monitor.run(list(p.monitor_sizes)),
+    ),
+    "control": (
+        "trainfleet requeue (ctl.requeue) by id and by name at 1k and the scale run's job count",
+        # (sizes from the profile's scale run: 1k beside 100k by default, the quick run's 300 alone)
+        lambda p: control.run(sorted({min(1000, p.scale_jobs), p.scale_jobs}), samples=max(20, 4 * p.latency_samples)),
     ),
     "scale": (
         "100k-job manifest, hundreds of agents (runs with --full or --only scale)",

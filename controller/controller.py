@@ -34,7 +34,7 @@ from trainfleet.broker import jsapi, specs, tickets
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import BrokerError, NotProvisioned, Refused, StoreFull, TrainfleetError, UsageError
-from trainfleet.broker.jobs import Job, resolve
+from trainfleet.broker.jobs import Job, NameIndex, resolve
 from trainfleet.broker.provision import STORE_FULL_DOCS, ensure_consumer, storage_advice
 from trainfleet.broker.records import Stored, cas, create_record, get_record, job_ids, load_records, update_record
 from trainfleet.broker.retry import patiently
@@ -616,9 +616,19 @@ class Controller:
         return "reoffered"
 
     # -- operator actions ---------------------------------------------------
+    async def _resolve(self, ref: str) -> Job:
+        """The job ``ref`` names, reading only what it must: a full id is one record and one
+        spec; a name goes through this controller's index of names (built from the specs
+        bucket on the first lookup by name, then kept by a watch); an id prefix lists the
+        jobs bucket's keys. Same answers and errors as resolving over every job."""
+        index: NameIndex | None = getattr(self, "_job_names", None)
+        if index is None or index.broker is not self.b:
+            index = self._job_names = NameIndex(self.b)
+        return await resolve(self.b, ref, index)
+
     async def cancel(self, ref: str) -> Job:
         """Cancel a job that is not terminal; its agent sees the change and stops the trainer."""
-        job = await resolve(self.b, ref)  # resolved once, not per CAS retry
+        job = await self._resolve(ref)  # resolved once, not per CAS retry
         name = job.spec.name
 
         def cancelled(rec: JobRecord) -> JobRecord:
@@ -632,7 +642,7 @@ class Controller:
 
     async def requeue(self, ref: str) -> Job:
         """Put a failed, cancelled or completed job back to pending as a new generation, with a ticket."""
-        job = await resolve(self.b, ref)
+        job = await self._resolve(ref)
         name = job.spec.name
 
         def requeued(rec: JobRecord) -> JobRecord:
