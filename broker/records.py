@@ -8,24 +8,29 @@ renewed by the agent that holds them, cancelled and requeued by the controller.
 heartbeat-only ones collapsed, as ``trainfleet show`` and the monitor show them.
 
 Roles: the controller creates and CASes records; an agent CASes the records it
-claims or holds; operators and viewers only read (get, load, watch, history).
+claims or holds; operators and viewers only read (get, load, watch, history). The
+controller's reconcile reads through a :class:`RecordCache` (a KV watch under the
+controller's own role: an ephemeral consumer of the bucket's stream, as any reader may).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
 from trainfleet.broker import kv
 from trainfleet.broker.errors import TRANSIENT, Conflict, JobNotFound, SchemaError
-from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
+from trainfleet.broker.schema import SCHEMA_VERSION, JobRecord, JobStatus, decode, encode
 
 if TYPE_CHECKING:
     from trainfleet.broker.connection import Broker
@@ -65,9 +70,147 @@ async def load_records(broker: Broker) -> dict[str, Stored]:
     return out
 
 
+T = TypeVar("T")
+
+
+async def load_as(broker: Broker, kind: type[T]) -> dict[str, tuple[T, int]]:
+    """Every readable job record decoded as ``kind`` (a Struct of some of JobRecord's fields:
+    the rest are skipped, not kept), with its KV revision; unreadable ones are logged and
+    skipped. For reading every record in one go when only a few fields matter."""
+    decoder = msgspec.json.Decoder(kind)
+    out: dict[str, tuple[T, int]] = {}
+
+    def keep(d: kv.Delivery) -> None:
+        if d.operation is not None:
+            out.pop(d.key, None)
+            return
+        try:
+            out[d.key] = (decoder.decode(d.value), d.revision)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            out.pop(d.key, None)
+            log.warning("job record %s is unreadable: %s", d.key, exc)
+
+    await kv.read_latest(broker.js, broker.names.jobs_bucket, keep)
+    return out
+
+
 async def job_ids(broker: Broker) -> set[str]:
     """Every live key of the jobs bucket, without reading the records."""
     return {entry.key for entry in await kv.snapshot(broker.jobs, meta_only=True)}
+
+
+# -- the controller's record cache ----------------------------------------------
+class RecordView(msgspec.Struct, kw_only=True, gc=False):
+    """The fields of a job record reconcile looks at, with the KV revision it was read at.
+
+    A hint, never a basis for a write: every repair re-reads the record (or CASes on
+    ``revision``). Decoded straight from the stored JSON (the other fields are skipped),
+    so 100k of them are a few tens of MiB, not the records' hundreds."""
+
+    job_id: str
+    status: JobStatus = JobStatus.PENDING
+    generation: int = 1
+    klass: str = "cpu"
+    claimed_at: float | None = None
+    heartbeat_at: float | None = None
+    priority: int = 0
+    offered: tuple[str, ...] = ()
+    queued_at: float = 0.0
+    fallback_class: str | None = None
+    ticket_seq: int | None = None
+    schema_version: int = SCHEMA_VERSION
+    revision: int = 0
+
+    def lease_expired(self, lease_s: float, now: float | None = None) -> bool:
+        last = self.heartbeat_at or self.claimed_at or 0.0
+        return ((now if now is not None else time.time()) - last) > lease_s
+
+
+_view_decoder = msgspec.json.Decoder(RecordView)
+# Resync when the watch has not caught up with the bucket this long after being asked to.
+CACHE_CATCH_UP_S = 2.0
+CACHE_LOAD_TIMEOUT_S = 30.0
+
+
+class RecordCache:
+    """Every job record that is not finished, as :class:`RecordView`, kept current by a KV
+    watch (:class:`kv.LatestWatch`) instead of a read of every record per reconcile pass.
+
+    :meth:`current` answers only from a watch it trusts: one that has delivered every write
+    up to the bucket's last sequence as of the call (so a record someone else changed
+    before the call is seen, as a fresh snapshot would see it). A watch that lost
+    deliveries, went silent or does not catch up within CACHE_CATCH_UP_S is replaced by a
+    fresh one, which loads every record again (``resyncs`` counts them). Finished records
+    (completed, failed, cancelled) are not kept: reconcile has nothing to do for them.
+    Unreadable records are logged once and skipped."""
+
+    def __init__(self, broker: Broker, *, catch_up_s: float = CACHE_CATCH_UP_S):
+        self.broker = broker
+        self.catch_up_s = catch_up_s
+        self.views: dict[str, RecordView] = {}
+        self.loads = 0  # full loads: the first, and every resync after it
+        self._watch: kv.LatestWatch | None = None
+        self._intern: dict[str, str] = {}  # one string per class name, not one per record
+
+    def _on_entry(self, d: kv.Delivery) -> None:
+        if d.operation is not None:
+            self.views.pop(d.key, None)
+            return
+        try:
+            view = _view_decoder.decode(d.value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.views.pop(d.key, None)
+            log.warning("job record %s is unreadable: %s", d.key, exc)
+            return
+        if view.status.terminal or view.schema_version > SCHEMA_VERSION or view.job_id != d.key:
+            self.views.pop(d.key, None)
+            return
+        intern = self._intern
+        view.klass = intern.setdefault(view.klass, view.klass)
+        view.offered = tuple(intern.setdefault(k, k) for k in view.offered)
+        view.revision = d.revision
+        self.views[d.key] = view
+
+    async def _restart(self) -> None:
+        await self.stop()
+        self.views = {}
+        self.loads += 1
+        watch = kv.LatestWatch(self.broker.js, self.broker.names.jobs_bucket, self._on_entry)
+        await watch.start()
+        self._watch = watch
+        try:
+            await watch.wait_caught_up(CACHE_LOAD_TIMEOUT_S)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def current(self) -> dict[str, RecordView]:
+        """Every unfinished record as of now (the mapping is the cache's own: copy it before
+        awaiting anything while iterating over it)."""
+        watch = self._watch
+        if watch is None or not watch.healthy:
+            if watch is not None:
+                log.info("record cache: resyncing (%s)", watch.lost)
+            await self._restart()
+            return self.views
+        info = await self.broker.js.stream_info(watch.stream)
+        target = info.state.last_seq
+        deadline = time.monotonic() + self.catch_up_s
+        while watch.last_seq < target and watch.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if watch.last_seq < target or not watch.healthy:
+            log.info(
+                "record cache: resyncing (%s)",
+                watch.lost or f"watch at {watch.last_seq}, bucket at {target} after {self.catch_up_s} s",
+            )
+            await self._restart()
+        return self.views
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await watch.stop()
 
 
 # -- write --------------------------------------------------------------------

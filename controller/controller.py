@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -33,12 +33,20 @@ from nats.aio.msg import Msg
 from trainfleet.broker import jsapi, specs, tickets
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.errors import BrokerError, NotProvisioned, Refused, StoreFull, TrainfleetError, UsageError
+from trainfleet.broker.errors import (
+    BrokerError,
+    JobNotFound,
+    NotProvisioned,
+    Refused,
+    StoreFull,
+    TrainfleetError,
+    UsageError,
+)
 from trainfleet.broker.jobs import Job, NameIndex, resolve
 from trainfleet.broker.provision import STORE_FULL_DOCS, ensure_consumer, storage_advice
-from trainfleet.broker.records import Stored, cas, create_record, get_record, job_ids, load_records, update_record
+from trainfleet.broker.records import RecordCache, RecordView, cas, create_record, get_record, load_as, update_record
 from trainfleet.broker.retry import patiently
-from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus
+from trainfleet.broker.schema import JobRecord, JobSpec, JobStatus, encode
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.specs import Signer
 from trainfleet.broker.tickets import TicketRef, publish_ticket
@@ -48,8 +56,10 @@ from trainfleet.controller.service import start_service
 log = logging.getLogger("trainfleet.controller")
 
 REQUEUEABLE = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.COMPLETED)
-# Record writes in flight during a sync.
+# Record writes that need a read first (a record written meanwhile, a refresh) in flight during a sync.
 SYNC_WINDOW = 64
+# Jobs per step of a sync's pipeline (chunk i's tickets, i+1's records and i+2's specs at once).
+SYNC_CHUNK = 1024
 # Specs and tickets a sync has in flight (published, pub-ack not yet in), and how long it waits
 # for the next pub-ack: a server that cannot write (a full disk under its store) answers nothing.
 SYNC_PUBLISH_WINDOW = 1024
@@ -115,6 +125,7 @@ class Controller:
         self._advisory_sub: Any = None
         self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
         self._consumers: set[str] = set()  # classes whose consumer this controller ensured
+        self._records: RecordCache | None = None  # reconcile's, started by its first pass
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -166,6 +177,9 @@ class Controller:
         self._stopping.set()
 
     async def stop(self) -> None:
+        if self._records is not None:
+            await self._records.stop()
+            self._records = None
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
@@ -230,9 +244,15 @@ class Controller:
         policy are refreshed). A changed command is applied only with ``allow_command_change``,
         and logged; without it the job is reported as refused and keeps its command.
 
-        Specs and tickets go out pipelined; record writes run SYNC_WINDOW at a time (each is an
-        fsynced CAS, so one at a time is bound by disk latency). Specs are written first: an
-        agent that sees a record or a ticket finds its spec.
+        The stored specs and records are read once, in bulk, and compared here: only what
+        changed is written (an unchanged re-sync writes nothing but the fleet's name). Writes
+        go out pipelined, SYNC_CHUNK jobs at a time, the three streams overlapping: chunk i's
+        tickets while chunk i+1's records and chunk i+2's specs are written (each write is
+        fsynced, and the server writes the three streams in parallel). A job's spec is stored
+        before its record is written and its record before its ticket: an agent that sees a
+        record or a ticket finds its spec. Records are created (or CASed on the revision
+        read) conditionally; one that someone else wrote meanwhile is read again and decided
+        again, as a single update would.
 
         A write that fails (a full store, a server that stops answering) stops the sync: no
         further write is started, and StoreFull (BrokerError when it was not about space) says
@@ -242,57 +262,17 @@ class Controller:
         self.manifest = manifest
         report = SyncReport()
         wanted = sorted(manifest.jobs, key=lambda s: -s.priority)
-        to_write = await self._specs_to_write(wanted, report, allow_command_change)
-        bucket = self.names.specs_bucket
-        stored, error = await self._publish_all(
-            [(jsapi.kv_subject(bucket, s.job_id), specs.seal(s, self.signer), None) for s in to_write]
-        )
-        progress = SyncProgress(specs=(stored, len(to_write)))
-        if error is not None:
-            raise self._sync_stopped(error, progress, f"the specs bucket {bucket}") from error
+        stored_specs, stored = await asyncio.gather(specs.load_sealed(self.b), load_as(self.b, _RecordPolicy))
+        to_write = {s.job_id for s in self._specs_to_write(stored_specs, wanted, report, allow_command_change)}
+        del stored_specs
         refused = {r["job_id"] for r in report.refused}
-        fresh = [self._new_record(manifest, s) for s in wanted if s.job_id not in refused]
-        window = asyncio.Semaphore(SYNC_WINDOW)
-        failed: list[BaseException] = []  # the first write that failed (a full store): no more are started
-
-        async def write(op: Any) -> bool | None:
-            """``op()``'s answer; None when it failed (noted in ``failed``) or was not started."""
-            async with window:
-                if failed:
-                    return None
-                try:
-                    return bool(await op())
-                except SYNC_WRITE_ERRORS as exc:
-                    failed.append(exc)
-                    return None
-
-        created = await asyncio.gather(*(write(functools.partial(create_record, self.b, r)) for r in fresh))
-        new = [r for r, ok in zip(fresh, created, strict=True) if ok is True]
-        existing = [r for r, ok in zip(fresh, created, strict=True) if ok is False]
-        changed: list[bool | None] = [False] * len(existing)
-        if not failed:
-            changed = await asyncio.gather(*(write(functools.partial(self._refresh, r)) for r in existing))
-        in_place = len(new) + sum(1 for c in changed if c is not None)
-        progress.records = (in_place, len(fresh))
-        progress.tickets = (0, len(new))
-        error = None
-        try:
-            await self._ensure_classes({r.klass for r in new})
-            sent, error = await self._publish_all([tickets.ticket_message(self.b, r, r.klass) for r in new])
-            progress.tickets = (sent, len(new))
-        except SYNC_WRITE_ERRORS as exc:
-            error = exc
-        if failed:  # the records' failure came first: it is the one to report
-            raise self._sync_stopped(failed[0], progress, f"the jobs bucket {self.names.jobs_bucket}") from failed[0]
-        if error is not None:
-            raise self._sync_stopped(error, progress, f"the jobs stream {self.names.jobs_stream}") from error
+        run = _SyncRun(self, manifest, stored, to_write, refused)
+        await run.write(wanted)
         respecced = set(report.updated)
-        report.created = [r.job_id for r in new]
-        report.updated = [r.job_id for r, c in zip(existing, changed, strict=True) if c or r.job_id in respecced]
-        report.unchanged = [
-            r.job_id for r, c in zip(existing, changed, strict=True) if not c and r.job_id not in respecced
-        ]
-        report.not_in_manifest = sorted(await job_ids(self.b) - {s.job_id for s in manifest.jobs})
+        report.created = run.created
+        report.updated = [j for j, c in run.existing if c or j in respecced]
+        report.unchanged = [j for j, c in run.existing if not c and j not in respecced]
+        report.not_in_manifest = sorted(stored.keys() - {s.job_id for s in manifest.jobs})
         # The fleet's name (status, the monitor and `up` show it): the manifest synced last names it.
         await specs.put_fleet_info(self.b, name=manifest.name, manifest=manifest.path)
         log.info(
@@ -305,57 +285,6 @@ class Controller:
             len(report.not_in_manifest),
         )
         return report
-
-    async def _publish_all(
-        self, messages: list[tuple[str, bytes, dict[str, str] | None]]
-    ) -> tuple[int, BaseException | None]:
-        """Publish (subject, payload, headers) messages to JetStream in order, pipelined: up to
-        SYNC_PUBLISH_WINDOW awaiting their pub-ack. Returns how many were stored, and the first
-        error (a refused pub-ack as an APIError; TimeoutError when no pub-ack came for
-        SYNC_ACK_TIMEOUT_S), after which nothing more is sent.
-
-        (Not js.publish_async: with nats-py 2.16 its future never completes when the pub-ack is
-        an error, such as a full store's: a sync would wait forever.)"""
-        nc = self.b.nc
-        inbox = nc.new_inbox()
-        window = asyncio.Semaphore(SYNC_PUBLISH_WINDOW)
-        answered = asyncio.Event()
-        stored = outstanding = 0
-        errors: list[BaseException] = []
-
-        async def on_ack(msg: Msg) -> None:
-            nonlocal stored, outstanding
-            outstanding -= 1
-            window.release()
-            error = _pub_ack_error(msg)
-            if error is None:
-                stored += 1
-            else:
-                errors.append(error)
-            if outstanding == 0:
-                answered.set()
-
-        sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
-        try:
-            for i, (subject, payload, headers) in enumerate(messages):
-                if errors:
-                    break
-                try:
-                    await asyncio.wait_for(window.acquire(), SYNC_ACK_TIMEOUT_S)
-                except TimeoutError as exc:
-                    return stored, exc
-                outstanding += 1
-                answered.clear()
-                await nc.publish(subject, payload, reply=f"{inbox}.{i}", headers=headers)
-            if outstanding:
-                try:
-                    await asyncio.wait_for(answered.wait(), SYNC_ACK_TIMEOUT_S)
-                except TimeoutError as exc:
-                    return stored, errors[0] if errors else exc
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        return stored, errors[0] if errors else None
 
     def _sync_stopped(self, exc: BaseException, progress: SyncProgress, where: str) -> BrokerError:
         """The error of a sync a write stopped: what stopped it, how far it got, and what to do."""
@@ -380,13 +309,12 @@ class Controller:
             )
         return BrokerError(f"sync stopped: writing to {where} failed ({description}). {then}")
 
-    async def _specs_to_write(
-        self, wanted: list[JobSpec], report: SyncReport, allow_command_change: bool
+    def _specs_to_write(
+        self, stored: dict[str, specs.Sealed], wanted: list[JobSpec], report: SyncReport, allow_command_change: bool
     ) -> list[JobSpec]:
         """The specs a sync writes: new ones, changed ones (command changes only when allowed),
         and any not signed by this controller's key. Existing jobs whose spec changes are
         noted in ``report.updated``; refused command changes in ``report.refused``."""
-        stored = await specs.load_sealed(self.b)
         key = self.signer.public_key if self.signer else ""
         out = []
         for spec in wanted:
@@ -477,8 +405,14 @@ class Controller:
 
     # -- reconcile ----------------------------------------------------------
     async def reconcile(self, now: float | None = None) -> dict[str, int]:
+        """One pass over every unfinished record (from the record cache, kept current by a KV
+        watch, so a pass reads the records once per controller, not once per pass) and every
+        queued ticket. What the cache says only decides where to look: each repair re-reads
+        the record (or CASes on its revision) before it writes."""
         now = time.time() if now is None else now
-        records = await load_records(self.b)
+        if self._records is None:
+            self._records = RecordCache(self.b)
+        records = dict(await self._records.current())  # a copy: the watch updates the cache meanwhile
         queued = await tickets.scan_tickets(self.b)
         live: dict[str, set[tuple[int, str]]] = {}
         seqs = set()
@@ -488,26 +422,38 @@ class Controller:
                 live.setdefault(ref.ticket.job_id, set()).add((ref.ticket.generation, ref.ticket.klass))
         stats: Counter[str] = Counter()
         stats["reordered"] = await self._reorder(records, queued)
-        for stored in records.values():
-            rec = stored.record
-            have = live.get(rec.job_id, set())
-            if rec.status == JobStatus.PENDING:
-                granted = await self._grace(stored, now)
-                stats["grace"] += granted
-                stats["republished"] += await self._ensure_tickets(rec, have, changed=bool(granted))
+        grace = self._grace_s()
+        takeover_s = self.settings.lease_s * 2
+        none: set[tuple[int, str]] = set()
+        pending, held = JobStatus.PENDING, (JobStatus.CLAIMED, JobStatus.RUNNING)
+        for view in records.values():
+            status = view.status
+            if status == pending:
+                have = live.get(view.job_id, none)
+                fallback = view.fallback_class
+                due = fallback is not None and fallback not in view.offered and now - view.queued_at >= grace
+                missing = any((view.generation, k) not in have for k in view.offered or (view.klass,))
+                if due or missing:
+                    granted, fresh = await self._grace(view, now, grace) if due else (0, None)
+                    stats["grace"] += granted
+                    stats["republished"] += await self._ensure_tickets(view.job_id, have, fresh)
             elif (
-                rec.status.held
-                and rec.lease_expired(self.settings.lease_s * 2, now)
-                and rec.ticket_seq not in seqs
-                and not any(g == rec.generation for g, _ in have)
+                status in held
+                and view.lease_expired(takeover_s, now)
+                and view.ticket_seq not in seqs
+                and not any(g == view.generation for g, _ in live.get(view.job_id, none))
             ):
-                await self._ticket(rec, rec.klass, dedupe_suffix=f".r{int(now)}")
-                stats["takeover_tickets"] += 1
+                stats["takeover_tickets"] += await self._takeover(view, live, seqs, now)
         if any(stats.values()):
             log.info("reconcile: %s", dict(stats))
         return dict(stats)
 
-    async def _reorder(self, records: dict[str, Stored], queued: list[TicketRef]) -> int:
+    def _grace_s(self) -> float:
+        if self.manifest and self.manifest.settings.prefer_cuda_grace_s is not None:
+            return self.manifest.settings.prefer_cuda_grace_s
+        return self.settings.prefer_cuda_grace_s
+
+    async def _reorder(self, records: dict[str, RecordView], queued: list[TicketRef]) -> int:
         """Keep each class's queued tickets in priority order (a work queue is FIFO).
 
         When a higher-priority ticket waits behind a lower one, the queued tickets from the first
@@ -516,12 +462,12 @@ class Controller:
         deciding on it becomes a duplicate, which the record makes harmless."""
         by_class: dict[str, list[TicketRef]] = {}
         for ref in queued:
-            stored = records.get(ref.ticket.job_id) if ref.ticket else None
+            view = records.get(ref.ticket.job_id) if ref.ticket else None
             if (
                 ref.ticket is not None
-                and stored is not None
-                and stored.record.status == JobStatus.PENDING
-                and stored.record.generation == ref.ticket.generation
+                and view is not None
+                and view.status == JobStatus.PENDING
+                and view.generation == ref.ticket.generation
             ):
                 by_class.setdefault(ref.ticket.klass, []).append(ref)
         moved = 0
@@ -533,36 +479,68 @@ class Controller:
             for ref in tail:
                 await tickets.delete_ticket(self.b, ref.seq)
             for ref in tail:
-                rec = records[ref.ticket.job_id].record if ref.ticket else None
-                if rec is not None:
-                    await self._ticket(rec, klass, dedupe_suffix=f".o{ref.seq}")
+                view = records[ref.ticket.job_id] if ref.ticket else None
+                if view is not None:
+                    await self._ensure_classes([klass])
+                    await tickets.publish_ticket(self.b, view, klass, dedupe_suffix=f".o{ref.seq}")  # type: ignore[arg-type]
             moved += len(tail)
         return moved
 
-    async def _grace(self, stored: Stored, now: float) -> int:
-        """prefer_cuda jobs nobody with a GPU claimed within the grace window go to cpu as well."""
-        rec = stored.record
-        grace = self.settings.prefer_cuda_grace_s
-        if self.manifest and self.manifest.settings.prefer_cuda_grace_s is not None:
-            grace = self.manifest.settings.prefer_cuda_grace_s
-        fallback = rec.fallback_class
-        if fallback is None or fallback in rec.offered or now - rec.queued_at < grace:
-            return 0
-        await cas(self.b, rec.evolve(offered=(*rec.offered, fallback)), stored.revision)
-        return 1
+    async def _grace(self, view: RecordView, now: float, grace: float) -> tuple[int, JobRecord | None]:
+        """prefer_cuda jobs nobody with a GPU claimed within the grace window go to cpu as well
+        (decided again on a fresh read): (1, the record written) or (0, None)."""
 
-    async def _ensure_tickets(self, loaded: JobRecord, have: set[tuple[int, str]], *, changed: bool) -> int:
-        """Publish the tickets a pending record lacks. The record just loaded decides whether to
-        look at all (most have their tickets); a possible repair is confirmed on a fresh read."""
-        if not changed and not tickets.missing_classes(loaded, have):
+        def offer_fallback(rec: JobRecord) -> JobRecord | None:
+            fallback = rec.fallback_class
+            if (
+                rec.status != JobStatus.PENDING
+                or rec.generation != view.generation
+                or fallback is None
+                or fallback in rec.offered
+                or now - rec.queued_at < grace
+            ):
+                return None
+            return rec.evolve(offered=(*rec.offered, fallback))
+
+        try:
+            done = await update_record(self.b, view.job_id, offer_fallback)
+        except JobNotFound:
+            return 0, None
+        return (0, None) if done is None else (1, done.record)
+
+    async def _ensure_tickets(self, job_id: str, have: set[tuple[int, str]], fresh: JobRecord | None) -> int:
+        """Publish the tickets a pending record lacks, confirmed on ``fresh`` (the record just
+        written) or a fresh read: the cache only said where to look."""
+        if fresh is None:
+            try:
+                fresh = (await get_record(self.b, job_id)).record
+            except JobNotFound:
+                return 0
+        if fresh.status != JobStatus.PENDING:
             return 0
-        rec = (await get_record(self.b, loaded.job_id)).record
-        if rec.status != JobStatus.PENDING:
-            return 0
-        missing = tickets.missing_classes(rec, have)
+        missing = tickets.missing_classes(fresh, have)
         for klass in missing:
-            await self._ticket(rec, klass, dedupe_suffix=f".r{int(time.time())}")
+            await self._ticket(fresh, klass, dedupe_suffix=f".r{int(time.time())}")
         return len(missing)
+
+    async def _takeover(
+        self, view: RecordView, live: dict[str, set[tuple[int, str]]], seqs: set[int], now: float
+    ) -> int:
+        """A held record whose lease lapsed long ago and whose ticket is gone gets a ticket an
+        agent can take it over with (decided again on a fresh read)."""
+        try:
+            rec = (await get_record(self.b, view.job_id)).record
+        except JobNotFound:
+            return 0
+        if (
+            not rec.status.held
+            or not rec.lease_expired(self.settings.lease_s * 2, now)
+            or rec.ticket_seq in seqs
+            or any(g == rec.generation for g, _ in live.get(rec.job_id, set()))
+        ):
+            return 0
+        await self._ticket(rec, rec.klass, dedupe_suffix=f".r{int(now)}")
+        return 1
 
     # -- advisories ---------------------------------------------------------
     async def _on_max_deliveries(self, msg: Msg) -> None:
@@ -682,6 +660,253 @@ class Controller:
             return {}
         keys = ("max_cores", "max_ram_gib", "max_vram_gib", "cpu_slots", "gpu_slots", "serve_cpu")
         return {k: getattr(policy, k) for k in keys if getattr(policy, k) is not None}
+
+
+class _RecordPolicy(msgspec.Struct, kw_only=True, gc=False):
+    """The fields of a stored record a sync refreshes from the manifest (the rest are not read)."""
+
+    excluded_hosts: dict[str, str] = {}
+    max_attempts: int = 3
+    priority: int = 0
+    fallback_class: str | None = None
+
+    def matches(self, rec: JobRecord) -> bool:
+        return (self.excluded_hosts, self.max_attempts, self.priority, self.fallback_class) == (
+            rec.excluded_hosts,
+            rec.max_attempts,
+            rec.priority,
+            rec.fallback_class,
+        )
+
+
+Outcome = int | BaseException | None  # a publish's stream sequence, its error, or None: not sent
+
+
+class _Pipelined:
+    """JetStream publishes pipelined on one connection: up to SYNC_PUBLISH_WINDOW await their
+    pub-ack. The first error other than a lost condition (a record written meanwhile) stops
+    further sends (``fatal``); no pub-ack for SYNC_ACK_TIMEOUT_S counts as a TimeoutError.
+
+    (Not js.publish_async: with nats-py 2.16 its future never completes when the pub-ack is
+    an error, such as a full store's: a sync would wait forever.)"""
+
+    def __init__(self, nc: Any):
+        self.nc = nc
+        self.inbox = nc.new_inbox()
+        self.fatal: BaseException | None = None
+        self._window = asyncio.Semaphore(SYNC_PUBLISH_WINDOW)
+        self._slots: dict[int, tuple[list[Outcome], int]] = {}
+        self._next = 0
+        self._idle = asyncio.Event()
+        self._acked_at = time.monotonic()
+        self._sub: Any = None
+
+    async def start(self) -> _Pipelined:
+        self._sub = await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_ack)
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_ack(self, msg: Msg) -> None:
+        slot = self._slots.pop(int(msg.subject.rsplit(".", 1)[1]), None)
+        if slot is None:
+            return  # answered after it was given up on
+        self._window.release()
+        self._acked_at = time.monotonic()
+        outcome = _pub_ack(msg)
+        slot[0][slot[1]] = outcome
+        if isinstance(outcome, BaseException) and not _lost_condition(outcome) and self.fatal is None:
+            self.fatal = outcome
+        if not self._slots:
+            self._idle.set()
+
+    async def publish(self, messages: list[tuple[str, bytes, dict[str, str] | None]]) -> list[Outcome]:
+        """Each message's outcome, in order, once every one sent was answered."""
+        out: list[Outcome] = [None] * len(messages)
+        nc, inbox = self.nc, self.inbox
+        for i, (subject, payload, headers) in enumerate(messages):
+            if self.fatal is not None:
+                break
+            if self._window.locked():
+                try:
+                    await asyncio.wait_for(self._window.acquire(), SYNC_ACK_TIMEOUT_S)
+                except TimeoutError as exc:
+                    self.fatal = exc
+                    break
+            else:
+                await self._window.acquire()
+            n = self._next
+            self._next += 1
+            self._slots[n] = (out, i)
+            self._idle.clear()
+            await nc.publish(subject, payload, reply=f"{inbox}.{n}", headers=headers)
+        while self._slots:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), SYNC_ACK_TIMEOUT_S)
+            if self._slots and time.monotonic() - self._acked_at >= SYNC_ACK_TIMEOUT_S:
+                for slots, j in self._slots.values():
+                    slots[j] = TimeoutError()
+                self._slots.clear()
+                self.fatal = self.fatal or TimeoutError()
+        return out
+
+
+class _SyncRun:
+    """The writes of one sync, chunk by chunk, the three streams overlapping (see sync)."""
+
+    def __init__(
+        self,
+        ctl: Controller,
+        manifest: Manifest,
+        stored: dict[str, tuple[_RecordPolicy, int]],
+        to_write: set[str],
+        refused: set[str],
+    ):
+        self.ctl, self.b, self.manifest = ctl, ctl.b, manifest
+        self.stored, self.to_write, self.refused = stored, to_write, refused
+        self.created: list[str] = []
+        self.existing: list[tuple[str, bool]] = []  # (job id, whether its record was refreshed)
+        self.progress = SyncProgress(specs=(0, len(to_write)))
+        self.failed: tuple[BaseException, str] | None = None
+        self._records_wanted = 0
+        self._records_done = 0
+        self._tickets_sent = 0
+
+    def _fail(self, exc: BaseException, where: str) -> None:
+        if self.failed is None:
+            self.failed = (exc, where)
+
+    async def write(self, wanted: list[JobSpec]) -> None:
+        chunks = [wanted[i : i + SYNC_CHUNK] for i in range(0, len(wanted), SYNC_CHUNK)]
+        self._records_wanted = sum(1 for s in wanted if s.job_id not in self.refused)
+        pubs = [await _Pipelined(self.b.nc).start() for _ in range(3)]
+        recorded: dict[int, list[JobRecord]] = {}  # chunk -> its records created, awaiting tickets
+        try:
+            for step in range(len(chunks) + 2):
+                stages: list[Any] = []
+                if step < len(chunks):
+                    stages.append(self._specs(pubs[0], chunks[step]))
+                if 0 <= step - 1 < len(chunks):
+                    stages.append(self._records(pubs[1], chunks[step - 1], recorded, step - 1))
+                if step - 2 in recorded:
+                    stages.append(self._tickets(pubs[2], recorded.pop(step - 2)))
+                await asyncio.gather(*stages)
+                if self.failed is not None:
+                    break
+        finally:
+            for pub in pubs:
+                await pub.stop()
+        if self.failed is not None:
+            exc, where = self.failed
+            raise self.ctl._sync_stopped(exc, self.progress, where) from exc
+
+    async def _specs(self, pub: _Pipelined, chunk: list[JobSpec]) -> None:
+        bucket, signer = self.ctl.names.specs_bucket, self.ctl.signer
+        messages = [
+            (jsapi.kv_subject(bucket, s.job_id), specs.seal(s, signer), None)
+            for s in chunk
+            if s.job_id in self.to_write
+        ]
+        outcomes = await pub.publish(messages)
+        done = sum(1 for o in outcomes if isinstance(o, int))
+        self.progress.specs = (self.progress.specs[0] + done, self.progress.specs[1])
+        if pub.fatal is not None:
+            self._fail(pub.fatal, f"the specs bucket {bucket}")
+
+    async def _records(
+        self, pub: _Pipelined, chunk: list[JobSpec], recorded: dict[int, list[JobRecord]], index: int
+    ) -> None:
+        """Create the chunk's new records and refresh its existing ones; ``recorded[index]``:
+        the records created, in the chunk's (priority) order."""
+        if self.progress.records is None:
+            self.progress.records = (0, self._records_wanted)
+            self.progress.tickets = (0, 0)
+        bucket = self.ctl.names.jobs_bucket
+        creates: list[JobRecord] = []
+        refresh: list[JobRecord] = []
+        for spec in chunk:
+            if spec.job_id in self.refused:
+                continue
+            fresh = self.ctl._new_record(self.manifest, spec)
+            have = self.stored.get(spec.job_id)
+            if have is None:
+                creates.append(fresh)
+            elif have[0].matches(fresh):
+                self.existing.append((spec.job_id, False))
+                self._records_done += 1
+            else:
+                refresh.append(fresh)
+        header = {jsapi.EXPECTED_LAST_SUBJECT_SEQ: "0"}
+        outcomes = await pub.publish([(jsapi.kv_subject(bucket, r.job_id), encode(r), header) for r in creates])
+        made = [isinstance(o, int) for o in outcomes]
+        self._records_done += sum(made)
+        if pub.fatal is not None:
+            self._fail(pub.fatal, f"the jobs bucket {bucket}")
+        else:
+            # Written by someone else meanwhile (or a delete mark): decided on a fresh read.
+            again = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException) and _lost_condition(o)]
+            await self._one_by_one(creates, again, made, refresh)
+        recorded[index] = [r for r, ok in zip(creates, made, strict=True) if ok]
+        self.created += [r.job_id for r in recorded[index]]
+        self.progress.records = (self._records_done, self._records_wanted)
+
+    async def _one_by_one(
+        self, creates: list[JobRecord], again: list[int], made: list[bool], refresh: list[JobRecord]
+    ) -> None:
+        """The record writes that need a read first: SYNC_WINDOW at a time."""
+        window = asyncio.Semaphore(SYNC_WINDOW)
+
+        async def settle(rec: JobRecord, index: int | None) -> None:
+            async with window:
+                if self.failed is not None:
+                    return
+                try:
+                    if index is not None and await create_record(self.b, rec):
+                        made[index] = True
+                    else:
+                        self.existing.append((rec.job_id, await self.ctl._refresh(rec)))
+                except SYNC_WRITE_ERRORS as exc:
+                    self._fail(exc, f"the jobs bucket {self.ctl.names.jobs_bucket}")
+                    return
+                self._records_done += 1
+
+        await asyncio.gather(*(settle(creates[i], i) for i in again), *(settle(r, None) for r in refresh))
+
+    async def _tickets(self, pub: _Pipelined, recs: list[JobRecord]) -> None:
+        self.progress.tickets = (self._tickets_sent, len(self.created))
+        if not recs:
+            return
+        where = f"the jobs stream {self.ctl.names.jobs_stream}"
+        try:
+            await self.ctl._ensure_classes({r.klass for r in recs})
+        except SYNC_WRITE_ERRORS as exc:
+            self._fail(exc, where)
+            return
+        outcomes = await pub.publish([tickets.ticket_message(self.b, r, r.klass) for r in recs])
+        self._tickets_sent += sum(1 for o in outcomes if isinstance(o, int))
+        self.progress.tickets = (self._tickets_sent, len(self.created))
+        if pub.fatal is not None:
+            self._fail(pub.fatal, where)
+
+
+def _lost_condition(exc: BaseException) -> bool:
+    """A conditional write lost to another write (the subject's last sequence moved)."""
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code == jsapi.ERR_WRONG_LAST_SEQUENCE
+
+
+def _pub_ack(msg: Msg) -> int | BaseException:
+    """The stream sequence a pub-ack reports, or its error."""
+    error = _pub_ack_error(msg)
+    if error is not None:
+        return error
+    try:
+        return int(json.loads(msg.data)["seq"])
+    except (ValueError, KeyError, TypeError):
+        return nats.js.errors.APIError(description=f"unexpected pub-ack {msg.data[:80]!r}")
 
 
 def _pub_ack_error(msg: Msg) -> BaseException | None:
