@@ -5,6 +5,18 @@ trainer and the artifact: decode the ticket, read the record (the truth), drop
 it if stale or already taken, CAS it to ``claimed`` with the ticket's stream
 sequence, CAS it to ``completed``, ack. Every job it completes is listed, so a
 run can prove that no job was lost or done twice.
+
+It pulls one of two ways. ``fetch`` (the throughput bench's): nats-py's ``fetch(1,
+timeout)``, a pull that waits. ``agent`` (the scale bench's): the real agent's pull path,
+:class:`TicketPuller` with ``no_wait`` pulls (answered at once), and when the class is empty
+a sleep on the doorbell (a core subscription on the class's ticket subject) that a new
+ticket rings, after which one pull waits up to the agent's RUNG_WAIT_S: what
+:meth:`trainfleet.agent.agent.Agent.tick` does for one class. Status answers other than
+"nothing waiting" / "expired" (a 409: max_waiting exceeded, the consumer changed) are
+counted per status, not retried in a tight loop. ``long`` (a design, measured beside
+``agent``): no doorbell; an idle agent parks one pull that waits up to LONG_PULL_S, so the
+server hands each new ticket to one waiting agent instead of every agent pulling on every
+ticket.
 """
 
 from __future__ import annotations
@@ -12,16 +24,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from trainfleet.agent.agent import PULL_RETRY_S, RUNG_WAIT_S
 from trainfleet.broker.connection import Broker
+from trainfleet.broker.errors import ConsumerUnavailable
 from trainfleet.broker.records import cas
 from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, decode
 from trainfleet.broker.settings import Settings
+from trainfleet.broker.tickets import TicketPuller
+
+PULLS = ("fetch", "agent", "long")
+# "long": how long an idle agent's one waiting pull stays parked on the consumer.
+LONG_PULL_S = 5.0
 
 
 @dataclass
@@ -33,15 +54,32 @@ class SimAgent:
     klass: str = "cpu"
     fetch_timeout_s: float = 1.0
     bare: bool = False  # baseline mode: fetch and ack only, no record reads or CASes
+    pull: str = "fetch"  # or "agent": the real agent's no_wait pulls and doorbell
     completed: list[str] = field(default_factory=list)
     dropped: int = 0
     lost_cas: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)  # pull answers that were not tickets
+    last_done: float = 0.0  # wall clock of its last completion
     broker: Broker | None = None
 
     async def connect(self) -> None:
         self.broker = await Broker.connect(self.settings, name=f"sim-{self.host_id}")
-        durable = self.broker.names.consumer(self.klass)
-        self._sub = await self.broker.js.pull_subscribe_bind(durable=durable, stream=self.broker.names.jobs_stream)
+        names = self.broker.names
+        if self.pull == "long":
+            self._puller = await TicketPuller(self.broker).start()
+        elif self.pull == "agent":
+            self._puller = await TicketPuller(self.broker).start()
+            self._bell = asyncio.Event()
+            self._rung = False
+
+            async def ring(msg: Msg) -> None:
+                self._rung = True
+                self._bell.set()
+
+            await self.broker.nc.subscribe(names.jobs_subject(self.klass), cb=ring)
+        else:
+            durable = names.consumer(self.klass)
+            self._sub = await self.broker.js.pull_subscribe_bind(durable=durable, stream=names.jobs_stream)
 
     async def close(self) -> None:
         if self.broker is not None:
@@ -49,6 +87,8 @@ class SimAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve tickets one at a time until ``stop`` is set."""
+        if self.pull in ("agent", "long"):
+            return await self._run_as_agent(stop)
         while not stop.is_set():
             try:
                 msgs = await self._sub.fetch(1, timeout=self.fetch_timeout_s)
@@ -59,9 +99,40 @@ class SimAgent:
             for msg in msgs:
                 await (self._ack_only(msg) if self.bare else self.serve(msg))
 
+    async def _run_as_agent(self, stop: asyncio.Event) -> None:
+        assert self.broker is not None
+        durable = self.broker.names.consumer(self.klass)
+        long = self.pull == "long"
+        while not stop.is_set():
+            if long:
+                wait_s = LONG_PULL_S
+            else:
+                rung, self._rung = self._rung, False
+                self._bell.clear()
+                wait_s = RUNG_WAIT_S if rung else 0.0
+            try:
+                msg = await self._puller.pull(durable, wait_s)
+            except ConsumerUnavailable as exc:
+                self.statuses[str(exc).split(": ", 1)[-1][:3]] += 1
+                await asyncio.sleep(PULL_RETRY_S)
+                continue
+            except nats.errors.TimeoutError:
+                self.statuses["no answer"] += 1
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            if msg is None and long:
+                continue
+            if msg is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._bell.wait(), self.fetch_timeout_s)
+                continue
+            await (self._ack_only(msg) if self.bare else self.serve(msg))
+
     async def _ack_only(self, msg: Msg) -> None:
         await msg.ack()
         self.completed.append(msg.subject)
+        self.last_done = time.time()
 
     async def serve(self, msg: Msg) -> None:
         """Claim, no-op, complete, ack: two compare-and-swaps on the record."""
@@ -92,14 +163,21 @@ class SimAgent:
         done = claimed.evolve(status=JobStatus.COMPLETED, finished_at=time.time())
         if await cas(self.broker, done, revision) is not None:
             self.completed.append(ticket.job_id)
+            self.last_done = time.time()
         await msg.ack()
 
 
-async def run_agents(
-    settings: Settings, count: int, total: int, *, bare: bool = False, connect_concurrency: int = 50
-) -> tuple[float, list[SimAgent]]:
-    """Connect ``count`` simulated agents, then time how long they take to finish ``total`` tickets."""
-    agents = [SimAgent(settings, f"sim-{i:04d}", bare=bare) for i in range(count)]
+async def connect_agents(
+    settings: Settings,
+    count: int,
+    *,
+    first: int = 0,
+    bare: bool = False,
+    pull: str = "fetch",
+    connect_concurrency: int = 50,
+) -> list[SimAgent]:
+    """``count`` connected simulated agents, named sim-<first>… ."""
+    agents = [SimAgent(settings, f"sim-{first + i:04d}", bare=bare, pull=pull) for i in range(count)]
     sem = asyncio.Semaphore(connect_concurrency)
 
     async def connect(agent: SimAgent) -> None:
@@ -107,14 +185,19 @@ async def run_agents(
             await agent.connect()
 
     await asyncio.gather(*(connect(a) for a in agents))
+    return agents
+
+
+async def drive(agents: list[SimAgent], done: Callable[[], Awaitable[bool]], poll_s: float = 0.01) -> float:
+    """Run ``agents`` until ``done()``; the seconds that took. The agents are closed after."""
     stop = asyncio.Event()
     started = time.perf_counter()
     tasks = [asyncio.create_task(a.run(stop)) for a in agents]
     try:
-        while sum(len(a.completed) for a in agents) < total:
+        while not await done():
             if all(t.done() for t in tasks):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(poll_s)
         elapsed = time.perf_counter() - started
     finally:
         stop.set()
@@ -122,4 +205,22 @@ async def run_agents(
         for agent in agents:
             with contextlib.suppress(Exception):
                 await agent.close()
-    return elapsed, agents
+    return elapsed
+
+
+async def run_agents(
+    settings: Settings,
+    count: int,
+    total: int,
+    *,
+    bare: bool = False,
+    pull: str = "fetch",
+    connect_concurrency: int = 50,
+) -> tuple[float, list[SimAgent]]:
+    """Connect ``count`` simulated agents, then time how long they take to finish ``total`` tickets."""
+    agents = await connect_agents(settings, count, bare=bare, pull=pull, connect_concurrency=connect_concurrency)
+
+    async def finished() -> bool:
+        return sum(len(a.completed) for a in agents) >= total
+
+    return await drive(agents, finished), agents

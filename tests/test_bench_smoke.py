@@ -30,6 +30,8 @@ EXPECTED_ROWS = [
     "claim → complete, K=1 agents",
     "claim → complete, K=10 agents",
     "claim → complete, K=100 agents",
+    "requeue by full id p50, 300 jobs",
+    "requeue by name p99, 300 jobs",
     "manifest sync, 50 new jobs",
     "manifest re-sync, 50 unchanged jobs",
     "artifact upload 1 MiB",
