@@ -4,7 +4,8 @@ A bare NATS protocol client on a blocking socket in a worker thread, doing
 only what a transfer cannot skip: reading the file into a reused buffer and
 publishing it as chunks to the bucket's chunk subject (window of
 ``WINDOW`` unacked chunks), or pulling those chunks back and writing them to
-a file that is fsynced at the end. No hashing, no info record, no asyncio,
+a file that is fsynced at the end (written out while it arrives, as the shipped
+get does, or, for comparison, only by that fsync). No hashing, no info record, no asyncio,
 no protocol parser beyond header lines, no allocation per chunk. The client
 spends a few percent of a core; what is left is the server's own work
 (socket, store, fsync) — so ``shipped / ceiling`` says how much of what is
@@ -24,7 +25,7 @@ import urllib.parse
 from pathlib import Path
 
 from trainfleet.broker import jsapi
-from trainfleet.broker.directget import DirectConnection, Endpoint
+from trainfleet.broker.directget import DirectConnection, Endpoint, WriteBack
 
 MIB = 1 << 20
 CHUNK = MIB
@@ -125,8 +126,10 @@ def raw_put(url: str, subject: str, path: Path) -> float:
     return elapsed
 
 
-def raw_get(url: str, stream: str, consumer: str, chunks: int, dest: Path) -> float:
-    """Pull ``chunks`` messages through an existing pull consumer into ``dest`` (fsynced); seconds taken."""
+def raw_get(url: str, stream: str, consumer: str, chunks: int, dest: Path, *, writeback: bool = True) -> float:
+    """Pull ``chunks`` messages through an existing pull consumer into ``dest`` (fsynced); seconds taken.
+    With ``writeback`` the file is written out while it is received (as the shipped get does,
+    see directget.WriteBack), else only by the fsync at the end."""
     conn = RawConnection(url)
     conn.send(f"SUB {PULL_INBOX} 1\r\n".encode())
     next_subject = jsapi.consumer_next(stream, consumer).encode()
@@ -139,19 +142,26 @@ def raw_get(url: str, stream: str, consumer: str, chunks: int, dest: Path) -> fl
     started = time.perf_counter()
     try:
         with open(dest, "wb", buffering=0) as out:
+            early = WriteBack.of(out) if writeback else None
             requested = min(WINDOW, chunks)
             ask(requested)
             received = 0
-            while received < chunks:
-                size, status = conn.next_message(buf)
-                if status:
-                    raise RuntimeError(f"ceiling get: status {status!r} after {received} of {chunks} chunks")
-                out.write(buf[:size])
-                received += 1
-                if requested < chunks and requested - received <= WINDOW // 2:
-                    more = min(WINDOW - (requested - received), chunks - requested)
-                    ask(more)
-                    requested += more
+            try:
+                while received < chunks:
+                    size, status = conn.next_message(buf)
+                    if status:
+                        raise RuntimeError(f"ceiling get: status {status!r} after {received} of {chunks} chunks")
+                    out.write(buf[:size])
+                    if early is not None:
+                        early.wrote(size)
+                    received += 1
+                    if requested < chunks and requested - received <= WINDOW // 2:
+                        more = min(WINDOW - (requested - received), chunks - requested)
+                        ask(more)
+                        requested += more
+            finally:
+                if early is not None:
+                    early.finish()
             os.fsync(out.fileno())
         return time.perf_counter() - started
     finally:

@@ -259,7 +259,7 @@ class Artifacts:
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             # The sha256 is computed while the chunks stream to disk: no second pass over the file.
-            await self.store.get_file(sha256, dest, expect_sha256_hex=sha256, max_bytes=limit)
+            await self.store.get_file(sha256, dest, expect_sha256_hex=sha256, max_bytes=limit, info=info)
         except ObjectNotFound as exc:
             raise ArtifactError(f"artifact {sha256} is not in the object store") from exc
         return dest

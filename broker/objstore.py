@@ -34,12 +34,13 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,13 +53,18 @@ from nats.nuid import NUID
 
 from trainfleet.broker import jsapi
 from trainfleet.broker.directget import (
+    DRAIN_S,
     NO_RESPONDERS_TRIES,
+    AcksStopped,
     ChunkPull,
+    ChunkPush,
     Endpoint,
     Pulled,
+    Pushed,
     no_responders_error,
     no_responders_pause,
     pull_object,
+    push_object,
 )
 from trainfleet.broker.errors import (
     ArtifactError,
@@ -147,6 +153,9 @@ class TransferStats:
     chunks: int = 0
     max_in_flight: int = 0
     elapsed_s: float = 0.0
+    # Where the time went, in seconds: steps on the caller's side (info, consumer, fsync...) and
+    # each transfer thread's busy time (a direct get's socket, hash and write threads).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def mb_per_s(self) -> float:
@@ -204,6 +213,15 @@ def store_full(stream: str, code: Any, description: str, what: str) -> StoreFull
     )
 
 
+def _file_size(reader: BinaryIO) -> int:
+    """The bytes left to read in ``reader`` when it is a regular file, else 0 (unknown)."""
+    try:
+        status = os.fstat(reader.fileno())
+        return status.st_size - reader.tell() if stat.S_ISREG(status.st_mode) else 0
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
+
+
 def completeness_problem(info: ObjectInfo, size: int, digest: Any) -> str | None:
     """Why the bytes received are not the object ``info`` describes (None: they are)."""
     if size != info.size:
@@ -211,6 +229,44 @@ def completeness_problem(info: ObjectInfo, size: int, digest: Any) -> str | None
     if parse_digest(info.digest) != digest.digest():
         return f"digest mismatch: chunks hash to {digest_string(digest.digest())}, info says {info.digest or 'nothing'}"
     return None
+
+
+def chunk_ack_problem(stream: str, status: str | None, data: bytes) -> str | StoreFull | None:
+    """What is wrong with a chunk's pub-ack (``status``: its status code, if it has one): None
+    (nothing), a StoreFull when the store has no room for it, else a description."""
+    if status == jsapi.STATUS_NO_RESPONDERS:
+        return f"no stream {stream} listens on the chunk subject (is the bucket provisioned?)"
+    try:
+        ack = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return f"unreadable pub-ack {status or ''} {data[:80]!r}"
+    if not isinstance(ack, dict) or "error" in ack:
+        err = ack.get("error", {}) if isinstance(ack, dict) else {}
+        description, code = str(err.get("description", ack)), err.get("err_code", "?")
+        return store_full(stream, code, description, "a chunk of the upload") or f"{description} (err_code {code})"
+    if ack.get("stream") != stream or "seq" not in ack:
+        return f"unexpected pub-ack {ack}"
+    return None
+
+
+def chunk_ack_error(stream: str, status: str | None, data: bytes) -> TrainfleetError | None:
+    """:func:`chunk_ack_problem` as the error a put fails with."""
+    problem = chunk_ack_problem(stream, status, data)
+    if problem is None or isinstance(problem, TrainfleetError):
+        return problem
+    return ArtifactError(f"object store refused a chunk: {problem}")
+
+
+def no_acks_error(stream: str, timeout_s: float, in_flight: int) -> BrokerError:
+    # No answer at all: the server is not storing. A full disk under its store does this (the
+    # stream then refuses every write until the server restarts), as does a server or cluster
+    # in trouble: worth trying again later either way.
+    return BrokerError(
+        f"no pub-ack from {stream} for {timeout_s:g}s ({in_flight} chunks outstanding): "
+        f"the server is not storing the chunks. A full disk under its JetStream store does this "
+        f"(its log then says '{jsapi.NO_SPACE}'), as does an overloaded or leaderless server; "
+        f"see {STORE_FULL_DOCS}"
+    )
 
 
 class _AckWindow:
@@ -242,24 +298,7 @@ class _AckWindow:
         self._changed.set()
 
     def _problem(self, msg: Msg) -> str | StoreFull | None:
-        """What is wrong with a chunk's pub-ack: None (nothing), a StoreFull when the store has
-        no room for it, else a description."""
-        if jsapi.status_of(msg) == jsapi.STATUS_NO_RESPONDERS:
-            return f"no stream {self.stream} listens on the chunk subject (is the bucket provisioned?)"
-        try:
-            ack = msgspec.json.decode(msg.data)
-        except msgspec.DecodeError:
-            return f"unreadable pub-ack {msg.data[:80]!r}"
-        if not isinstance(ack, dict) or "error" in ack:
-            err = ack.get("error", {}) if isinstance(ack, dict) else {}
-            description, code = str(err.get("description", ack)), err.get("err_code", "?")
-            return (
-                store_full(self.stream, code, description, "a chunk of the upload")
-                or f"{description} (err_code {code})"
-            )
-        if ack.get("stream") != self.stream or "seq" not in ack:
-            return f"unexpected pub-ack {ack}"
-        return None
+        return chunk_ack_problem(self.stream, jsapi.status_of(msg), msg.data)
 
     async def wait_below(self, count: int) -> None:
         """Wait until fewer than ``count`` chunks are unacked (0: all acked); raise the first failure."""
@@ -268,15 +307,7 @@ class _AckWindow:
             try:
                 await asyncio.wait_for(self._changed.wait(), self.timeout_s)
             except TimeoutError:
-                # No answer at all: the server is not storing. A full disk under its store does this
-                # (the stream then refuses every write until the server restarts), as does a server
-                # or cluster in trouble: worth trying again later either way.
-                raise BrokerError(
-                    f"no pub-ack from {self.stream} for {self.timeout_s:g}s ({self.in_flight} chunks outstanding): "
-                    f"the server is not storing the chunks. A full disk under its JetStream store does this "
-                    f"(its log then says '{jsapi.NO_SPACE}'), as does an overloaded or leaderless server; "
-                    f"see {STORE_FULL_DOCS}"
-                ) from None
+                raise no_acks_error(self.stream, self.timeout_s, self.in_flight) from None
         if self.error is not None:
             raise self.error
 
@@ -631,10 +662,9 @@ class ObjectStoreClient:
         previous = asyncio.create_task(self.info(name))
         nuid = self._nuid.next().decode()
         subject = self.chunk_subject(nuid)
-        window = _AckWindow(self._window_chunks(chunk_bytes), self.stream, self.timeout_s)
-        digest = hashlib.sha256()
         try:
-            size, chunks = await self._send_chunks(reader, subject, chunk_bytes, window, digest)
+            sent = await self._send(name, reader, subject, chunk_bytes)
+            size, chunks, digest = sent.size, sent.chunks, sent.digest
             old = await previous
             info = ObjectInfo(
                 name=name,
@@ -659,13 +689,61 @@ class ObjectStoreClient:
         if purge_previous and old is not None and old.nuid and old.nuid != nuid:
             await self._purge(self.chunk_subject(old.nuid))
         if stats is not None:
-            stats.bytes, stats.chunks, stats.max_in_flight = size, chunks, window.max_in_flight
+            stats.bytes, stats.chunks, stats.max_in_flight = size, chunks, sent.max_in_flight
             stats.elapsed_s = time.perf_counter() - started
+            stats.timings = sent.timings
         return info
 
-    async def _send_chunks(
-        self, reader: BinaryIO, subject: str, chunk_bytes: int, window: _AckWindow, digest: Any
-    ) -> tuple[int, int]:
+    async def _send(self, name: str, reader: BinaryIO, subject: str, chunk_bytes: int) -> Pushed:
+        """Publish ``reader``'s bytes as chunks on ``subject``: over a direct connection for a file
+        of at least ``direct_min_bytes`` where the server allows one, else through this client."""
+        endpoint = None
+        if self.direct_min_bytes is not None and _file_size(reader) >= max(1, self.direct_min_bytes):
+            endpoint = Endpoint.for_client(self.nc)
+        if endpoint is not None:
+            try:
+                return await self._send_direct(name, reader, subject, chunk_bytes, endpoint)
+            except DirectUnavailable as exc:
+                log.info("direct upload of %r not possible (%s); using the client connection", name, exc)
+        return await self._send_chunks(reader, subject, chunk_bytes)
+
+    async def _send_direct(
+        self, name: str, reader: BinaryIO, subject: str, chunk_bytes: int, endpoint: Endpoint
+    ) -> Pushed:
+        stream = self.stream
+        plan = ChunkPush(
+            subject=subject,
+            name=name,
+            chunk_bytes=chunk_bytes,
+            window=self._window_chunks(chunk_bytes),
+            ack_timeout_s=self.timeout_s,
+            check_ack=lambda status, body: chunk_ack_error(stream, status.split(b" ", 1)[0].decode() or None, body),
+        )
+        cancelled = threading.Event()
+        connections: list[Any] = []
+        push = functools.partial(
+            push_object, endpoint, plan, reader, cancelled=cancelled, on_connection=connections.append
+        )
+        thread = asyncio.get_running_loop().run_in_executor(None, push)
+        try:
+            return await asyncio.shield(thread)
+        except AcksStopped as exc:
+            raise no_acks_error(stream, self.timeout_s, exc.in_flight) from None
+        except asyncio.CancelledError:
+            cancelled.set()  # it stops sending, and waits (DRAIN_S) for the acks of what it sent
+            await asyncio.wait([thread], timeout=DRAIN_S + 1)
+            for conn in connections:
+                conn.abort()  # (a send blocked on a server that reads nothing)
+            await asyncio.wait([thread])  # never leave the thread reading a file we are about to close
+            if not thread.cancelled():
+                thread.exception()
+            raise
+
+    async def _send_chunks(self, reader: BinaryIO, subject: str, chunk_bytes: int) -> Pushed:
+        """The chunks through this client's connection (nats-py publishes)."""
+        window = _AckWindow(self._window_chunks(chunk_bytes), self.stream, self.timeout_s)
+        digest = hashlib.sha256()
+
         def read_chunk() -> bytes:
             data = reader.read(chunk_bytes)
             digest.update(data)
@@ -691,7 +769,7 @@ class ObjectStoreClient:
                 await asyncio.wait([ahead])  # never leave the thread reading a file we are about to close
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
-        return size, chunks
+        return Pushed(size, chunks, digest, window.max_in_flight)
 
     async def _publish_info(self, info: ObjectInfo) -> None:
         ack = await self._request(
@@ -714,6 +792,7 @@ class ObjectStoreClient:
         expect_sha256_hex: str | None = None,
         stats: TransferStats | None = None,
         max_bytes: int | None = None,
+        info: ObjectInfo | None = None,
     ) -> ObjectInfo:
         """Write object ``name`` to ``dest`` (atomically, via a temp file beside it).
 
@@ -722,10 +801,13 @@ class ObjectStoreClient:
         is bigger than ``max_bytes`` is refused before anything is written (and its
         chunks can never hold more than the info says). Any failure raises
         ArtifactError (ObjectNotFound when there is no such object) and leaves
-        no file behind.
+        no file behind. ``info``: the object's info, when the caller has just read it
+        (saves a round trip).
         """
         started = time.perf_counter()
-        info = await self.info(name)
+        if info is None or info.name != name:
+            info = await self.info(name)
+        looked_up = time.perf_counter()
         if info is None:
             raise ObjectNotFound(f"object {name!r} is not in bucket {self.bucket!r}")
         if info.options is not None and info.options.link is not None:
@@ -736,9 +818,13 @@ class ObjectStoreClient:
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.part-")
         try:
             with os.fdopen(fd, "wb") as fh:
+                receiving = time.perf_counter()
                 got = await self._receive(info, fh)
+                received = time.perf_counter()
                 fh.flush()
                 os.fsync(fh.fileno())
+                fsync_s = time.perf_counter() - received
+                got.timings.update(info=looked_up - started, receive=received - receiving, fsync=fsync_s)
             if expect_sha256_hex is not None and got.digest.hexdigest() != expect_sha256_hex:
                 raise ArtifactError(
                     f"object {name!r}: downloaded bytes hash to {got.digest.hexdigest()}, "
@@ -751,6 +837,7 @@ class ObjectStoreClient:
         if stats is not None:
             stats.bytes, stats.chunks, stats.max_in_flight = got.size, got.chunks, got.max_in_flight
             stats.elapsed_s = time.perf_counter() - started
+            stats.timings = got.timings
         return info
 
     async def _receive(self, info: ObjectInfo, fh: BinaryIO) -> Pulled:
@@ -769,38 +856,51 @@ class ObjectStoreClient:
         return (info.options.max_chunk_size if info.options else 0) or self.chunk_bytes
 
     async def _receive_direct(self, info: ObjectInfo, fh: BinaryIO, endpoint: Endpoint) -> Pulled:
+        """Pull the chunks over a connection of the direct path's own (a worker thread), made
+        while this client creates the chunks' consumer: the two set-ups overlap."""
         consumer = self._nuid.next().decode()
-        cancelled = threading.Event()
+        cancelled, ready = threading.Event(), threading.Event()
         connections: list[Any] = []
-        await self._create_consumer(consumer, self.chunk_subject(info.nuid))
+        plan = ChunkPull(
+            next_subject=jsapi.consumer_next(self.stream, consumer, self.api),
+            name=info.name,
+            expected_size=info.size,
+            chunks=info.chunks,
+            window=self._window_chunks(self._chunk_bytes(info)),
+        )
+        pull = functools.partial(
+            pull_object,
+            endpoint,
+            plan,
+            fh=fh,
+            idle_timeout_s=self.idle_timeout_s,
+            cancelled=cancelled,
+            on_connection=connections.append,
+            ready=ready,
+        )
+        started = time.perf_counter()
+        thread = asyncio.get_running_loop().run_in_executor(None, pull)
+        created = False
         try:
-            plan = ChunkPull(
-                next_subject=jsapi.consumer_next(self.stream, consumer, self.api),
-                name=info.name,
-                expected_size=info.size,
-                chunks=info.chunks,
-                window=self._window_chunks(self._chunk_bytes(info)),
-            )
-            pull = functools.partial(
-                pull_object,
-                endpoint,
-                plan,
-                fh=fh,
-                idle_timeout_s=self.idle_timeout_s,
-                cancelled=cancelled,
-                on_connection=connections.append,
-            )
-            thread = asyncio.get_running_loop().run_in_executor(None, pull)
-            try:
-                got = await asyncio.shield(thread)
-            except asyncio.CancelledError:
-                cancelled.set()
-                for conn in connections:
-                    conn.abort()  # wakes the thread's blocking read
-                await asyncio.wait([thread])
-                raise
+            await self._create_consumer(consumer, self.chunk_subject(info.nuid))
+            created = True
+            consumer_s = time.perf_counter() - started
+            ready.set()
+            got = await asyncio.shield(thread)
+        except BaseException:
+            # Cancelled, or no consumer: stop the thread (it may be connecting, waiting for the
+            # consumer or pulling) and wait for it, so nothing writes to fh after we return.
+            cancelled.set()
+            for conn in connections:
+                conn.abort()  # wakes the thread's blocking read
+            await asyncio.wait([thread])
+            if not thread.cancelled():
+                thread.exception()  # retrieved: what stopped it is the error raised here
+            raise
         finally:
-            await self._delete_consumer(consumer)
+            if created:
+                await self._delete_consumer(consumer)
+        got.timings["consumer (overlaps the connection)"] = consumer_s
         problem = completeness_problem(info, got.size, got.digest)
         if problem:
             raise ArtifactError(f"object {info.name!r}: {problem}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -126,9 +127,11 @@ async def test_replacing_an_object_leaves_no_stale_chunks(nc, store, stock, tmp_
     assert (tmp_path / "out").read_bytes() == payload(CHUNK + 1, seed=5)
 
 
-async def test_a_put_never_has_more_chunks_unacked_than_its_window(nats_server, store, tmp_path):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "client-connection"])
+async def test_a_put_never_has_more_chunks_unacked_than_its_window(nats_server, stock, tmp_path, direct):
     # Given a 20 ms RTT link (so acks lag far behind publishes) and a window of 4 chunks,
-    # an observer on the server side sees each chunk arrive and each pub-ack leave.
+    # an observer on the server side sees each chunk arrive and each pub-ack leave (the
+    # direct put's connection goes through the proxy too: it connects where the client did).
     proxy = LatencyProxy("127.0.0.1", nats_server.port, delay_s=0.010)
     await proxy.start()
     observer = await nats.connect(nats_server.url)
@@ -147,11 +150,15 @@ async def test_a_put_never_has_more_chunks_unacked_than_its_window(nats_server, 
         await observer.subscribe(f"$O.{BUCKET}.C.>", cb=on_chunk)
         await observer.subscribe("_INBOX.>", cb=on_inbox)
         await observer.flush()
-        client = ObjectStoreClient(slow, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK)
+        client = ObjectStoreClient(
+            slow, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0 if direct else None
+        )
         stats = TransferStats()
         src = tmp_path / "src"
         src.write_bytes(payload(40 * CHUNK))
         await client.put_file("obj", src, stats=stats)
+        # (only the direct put reports its threads' timings)
+        assert ("send (sendmsg)" in stats.timings) == direct
         await observer.flush()
     finally:
         await slow.close()
@@ -444,3 +451,90 @@ async def test_a_direct_get_authenticates_like_the_client_it_came_from(tmp_path,
     # Then the direct connection was let in (no fallback) and the bytes are right
     assert (tmp_path / "obj").read_bytes() == data
     assert "not possible" not in caplog.text
+
+
+# -- the direct put path ----------------------------------------------------------------------
+async def test_a_put_falls_back_to_the_client_connection_when_no_direct_one_can_be_made(
+    nc, stock, tmp_path, monkeypatch, caplog
+):
+    # Given a direct endpoint nobody listens on (as when the server wants TLS or refuses us)
+    from trainfleet.broker import objstore
+    from trainfleet.broker.directget import Endpoint
+    from trainfleet.broker.server import free_port
+
+    monkeypatch.setattr(objstore.Endpoint, "for_client", staticmethod(lambda c: Endpoint("127.0.0.1", free_port())))
+    caplog.set_level(logging.INFO, logger="trainfleet.objstore")
+    store = ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0)
+    src = tmp_path / "src"
+    src.write_bytes(payload(5 * CHUNK + 1))
+    # When a file is put, it is stored whole through the client's own connection
+    await store.put_file("obj", src)
+    assert "direct upload of 'obj' not possible" in caplog.text
+    assert (await stock.get("obj")).data == src.read_bytes()
+
+
+class SlowFile(io.FileIO):
+    """A file whose reads take ``delay_s`` each and may fail after ``fail_after`` reads."""
+
+    def __init__(self, path: Path, delay_s: float = 0.0, fail_after: int | None = None):
+        super().__init__(path, "rb")
+        self.delay_s, self.fail_after, self.reads = delay_s, fail_after, 0
+        self.first_read = threading.Event()
+
+    def readinto(self, buffer) -> int:
+        self.reads += 1
+        self.first_read.set()
+        if self.fail_after is not None and self.reads > self.fail_after:
+            raise OSError(5, "Input/output error (simulated)")
+        time.sleep(self.delay_s)
+        return super().readinto(buffer)
+
+
+async def test_a_direct_put_whose_file_fails_to_read_raises_that_error_and_leaves_no_chunks(nc, stock, tmp_path):
+    # Given a file that stops being readable after 3 chunks
+    store = ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0)
+    src = tmp_path / "src"
+    src.write_bytes(payload(20 * CHUNK))
+    with SlowFile(src, fail_after=3) as fh:
+        # When it is put over the direct path, the read error is what the put raises
+        with pytest.raises(OSError, match="simulated"):
+            await store.put_stream("obj", fh)
+    # Then no object and no chunk are left
+    assert await store.info("obj") is None
+    assert await chunk_subjects(nc) == {}
+
+
+async def test_a_cancelled_direct_put_stops_its_threads_and_leaves_no_chunks(nc, stock, tmp_path):
+    # Given a direct put of a file read slowly (20 ms per chunk)
+    store = ObjectStoreClient(nc, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0)
+    src = tmp_path / "src"
+    src.write_bytes(payload(200 * CHUNK))
+    before = {t.name for t in threading.enumerate()}
+    with SlowFile(src, delay_s=0.02) as fh:
+        task = asyncio.create_task(store.put_stream("obj", fh))
+        assert await asyncio.to_thread(fh.first_read.wait, 30)
+        await asyncio.sleep(0.1)
+        # When it is cancelled
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        reads = fh.reads
+    # Then its threads are gone at once (not after the 200 chunks), and so are its chunks
+    assert reads < 50
+    assert not {t.name for t in threading.enumerate() if t.name.startswith("trainfleet-put")} - before
+    assert await store.info("obj") is None
+    assert await chunk_subjects(nc) == {}
+
+
+async def test_a_direct_put_refused_for_lack_of_room_is_store_full(nc, tmp_path):
+    # Given a bucket capped at 256 KiB, and a direct put of a 4 MiB file
+    capped = api.ObjectStoreConfig(bucket="small", max_bytes=256 * 1024)
+    await nc.jetstream().create_object_store("small", config=capped)
+    client = ObjectStoreClient(nc, "small", chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0)
+    src = tmp_path / "src"
+    src.write_bytes(payload(64 * CHUNK))
+    stats = TransferStats()
+    # When it is put, the first refused chunk fails it as StoreFull, and nothing is left
+    with pytest.raises(StoreFull, match="refused a chunk"):
+        await client.put_file("obj", src, stats=stats)
+    assert (await nc.jetstream().stream_info("OBJ_small")).state.messages == 0
