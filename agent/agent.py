@@ -18,8 +18,9 @@ is PID 1 (a container), agent/pid1.py keeps a tiny init in front of it that forw
 signals and reaps orphans. ``AgentOptions.health_file``: the file agent/health.py judges,
 rewritten every heartbeat (state, connected, jobs).
 
-Roles: agent (pulls and acks tickets, CASes records it claims, writes its own worker
-entry, calls ``ctl.hostpolicy``). Provisioning at start needs the admin role.
+Roles: agent (pulls and acks tickets, reads the records and specs of the tickets its
+doorbell brings, CASes records it claims, writes its own worker entry, calls
+``ctl.hostpolicy``). Provisioning at start needs the admin role.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +146,8 @@ class Agent:
         self._slot_freed = asyncio.Event()
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()
+        self._idle = False  # waiting on the doorbell after every class was empty: the next ring reads ahead
+        self._ringing: Msg | None = None  # that ring's ticket (a copy): read ahead once its pull is sent
         self._tasks: set[asyncio.Task[None]] = set()
         self._tasks_aside: set[asyncio.Task[None]] = set()  # not jobs: the stop-file watcher
         self._absent: dict[str, float] = {}  # class → when to look for its consumer again
@@ -306,27 +311,41 @@ class Agent:
         # Classes whose doorbell rang go first (best fit among them): a fresh ticket is then one
         # fetch away, instead of waiting out short pulls on empty classes ahead of it.
         rung, self._rung = self._rung, set()
+        ringing, self._ringing = self._ringing, None
         self._doorbell.clear()
         servable = [k for k in servable if self._present(k, rung)]
-        for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
-            # A rung class's ticket may reach the doorbell a moment before the consumer can
-            # deliver it: wait briefly for it there; empty classes answer at once.
-            self.claimer.step("", f"pull sent ({'rung' if klass in rung else 'idle'} {klass})")
-            msg = await self._fetch_one(klass, RUNG_WAIT_S if klass in rung else 0.0)
-            if msg is None or self._stopping.is_set():
-                if msg is not None:
-                    await tickets.answer(msg.nak())
-                continue
-            # Claim inline: the slot is taken before the next fetch, so an agent never holds
-            # tickets it has no room for (that would NAK them and upset priority order).
-            job = await self._claim_guarded(msg, klass, now)
-            if job is not None:
-                task = asyncio.create_task(self._serve(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            return True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._doorbell.wait(), self.settings.fetch_timeout_s)
+        try:
+            for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
+                # A rung class's ticket may reach the doorbell a moment before the consumer can
+                # deliver it: wait briefly for it there; empty classes answer at once.
+                self.claimer.step("", f"pull ({'rung' if klass in rung else 'idle'} {klass})")
+                read_ahead = None
+                if ringing is not None and self.names.class_of_subject(ringing.subject) == klass:
+                    # The pull goes first; the record and spec reads follow it onto the wire.
+                    read_ahead = functools.partial(self.claimer.read_ahead, ringing)
+                    ringing = None
+                msg = await self._fetch_one(klass, RUNG_WAIT_S if klass in rung else 0.0, sent=read_ahead)
+                if msg is None or self._stopping.is_set():
+                    if msg is not None:
+                        await tickets.answer(msg.nak())
+                    continue
+                # Claim inline: the slot is taken before the next fetch, so an agent never holds
+                # tickets it has no room for (that would NAK them and upset priority order).
+                job = await self._claim_guarded(msg, klass, now)
+                if job is not None:
+                    task = asyncio.create_task(self._serve(job))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                return True
+        finally:
+            # What the doorbell had read ahead served this round's claim or none; never a later one.
+            self.claimer.forget_read_ahead()
+        self._idle = True
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._doorbell.wait(), self.settings.fetch_timeout_s)
+        finally:
+            self._idle = False
         return False
 
     async def _ring_on_new_tickets(self) -> None:
@@ -334,14 +353,20 @@ class Agent:
         assert self.broker is not None
 
         async def ring(msg: Msg) -> None:
-            self._rung.add(self.names.class_of_subject(msg.subject))
+            klass = self.names.class_of_subject(msg.subject)
+            self._rung.add(klass)
             self._doorbell.set()
             self.claimer.step("", "doorbell")
+            if self._idle and self._has_slot_for(klass):
+                # The first ticket while idle (the doorbell carries a copy): its record and spec
+                # are read while the pull that fetches it is on its way. One per idle wait.
+                self._idle = False
+                self._ringing = msg
 
         for klass in self.classes():
             await self.broker.nc.subscribe(self.names.jobs_subject(klass), cb=ring)
 
-    async def _fetch_one(self, klass: str, wait_s: float = 0.0) -> Msg | None:
+    async def _fetch_one(self, klass: str, wait_s: float = 0.0, sent: Callable[[], None] | None = None) -> Msg | None:
         """The class's next ticket if one is waiting now (a no_wait pull: an empty class costs one
         round trip, so a ticket published mid-round never waits out a pull on another class).
 
@@ -349,7 +374,7 @@ class Agent:
         whose consumer does not exist yet is skipped until its doorbell rings or a while passes."""
         assert self.broker is not None and self._puller is not None
         try:
-            return await self._puller.pull(self.names.consumer(klass), wait_s)
+            return await self._puller.pull(self.names.consumer(klass), wait_s, sent=sent)
         except ConsumerUnavailable as exc:
             log.debug("class %s has no consumer yet: %s", klass, exc)
             self._absent[klass] = time.monotonic() + CONSUMER_RECHECK_S

@@ -10,18 +10,24 @@ record to ``claimed`` with ``attempt + 1``; losing the CAS means another write w
 and the record is judged again. An ineligible host declines: it records why (once)
 and NAKs with a delay, never a hot loop.
 
+Latency: the spec is read beside the record (one round trip, not two), and an idle agent
+starts both reads when the doorbell brings a ticket, while its pull is still on its way
+(:class:`ReadAhead`); what was read ahead is a hint that serves the claim that follows at
+once or nothing, and never decides anything a fresh read would not.
+
 Role: agent (reads specs, reads and CASes records, answers the tickets it fetched).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 
@@ -43,6 +49,11 @@ CLAIM_ROUNDS = 5
 NO_SLOT_NAK_S = 1.0
 # An unreadable record (a newer schema) is left for a newer agent this many NAK delays.
 UNREADABLE_NAK_FACTOR = 6
+
+
+# What was read ahead for a ticket serves its claim for this long at most (the agent also drops
+# it at the end of the round it was read for, whether it served or not).
+READ_AHEAD_FRESH_S = 1.0
 
 
 class Verdict(enum.Enum):
@@ -89,12 +100,40 @@ class Seat(Protocol):
 StepHook = Callable[[str, str], None]
 
 
+def _hint(task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+    """``task``, whose failure is read by whoever awaits it, or by nobody (a read nobody needed)."""
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+class ReadAhead:
+    """A job's record and opened spec, read when the doorbell brought its ticket, before the
+    pull that fetches the ticket is answered.
+
+    Hints, like the ticket: the record serves a verdict to claim only (the claim's CAS on its
+    revision fails if the record changed since, and the claim then reads it again; a decline
+    it leads to is a delayed NAK, as a record read a moment later could lead to); any other
+    verdict is reached on a fresh read. The spec is opened (signature, identity) exactly as one
+    read after the fetch, and it serves the claim that follows in the same round of the agent
+    or none: never a later one, so a spec replaced meanwhile is not served stale."""
+
+    def __init__(self, job_id: str, record: asyncio.Task[Stored], spec: asyncio.Task[JobSpec]):
+        self.job_id = job_id
+        self.at = time.monotonic()
+        self.record = record
+        self.spec = spec
+
+    def serves(self, job_id: str) -> bool:
+        return job_id == self.job_id and time.monotonic() - self.at <= READ_AHEAD_FRESH_S
+
+
 class Claimer:
     """Claims tickets for one agent (its host id, slots and capability come from the seat)."""
 
     def __init__(self, seat: Seat):
         self.seat = seat
         self.on_step: StepHook | None = None  # None in service: profiling only
+        self._ahead: ReadAhead | None = None
 
     def step(self, job_id: str, name: str) -> None:
         if self.on_step is not None:
@@ -105,6 +144,42 @@ class Claimer:
         assert self.seat.broker is not None
         return self.seat.broker
 
+    def read_ahead(self, doorbell: Msg) -> None:
+        """Start reading the record and spec of the job whose ticket rang the doorbell (a copy of
+        the ticket, on its subject): the claim of that ticket, if it is the one pulled next, finds
+        them read. Replaces an earlier read-ahead; a garbage ticket reads nothing."""
+        self._ahead = None
+        try:
+            job_id = tickets.read_ticket(doorbell).job_id
+        except SchemaError:
+            return
+        self.step(job_id, "doorbell: reads started")
+        record = _hint(asyncio.ensure_future(self._read_record(job_id, "record read (ahead)")))
+        spec = _hint(asyncio.ensure_future(self._read_spec(job_id, " (ahead)")))
+        self._ahead = ReadAhead(job_id, record, spec)
+
+    def forget_read_ahead(self) -> None:
+        """Drop what was read ahead (the agent's round it was read for is over)."""
+        self._ahead = None
+
+    def _take_read_ahead(self, job_id: str) -> ReadAhead | None:
+        ahead, self._ahead = self._ahead, None
+        return ahead if ahead is not None and ahead.serves(job_id) else None
+
+    async def _read_record(self, job_id: str, step: str) -> Stored:
+        stored = await get_record(self.broker, job_id)
+        self.step(job_id, step)
+        return stored
+
+    async def _read_spec(self, job_id: str, tag: str = "") -> JobSpec:
+        """The job's spec, opened (signature, identity): UntrustedSpec, SchemaError or JobNotFound
+        say why not."""
+        raw = await read_spec(self.broker, job_id)
+        self.step(job_id, f"spec read{tag}")
+        spec = open_spec(raw, job_id, self.broker.settings.trust_keys)
+        self.step(job_id, f"spec opened{tag}")
+        return spec
+
     async def claim(self, msg: Msg, now: float | None = None) -> HeldJob | None:
         """The held job for this ticket, or None when the ticket was answered instead."""
         try:
@@ -114,25 +189,17 @@ class Claimer:
             await tickets.answer(msg.term())
             return None
         self.step(ticket.job_id, "ticket in hand")
-        settings = self.broker.settings
         seq = msg.metadata.sequence.stream
-        spec: JobSpec | None = None  # read once, at the first verdict to claim
+        ahead = self._take_read_ahead(ticket.job_id)
+        # The spec is read beside the first record read, and opened at the first verdict to claim.
+        spec_read = ahead.spec if ahead is not None else _hint(asyncio.ensure_future(self._read_spec(ticket.job_id)))
+        spec: JobSpec | None = None
         for _ in range(CLAIM_ROUNDS):
-            try:
-                stored = await get_record(self.broker, ticket.job_id)
-                self.step(ticket.job_id, "record read")
-            except JobNotFound:
-                log.warning("dropping ticket for unknown job %s", ticket.job_id)
-                await tickets.answer(msg.ack())
-                return None
-            except SchemaError as exc:
-                log.warning("job %s: record unreadable (%s); leaving it for a newer agent", ticket.job_id, exc)
-                await tickets.answer(msg.nak(delay=settings.nak_delay_s * UNREADABLE_NAK_FACTOR))
-                return None
-            at = time.time() if now is None else now
-            verdict, delay = judge(
-                stored.record, ticket, seq, lease_s=settings.lease_s, held_here=self.seat.holds(ticket.job_id), now=at
-            )
+            judged = await self._judge(msg, ticket, seq, now, ahead)
+            ahead = None  # (a lost CAS reads again)
+            if judged is None:
+                return None  # the ticket was answered
+            stored, verdict, delay, at = judged
             if verdict is Verdict.DROP:
                 await tickets.answer(msg.ack())
                 return None
@@ -140,7 +207,7 @@ class Claimer:
                 await tickets.answer(msg.nak(delay=delay))
                 return None
             if spec is None:
-                spec = await self._open_spec(msg, stored)
+                spec = await self._open_spec(msg, stored, spec_read)
                 if spec is None:
                     return None  # refused: the ticket was answered
             result = await self._try_claim(msg, stored, spec, seq, at)
@@ -149,24 +216,52 @@ class Claimer:
             if result:
                 return None  # the ticket was answered (declined or failed)
             # Lost the CAS to another write: re-read and judge again.
-        await tickets.answer(msg.nak(delay=settings.nak_delay_s))
+        await tickets.answer(msg.nak(delay=self.broker.settings.nak_delay_s))
         return None
 
-    async def _open_spec(self, msg: Msg, stored: Stored) -> JobSpec | None:
-        """The job's spec if this agent may run it; else record why and put the ticket back
-        for long (an agent trusting other keys may take it)."""
+    async def _judge(
+        self, msg: Msg, ticket: Ticket, seq: int, now: float | None, ahead: ReadAhead | None
+    ) -> tuple[Stored, Verdict, float, float] | None:
+        """The record, the verdict on it, its delay and the time judged by; None when the ticket
+        was answered (no such job, or a record this agent cannot read). A record read ahead
+        serves a verdict to claim only; anything else is judged again on a fresh read."""
         settings = self.broker.settings
+
+        def judged(stored: Stored) -> tuple[Stored, Verdict, float, float]:
+            at = time.time() if now is None else now
+            held_here = self.seat.holds(ticket.job_id)
+            verdict, delay = judge(stored.record, ticket, seq, lease_s=settings.lease_s, held_here=held_here, now=at)
+            return stored, verdict, delay, at
+
+        if ahead is not None:
+            try:
+                verdict = judged(await ahead.record)
+            except Exception as exc:  # a hint that failed: read again below, and act on that read
+                log.debug("job %s: reading its record ahead failed: %r", ticket.job_id[:12], exc)
+            else:
+                if verdict[1] is Verdict.CLAIM:
+                    return verdict
         try:
-            job_id = stored.record.job_id
-            raw = await read_spec(self.broker, job_id)
-            self.step(job_id, "spec read")
-            spec = open_spec(raw, job_id, settings.trust_keys)
-            self.step(job_id, "spec opened")
-            return spec
+            stored = await self._read_record(ticket.job_id, "record read")
+        except JobNotFound:
+            log.warning("dropping ticket for unknown job %s", ticket.job_id)
+            await tickets.answer(msg.ack())
+            return None
+        except SchemaError as exc:
+            log.warning("job %s: record unreadable (%s); leaving it for a newer agent", ticket.job_id, exc)
+            await tickets.answer(msg.nak(delay=settings.nak_delay_s * UNREADABLE_NAK_FACTOR))
+            return None
+        return judged(stored)
+
+    async def _open_spec(self, msg: Msg, stored: Stored, spec_read: asyncio.Task[JobSpec]) -> JobSpec | None:
+        """The job's spec (read and opened by ``spec_read``) if this agent may run it; else record
+        why and put the ticket back for long (an agent trusting other keys may take it)."""
+        try:
+            return await spec_read
         except (UntrustedSpec, SchemaError, JobNotFound) as exc:
             log.warning("job %s: refusing its spec: %s", stored.record.job_id[:12], exc)
             await self._note(stored, f"spec refused: {exc}")
-            await tickets.answer(msg.nak(delay=settings.nak_delay_s * UNREADABLE_NAK_FACTOR))
+            await tickets.answer(msg.nak(delay=self.broker.settings.nak_delay_s * UNREADABLE_NAK_FACTOR))
             return None
 
     async def _try_claim(self, msg: Msg, stored: Stored, spec: JobSpec, seq: int, now: float) -> HeldJob | bool:

@@ -67,6 +67,10 @@ async def _watch_job(env: Env, record: JobRecord, timeout_s: float = 60.0, steps
     watcher = await env.broker.jobs.watch(record.job_id)
     seen: dict[JobStatus, float] = {}
     try:
+        # As in the claim floor: the watcher's first delivery (the current, pending record) is
+        # taken before the ticket is sent, so only the agent's own writes arrive while timing.
+        while await watcher.updates(timeout=5) is None:
+            pass
         if steps is not None:
             steps.marks.clear()
         sent = await publish_ticket(env.broker, record)
