@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from bench import ceiling
 from bench.env import Env, chunked_durable_copy_mb_s, fleet_env, make_file, plain_copy_mb_s, rss_mib
@@ -23,6 +24,7 @@ from bench.report import Row, median
 from trainfleet.broker.artifacts import ARTIFACT_CHUNK_BYTES, Artifacts
 from trainfleet.broker.bundle import Bundle
 from trainfleet.broker.connection import Broker
+from trainfleet.broker.objstore import TransferStats
 
 MIB = 1 << 20
 
@@ -271,3 +273,56 @@ async def _stock_rtt(env: Env, slow: Broker, size: int, where: str) -> list[Row]
             note="before",
         ),
     ]
+
+
+# -- where the time goes ------------------------------------------------------------------------
+async def profile(size: int, reps: int) -> None:
+    """Print, per upload and download of ``size`` bytes, the wall time, the client's and
+    nats-server's CPU time and each step's time (TransferStats.timings: the threads' busy
+    time, so steps on different threads overlap)."""
+    import psutil
+
+    async with fleet_env() as env:
+        src = env.workdir / "src"
+        sha = await asyncio.to_thread(make_file, src, size)
+        store = Artifacts(env.broker).store
+        server = psutil.Process(env.server.proc.pid) if env.server.proc else None
+        for rep in range(reps):
+            for what in ("upload", "download"):
+                dest = env.workdir / "dl"
+                stats = TransferStats()
+                cpu, server_cpu = time.process_time(), _cpu_s(server)
+                started = time.perf_counter()
+                if what == "upload":
+                    await store.put_file(sha, src, stats=stats)
+                else:
+                    await store.get_file(sha, dest, expect_sha256_hex=sha, stats=stats)
+                    dest.unlink()
+                wall = time.perf_counter() - started
+                print(
+                    f"{what} {_label(size)} #{rep + 1}: {size / 1e6 / wall:,.0f} MB/s, {wall * 1000:.0f} ms; "
+                    f"CPU: client {(time.process_time() - cpu) * 1000:.0f} ms, "
+                    f"nats-server {(_cpu_s(server) - server_cpu) * 1000:.0f} ms"
+                )
+                for step, seconds in getattr(stats, "timings", {}).items():
+                    print(f"    {step:56s} {seconds * 1000:8.1f} ms")
+            await store.delete(sha)
+
+
+def _cpu_s(process: Any) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.transfer", description="where an artifact transfer's time goes"
+    )
+    parser.add_argument("--size-mib", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(profile(args.size_mib * MIB, args.reps))

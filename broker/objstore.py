@@ -664,6 +664,7 @@ class ObjectStoreClient:
         subject = self.chunk_subject(nuid)
         try:
             sent = await self._send(name, reader, subject, chunk_bytes)
+            sent.timings["chunks, all acknowledged"] = time.perf_counter() - started
             size, chunks, digest = sent.size, sent.chunks, sent.digest
             old = await previous
             info = ObjectInfo(
@@ -676,7 +677,9 @@ class ObjectStoreClient:
                 mtime=_now_rfc3339(),
                 options=ObjectOptions(max_chunk_size=chunk_bytes),
             )
+            info_started = time.perf_counter()
             await self._publish_info(info)
+            sent.timings["info published (fsynced)"] = time.perf_counter() - info_started
         except BaseException as exc:
             await asyncio.wait([previous])
             # Chunks nobody's info points at are garbage: drop them, whatever went wrong.
