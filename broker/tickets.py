@@ -216,37 +216,46 @@ async def _direct_scan(
     broker: Broker, stream: str, subject: str, *, batch: int = SCAN_BATCH, timeout_s: float = 10.0
 ) -> AsyncIterator[tuple[int, bytes]]:
     """(sequence, data) of every message of ``stream`` on ``subject``, oldest first, read with
-    batched direct gets (nats-server >= 2.11; the stream must allow direct gets)."""
-    inbox = broker.nc.new_inbox()
-    answers: asyncio.Queue[Msg] = asyncio.Queue()
+    batched direct gets (nats-server >= 2.11; the stream must allow direct gets).
+
+    A batch's answers are collected by the subscription's callback and handed on once its
+    end-of-batch status is in (one wait per batch, not one per message)."""
+    nc = broker.nc
+    inbox = nc.new_inbox()
+    loop = asyncio.get_running_loop()
+    got: list[tuple[int, bytes]] = []
+    done: asyncio.Future[Msg] = loop.create_future()
 
     async def answer(msg: Msg) -> None:
-        answers.put_nowait(msg)
+        headers = msg.headers
+        status = headers.get(jsapi.STATUS) if headers else None
+        if status is not None or headers is None or jsapi.SEQUENCE not in headers:
+            if not done.done():
+                done.set_result(msg)
+            return
+        got.append((int(headers[jsapi.SEQUENCE]), msg.data))
 
-    sub = await broker.nc.subscribe(inbox, cb=answer)
+    sub = await nc.subscribe(inbox, cb=answer)
     seq = 1
     try:
         while True:
             body = msgspec.json.encode({"seq": seq, "batch": batch, "next_by_subj": subject})
-            await broker.nc.publish(jsapi.direct_get(stream), body, reply=inbox)
-            got = 0
-            while True:
-                try:
-                    msg = await asyncio.wait_for(answers.get(), timeout_s)
-                except TimeoutError:
-                    raise nats.errors.TimeoutError from None
-                status = jsapi.status_of(msg)
-                if status is not None:
-                    # end of batch, or nothing (more) to read
-                    if status not in (jsapi.STATUS_END_OF_BATCH, jsapi.STATUS_NOT_FOUND):
-                        raise BrokerError(f"reading {stream}: {status} {jsapi.description_of(msg)}")
-                    break
-                seq = int(msg.headers[jsapi.SEQUENCE])
-                yield seq, msg.data
-                got += 1
-                seq += 1
-            if status != jsapi.STATUS_END_OF_BATCH or got == 0:
+            await nc.publish(jsapi.direct_get(stream), body, reply=inbox)
+            try:
+                end = await asyncio.wait_for(done, timeout_s)
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+            status = jsapi.status_of(end)
+            # end of batch, or nothing (more) to read
+            if status not in (jsapi.STATUS_END_OF_BATCH, jsapi.STATUS_NOT_FOUND):
+                raise BrokerError(f"reading {stream}: {status} {jsapi.description_of(end)}")
+            answers, got[:] = list(got), []
+            done = loop.create_future()
+            for item in answers:
+                yield item
+            if status != jsapi.STATUS_END_OF_BATCH or not answers:
                 return
+            seq = answers[-1][0] + 1
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()

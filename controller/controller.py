@@ -21,7 +21,7 @@ import math
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -682,6 +682,18 @@ class _RecordPolicy(msgspec.Struct, kw_only=True, gc=False):
 Outcome = int | BaseException | None  # a publish's stream sequence, its error, or None: not sent
 
 
+class _Batch:
+    """Publishes sent together: each one's outcome, filled in as its pub-ack comes."""
+
+    __slots__ = ("out", "left", "sealed", "done")
+
+    def __init__(self, size: int):
+        self.out: list[Outcome] = [None] * size
+        self.left = 0  # sent, not answered yet
+        self.sealed = False  # every publish of the batch is sent (or will never be)
+        self.done = asyncio.Event()
+
+
 class _Pipelined:
     """JetStream publishes pipelined on one connection: up to SYNC_PUBLISH_WINDOW await their
     pub-ack. The first error other than a lost condition (a record written meanwhile) stops
@@ -690,14 +702,14 @@ class _Pipelined:
     (Not js.publish_async: with nats-py 2.16 its future never completes when the pub-ack is
     an error, such as a full store's: a sync would wait forever.)"""
 
-    def __init__(self, nc: Any):
+    def __init__(self, nc: Any, halted: Callable[[], bool]):
         self.nc = nc
+        self.halted = halted  # the sync stopped elsewhere: send no more
         self.inbox = nc.new_inbox()
         self.fatal: BaseException | None = None
         self._window = asyncio.Semaphore(SYNC_PUBLISH_WINDOW)
-        self._slots: dict[int, tuple[list[Outcome], int]] = {}
+        self._slots: dict[int, tuple[_Batch, int]] = {}
         self._next = 0
-        self._idle = asyncio.Event()
         self._acked_at = time.monotonic()
         self._sub: Any = None
 
@@ -717,46 +729,61 @@ class _Pipelined:
             return  # answered after it was given up on
         self._window.release()
         self._acked_at = time.monotonic()
-        outcome = _pub_ack(msg)
-        slot[0][slot[1]] = outcome
+        batch, i = slot
+        outcome = batch.out[i] = _pub_ack(msg)
         if isinstance(outcome, BaseException) and not _lost_condition(outcome) and self.fatal is None:
             self.fatal = outcome
-        if not self._slots:
-            self._idle.set()
+        batch.left -= 1
+        if batch.left == 0 and batch.sealed:
+            batch.done.set()
 
-    async def publish(self, messages: list[tuple[str, bytes, dict[str, str] | None]]) -> list[Outcome]:
-        """Each message's outcome, in order, once every one sent was answered."""
-        out: list[Outcome] = [None] * len(messages)
+    async def send(self, messages: list[tuple[str, bytes, dict[str, str] | None]]) -> _Batch:
+        """Send ``messages`` in order (waiting for room in the window); :meth:`outcomes` waits
+        for their pub-acks."""
+        batch = _Batch(len(messages))
         nc, inbox = self.nc, self.inbox
         for i, (subject, payload, headers) in enumerate(messages):
-            if self.fatal is not None:
+            if self.fatal is not None or self.halted():
                 break
             if self._window.locked():
                 try:
                     await asyncio.wait_for(self._window.acquire(), SYNC_ACK_TIMEOUT_S)
                 except TimeoutError as exc:
-                    self.fatal = exc
+                    self.fatal = self.fatal or exc
                     break
             else:
                 await self._window.acquire()
             n = self._next
             self._next += 1
-            self._slots[n] = (out, i)
-            self._idle.clear()
+            self._slots[n] = (batch, i)
+            batch.left += 1
             await nc.publish(subject, payload, reply=f"{inbox}.{n}", headers=headers)
-        while self._slots:
+        batch.sealed = True
+        if batch.left == 0:
+            batch.done.set()
+        return batch
+
+    async def outcomes(self, batch: _Batch) -> list[Outcome]:
+        """Each message's outcome, in order, once every one sent was answered (or given up on)."""
+        while not batch.done.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), SYNC_ACK_TIMEOUT_S)
-            if self._slots and time.monotonic() - self._acked_at >= SYNC_ACK_TIMEOUT_S:
-                for slots, j in self._slots.values():
-                    slots[j] = TimeoutError()
-                self._slots.clear()
+                await asyncio.wait_for(batch.done.wait(), SYNC_ACK_TIMEOUT_S)
+            if not batch.done.is_set() and time.monotonic() - self._acked_at >= SYNC_ACK_TIMEOUT_S:
+                for n, (owner, i) in list(self._slots.items()):
+                    if owner is batch:
+                        owner.out[i] = TimeoutError()
+                        del self._slots[n]
                 self.fatal = self.fatal or TimeoutError()
-        return out
+                batch.done.set()
+        return batch.out
 
 
 class _SyncRun:
-    """The writes of one sync, chunk by chunk, the three streams overlapping (see sync)."""
+    """The writes of one sync, chunk by chunk, the three streams overlapping (see sync).
+
+    Three stages, one per stream, each sending its chunks in order and going on with the next
+    chunk while the pub-acks of the last are still coming: a chunk's records are sent once
+    all its specs are stored, its tickets once all its records are settled."""
 
     def __init__(
         self,
@@ -772,60 +799,87 @@ class _SyncRun:
         self.existing: list[tuple[str, bool]] = []  # (job id, whether its record was refreshed)
         self.progress = SyncProgress(specs=(0, len(to_write)))
         self.failed: tuple[BaseException, str] | None = None
+        self._gates: list[asyncio.Event] = []  # set on a failure, so no stage waits for ever
+        self._specs_in: list[asyncio.Event] = []  # per chunk: its specs are stored
+        self._records_in: list[asyncio.Event] = []  # per chunk: its records are settled
+        self._recorded: dict[int, list[JobRecord]] = {}  # per chunk: its records created, awaiting tickets
+        self._pending: list[asyncio.Task[None]] = []
         self._records_wanted = 0
         self._records_done = 0
         self._tickets_sent = 0
+        self._tickets_wanted = 0
 
     def _fail(self, exc: BaseException, where: str) -> None:
         if self.failed is None:
             self.failed = (exc, where)
+        for gate in self._gates:
+            gate.set()
+
+    def _halted(self) -> bool:
+        return self.failed is not None
 
     async def write(self, wanted: list[JobSpec]) -> None:
         chunks = [wanted[i : i + SYNC_CHUNK] for i in range(0, len(wanted), SYNC_CHUNK)]
         self._records_wanted = sum(1 for s in wanted if s.job_id not in self.refused)
-        pubs = [await _Pipelined(self.b.nc).start() for _ in range(3)]
-        recorded: dict[int, list[JobRecord]] = {}  # chunk -> its records created, awaiting tickets
+        self._specs_in = [asyncio.Event() for _ in chunks]
+        self._records_in = [asyncio.Event() for _ in chunks]
+        self._gates = self._specs_in + self._records_in
+        self._pending: list[asyncio.Task[None]] = []  # the tasks waiting for a chunk's pub-acks
+        pubs = [await _Pipelined(self.b.nc, self._halted).start() for _ in range(3)]
         try:
-            for step in range(len(chunks) + 2):
-                stages: list[Any] = []
-                if step < len(chunks):
-                    stages.append(self._specs(pubs[0], chunks[step]))
-                if 0 <= step - 1 < len(chunks):
-                    stages.append(self._records(pubs[1], chunks[step - 1], recorded, step - 1))
-                if step - 2 in recorded:
-                    stages.append(self._tickets(pubs[2], recorded.pop(step - 2)))
-                await asyncio.gather(*stages)
-                if self.failed is not None:
-                    break
+            await asyncio.gather(
+                self._spec_stage(pubs[0], chunks), self._record_stage(pubs[1], chunks), self._ticket_stage(pubs[2])
+            )
+            while self._pending:
+                await self._pending.pop(0)
         finally:
+            for task in self._pending:
+                task.cancel()
             for pub in pubs:
                 await pub.stop()
         if self.failed is not None:
             exc, where = self.failed
             raise self.ctl._sync_stopped(exc, self.progress, where) from exc
 
-    async def _specs(self, pub: _Pipelined, chunk: list[JobSpec]) -> None:
+    async def _spec_stage(self, pub: _Pipelined, chunks: list[list[JobSpec]]) -> None:
         bucket, signer = self.ctl.names.specs_bucket, self.ctl.signer
-        messages = [
-            (jsapi.kv_subject(bucket, s.job_id), specs.seal(s, signer), None)
-            for s in chunk
-            if s.job_id in self.to_write
-        ]
-        outcomes = await pub.publish(messages)
-        done = sum(1 for o in outcomes if isinstance(o, int))
-        self.progress.specs = (self.progress.specs[0] + done, self.progress.specs[1])
-        if pub.fatal is not None:
-            self._fail(pub.fatal, f"the specs bucket {bucket}")
+        for i, chunk in enumerate(chunks):
+            if self.failed is not None:
+                return
+            chosen = [s for s in chunk if s.job_id in self.to_write]
+            batch = await pub.send([(jsapi.kv_subject(bucket, s.job_id), specs.seal(s, signer), None) for s in chosen])
+            self._pending.append(asyncio.create_task(self._specs_stored(pub, batch, self._specs_in[i])))
 
-    async def _records(
-        self, pub: _Pipelined, chunk: list[JobSpec], recorded: dict[int, list[JobRecord]], index: int
-    ) -> None:
-        """Create the chunk's new records and refresh its existing ones; ``recorded[index]``:
-        the records created, in the chunk's (priority) order."""
-        if self.progress.records is None:
-            self.progress.records = (0, self._records_wanted)
-            self.progress.tickets = (0, 0)
-        bucket = self.ctl.names.jobs_bucket
+    async def _specs_stored(self, pub: _Pipelined, batch: _Batch, stored: asyncio.Event) -> None:
+        try:
+            done = sum(1 for o in await pub.outcomes(batch) if isinstance(o, int))
+            self.progress.specs = (self.progress.specs[0] + done, self.progress.specs[1])
+            if pub.fatal is not None:
+                self._fail(pub.fatal, f"the specs bucket {self.ctl.names.specs_bucket}")
+        finally:
+            stored.set()
+
+    async def _record_stage(self, pub: _Pipelined, chunks: list[list[JobSpec]]) -> None:
+        for i, chunk in enumerate(chunks):
+            await self._specs_in[i].wait()
+            if self.failed is not None:
+                return
+            if self.progress.records is None:
+                self.progress.records = (0, self._records_wanted)
+                self.progress.tickets = (0, 0)
+            await self._records(pub, chunk, i)
+
+    async def _ticket_stage(self, pub: _Pipelined) -> None:
+        for i, settled in enumerate(self._records_in):
+            await settled.wait()
+            if self.failed is not None:
+                return
+            await self._tickets(pub, self._recorded.pop(i, []))
+
+    async def _records(self, pub: _Pipelined, chunk: list[JobSpec], index: int) -> None:
+        """Send the chunk's record creates; once answered (in a task of its own, while the next
+        chunk is sent), settle what needs a read, note the records created (in the chunk's
+        priority order) for the ticket stage and let it go on."""
         creates: list[JobRecord] = []
         refresh: list[JobRecord] = []
         for spec in chunk:
@@ -840,19 +894,29 @@ class _SyncRun:
                 self._records_done += 1
             else:
                 refresh.append(fresh)
+        bucket = self.ctl.names.jobs_bucket
         header = {jsapi.EXPECTED_LAST_SUBJECT_SEQ: "0"}
-        outcomes = await pub.publish([(jsapi.kv_subject(bucket, r.job_id), encode(r), header) for r in creates])
-        made = [isinstance(o, int) for o in outcomes]
-        self._records_done += sum(made)
-        if pub.fatal is not None:
-            self._fail(pub.fatal, f"the jobs bucket {bucket}")
-        else:
-            # Written by someone else meanwhile (or a delete mark): decided on a fresh read.
-            again = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException) and _lost_condition(o)]
-            await self._one_by_one(creates, again, made, refresh)
-        recorded[index] = [r for r, ok in zip(creates, made, strict=True) if ok]
-        self.created += [r.job_id for r in recorded[index]]
-        self.progress.records = (self._records_done, self._records_wanted)
+        batch = await pub.send([(jsapi.kv_subject(bucket, r.job_id), encode(r), header) for r in creates])
+        self._pending.append(asyncio.create_task(self._records_settled(pub, batch, creates, refresh, index)))
+
+    async def _records_settled(
+        self, pub: _Pipelined, batch: _Batch, creates: list[JobRecord], refresh: list[JobRecord], index: int
+    ) -> None:
+        try:
+            outcomes = await pub.outcomes(batch)
+            made = [isinstance(o, int) for o in outcomes]
+            self._records_done += sum(made)
+            if pub.fatal is not None:
+                self._fail(pub.fatal, f"the jobs bucket {self.ctl.names.jobs_bucket}")
+            else:
+                # Written by someone else meanwhile (or a delete mark): decided on a fresh read.
+                again = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException) and _lost_condition(o)]
+                await self._one_by_one(creates, again, made, refresh)
+            self._recorded[index] = [r for r, ok in zip(creates, made, strict=True) if ok]
+            self.created += [r.job_id for r in self._recorded[index]]
+            self.progress.records = (self._records_done, self._records_wanted)
+        finally:
+            self._records_in[index].set()
 
     async def _one_by_one(
         self, creates: list[JobRecord], again: list[int], made: list[bool], refresh: list[JobRecord]
@@ -877,7 +941,8 @@ class _SyncRun:
         await asyncio.gather(*(settle(creates[i], i) for i in again), *(settle(r, None) for r in refresh))
 
     async def _tickets(self, pub: _Pipelined, recs: list[JobRecord]) -> None:
-        self.progress.tickets = (self._tickets_sent, len(self.created))
+        self._tickets_wanted += len(recs)
+        self.progress.tickets = (self._tickets_sent, self._tickets_wanted)
         if not recs:
             return
         where = f"the jobs stream {self.ctl.names.jobs_stream}"
@@ -886,9 +951,13 @@ class _SyncRun:
         except SYNC_WRITE_ERRORS as exc:
             self._fail(exc, where)
             return
-        outcomes = await pub.publish([tickets.ticket_message(self.b, r, r.klass) for r in recs])
+        batch = await pub.send([tickets.ticket_message(self.b, r, r.klass) for r in recs])
+        self._pending.append(asyncio.create_task(self._tickets_answered(pub, batch, where)))
+
+    async def _tickets_answered(self, pub: _Pipelined, batch: _Batch, where: str) -> None:
+        outcomes = await pub.outcomes(batch)
         self._tickets_sent += sum(1 for o in outcomes if isinstance(o, int))
-        self.progress.tickets = (self._tickets_sent, len(self.created))
+        self.progress.tickets = (self._tickets_sent, self._tickets_wanted)
         if pub.fatal is not None:
             self._fail(pub.fatal, where)
 
