@@ -443,6 +443,7 @@ class Agent:
         logfmt.JOB_ID.set(job.job_id)  # this task's log lines name the job (--log-format json)
         self.running[job.job_id] = job
         await self._register()  # `workers` shows the new job at once, not at the next refresh
+        job.step("worker entry written")
         try:
             await job.run()
             outcome = await job.settle()

@@ -25,13 +25,12 @@ import enum
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 
-from trainfleet.agent.held import HeldJob
+from trainfleet.agent.held import HeldJob, StepHook
 from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.eligibility import ineligibility
@@ -94,10 +93,6 @@ class Seat(Protocol):
     def holds(self, job_id: str) -> bool: ...
     def job_workdir(self, job_id: str, attempt: int) -> Path: ...
     def trainer_threads(self) -> int: ...
-
-
-# Told (job id, step name) at each step of a claim: how bench/fleet.py --profile times the path.
-StepHook = Callable[[str, str], None]
 
 
 def _hint(task: asyncio.Task[Any]) -> asyncio.Task[Any]:
@@ -320,6 +315,7 @@ class Claimer:
             slot=slot,
             workdir=workdir,
             threads=self.seat.trainer_threads(),
+            on_step=self.on_step,
         )
 
     async def _decline(self, msg: Msg, stored: Stored, reasons: list[str]) -> None:

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ from trainfleet.broker.logs import Outbox
 from trainfleet.broker.records import Stored, get_record, update_record, watch_records
 from trainfleet.broker.schema import Capability, JobRecord, JobSpec, JobStatus
 from trainfleet.broker.settings import Settings
+
+# Told (job id, step name) at each step of a claim and a held job: how bench/fleet.py --profile
+# times them (None in service).
+StepHook = Callable[[str, str], None]
 
 log = logging.getLogger("trainfleet.agent")
 
@@ -87,6 +92,7 @@ class HeldJob:
     last_renewal: float = field(default_factory=time.monotonic)
     trainer: TrainerProcess | None = None
     exit_code: int | None = None
+    on_step: StepHook | None = None  # told each step of the job's life (bench/fleet.py --profile)
     relay: Relay = field(init=False)
     _renewing: list[asyncio.Task[None]] = field(default_factory=list, init=False)
 
@@ -96,6 +102,10 @@ class HeldJob:
     @property
     def job_id(self) -> str:
         return self.record.job_id
+
+    def step(self, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(self.job_id, name)
 
     @property
     def settings(self) -> Settings:
@@ -115,16 +125,19 @@ class HeldJob:
         running = self.record.evolve(status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, device=device)
         if not await self._write(running):
             return
+        self.step("running CAS answered")
         # The lease is renewed (and the record watched) from here until the job is settled:
         # through training, packing, the upload and up to the final write (_stop_renewing).
         self._renewing = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._watch())]
+        confinement = self._confinement()
+        self.step("confinement made (cgroup)")
         trainer = TrainerProcess(
             self.spec,
             self.workdir / "output",
             env=env,
             on_output=self.relay.output,
             on_progress=self.relay.report,
-            confinement=self._confinement(),
+            confinement=confinement,
         )
         self.trainer = trainer
         try:
@@ -133,8 +146,10 @@ class HeldJob:
             self.exit_code = 127
             trainer.stderr_tail.append(f"cannot start trainer {build_argv(self.spec, Path('OUT'))}: {exc}")
             return
+        self.step("trainer spawned (exec'd; the agent's loop is back)")
         await self.relay.mark("started")
         await self._hold(trainer)
+        self.step("trainer exit seen")
 
     async def _hold(self, trainer: TrainerProcess) -> None:
         """Wait for the trainer; stop it when the lease is lost or we hand back."""
@@ -326,6 +341,7 @@ class HeldJob:
             return await self._fail(f"pack: {exc}")
         except OSError as exc:  # the agent's own disk (full, say): another agent may manage
             return await self._hand_back_for_retry(f"pack: cannot write the bundle: {exc}")
+        self.step("output packed")
         if bundle.size > limit:
             return await self._fail(
                 f"pack: artifact bundle is {bundle.size} bytes, over max_artifact_bytes {limit}: write less into "
@@ -335,6 +351,7 @@ class HeldJob:
             await self._upload(bundle)
         except Exception as exc:
             return await self._hand_back_for_retry(f"artifact upload failed: {exc!r}")
+        self.step("provenance and bundle uploaded")
         done = self.record.evolve(
             status=JobStatus.COMPLETED,
             finished_at=time.time(),

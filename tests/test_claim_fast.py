@@ -9,6 +9,8 @@ signing key); the test writes specs signed with that key, and records and ticket
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +31,7 @@ from trainfleet.broker.settings import Settings
 from trainfleet.broker.specs import Signer, job_id_for, put_spec, seal
 from trainfleet.broker.tickets import TicketPuller
 
-from .conftest import as_role, fake_capability, role_env, wait_for
+from .conftest import REPO, as_role, fake_capability, role_env, wait_for
 
 
 def make_spec(seed: int, command: tuple[str, ...] = ("{python}", "-c", "pass")) -> JobSpec:
@@ -229,3 +231,31 @@ async def test_a_job_held_when_read_ahead_but_pending_at_the_claim_is_claimed(br
     job = await agent.claimer.claim(msg)  # type: ignore[arg-type]
     assert isinstance(job, HeldJob) and job.record.attempt == 2
     assert (await get_record(broker, spec.job_id)).record.claimed_by == "a1"
+
+
+@pytest.mark.slow
+def test_the_claim_profile_names_every_step_of_the_claim_and_the_job():
+    # (behaviour only: which steps it reports, never how long they took)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--profile", "--samples", "3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout.split("Where the time goes", 1)[1]
+    for step in (
+        "doorbell",
+        "doorbell: reads started",
+        "record read (ahead)",
+        "spec opened (ahead)",
+        "ticket in hand",
+        "claim CAS answered",
+        "claimed seen by the bench's watcher",
+        "running CAS answered",
+        "trainer spawned",
+        "provenance and bundle uploaded",
+        "completed seen by the bench's watcher",
+    ):
+        assert f"| {step}" in table, step
