@@ -166,6 +166,7 @@ class RecordCache:
             self.views.pop(d.key, None)
             return
         intern = self._intern
+        view.job_id = d.key  # one string for the key and the view
         view.klass = intern.setdefault(view.klass, view.klass)
         view.offered = tuple(intern.setdefault(k, k) for k in view.offered)
         view.revision = d.revision

@@ -832,8 +832,10 @@ def _parse_jobs(sink: _Sink, doc: dict[str, Any], models: dict[str, _ModelCheck]
         return []
     specs: list[JobSpec] = []
     names: dict[str, list[int]] = {}
+    shared: dict[Any, Any] = {}  # equal immutable parts of many specs, held once
     for index, raw_job in enumerate(raw, start=1):
-        name, spec = _parse_job(sink, index, raw_job, models)
+        name, spec = _parse_job(sink, index, raw_job, models, shared)
+        raw[index - 1] = None  # the table is done with: its memory goes to the next specs
         if name is not None:
             names.setdefault(name, []).append(index)
         if spec is not None:
@@ -843,8 +845,13 @@ def _parse_jobs(sink: _Sink, doc: dict[str, Any], models: dict[str, _ModelCheck]
     return specs
 
 
-def _parse_job(sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]) -> tuple[str | None, JobSpec | None]:
-    """(the job's name if it has a usable one, its JobSpec if it has no problems)."""
+def _parse_job(
+    sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck], shared: dict[Any, Any]
+) -> tuple[str | None, JobSpec | None]:
+    """(the job's name if it has a usable one, its JobSpec if it has no problems). Equal
+    constraints (frozen), a model's trainer environment and its data recipe (when the job
+    keeps it) are shared among the specs through ``shared``, not copied into each one (100k
+    jobs hold them once; specs are never changed in place)."""
     if not isinstance(raw, dict):
         _Scope(sink, f"#{index}").add(f"each [[jobs]] entry must be a table, got {_describe(raw)}")
         return None, None
@@ -865,6 +872,10 @@ def _parse_job(sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]
     if not scope.clean_since(mark) or check is None:
         return (name if named else None), None
     model = check.model
+    constraints = shared.setdefault(constraints, constraints)
+    env = shared.setdefault(("env", model.name), dict(model.env))
+    if data == model.data:  # the model's recipe, as most jobs have it
+        data = shared.setdefault(("data", model.name), data)
     spec = JobSpec(
         job_id="",
         name=name,
@@ -877,7 +888,7 @@ def _parse_job(sink: _Sink, index: int, raw: Any, models: dict[str, _ModelCheck]
         priority=priority,
         constraints=constraints,
         requires=model.requires,
-        env=dict(model.env),
+        env=env,
     )
     return name, msgspec.structs.replace(spec, job_id=job_id_for(spec.identity()))
 
