@@ -404,6 +404,9 @@ class _Stage(threading.Thread):
                 self.release(index)
 
 
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # (macOS and Windows have no fdatasync)
+
+
 class WriteBack(threading.Thread):
     """Has the kernel write a file out while it is still being written: ``fdatasync`` of what
     is there so far, on this thread, each time ``every_bytes`` more were written (:meth:`wrote`),
@@ -447,7 +450,7 @@ class WriteBack(threading.Thread):
             self.wanted.clear()
             started = time.perf_counter()
             try:
-                os.fdatasync(self.fd)
+                _fdatasync(self.fd)
             except OSError:
                 return
             self.busy_s += time.perf_counter() - started

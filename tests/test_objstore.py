@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ from bench.proxy import LatencyProxy
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.bundle import Bundle
 from trainfleet.broker.errors import ArtifactError, ObjectNotFound, StoreFull
-from trainfleet.broker.objstore import ObjectStoreClient, TransferStats, encode_name
+from trainfleet.broker.objstore import ObjectInfo, ObjectStoreClient, TransferStats, encode_name
 from trainfleet.broker.server import EmbeddedServer
 
 BUCKET = "t"
@@ -538,3 +539,19 @@ async def test_a_direct_put_refused_for_lack_of_room_is_store_full(nc, tmp_path)
     with pytest.raises(StoreFull, match="refused a chunk"):
         await client.put_file("obj", src, stats=stats)
     assert (await nc.jetstream().stream_info("OBJ_small")).state.messages == 0
+
+
+async def test_chunks_that_carry_headers_arrive_without_them(nc, store, tmp_path):
+    # Given an object some other writer stored with a header on every chunk (the direct get
+    # reads such a chunk's headers into its buffer and must keep only the payload)
+    data = payload(3 * CHUNK + 7)
+    nuid = "withheaders"
+    js = nc.jetstream()
+    for offset in range(0, len(data), CHUNK):
+        await js.publish(store.chunk_subject(nuid), data[offset : offset + CHUNK], headers={"X-Writer": "other"})
+    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+    info = ObjectInfo(name="obj", bucket=BUCKET, nuid=nuid, size=len(data), chunks=4, digest=digest)
+    await js.publish(store.meta_subject("obj"), info.to_json(), headers={"Nats-Rollup": "sub"})
+    # When it is fetched, then the file holds the payloads only
+    await store.get_file("obj", tmp_path / "obj")
+    assert (tmp_path / "obj").read_bytes() == data
