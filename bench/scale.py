@@ -41,7 +41,7 @@ from bench.simagent import PULLS, connect_agents, drive
 from bench.sync import manifest_text
 from trainfleet.broker import jsapi
 from trainfleet.broker.connection import Broker
-from trainfleet.broker.provision import MAX_WAITING_PULLS, ensure_consumer
+from trainfleet.broker.provision import ensure_consumer
 from trainfleet.broker.records import load_records
 from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
 from trainfleet.broker.settings import Settings
@@ -104,14 +104,17 @@ async def agents_role(url: str, agents: int, *, first: int = 0, pull: str = "age
 
     await drive(sims, stopped, poll_s=0.05)
     statuses: Counter = Counter()
+    errors: Counter = Counter()
     for a in sims:
         statuses.update(a.statuses)
+        errors.update(a.errors)
     return {
         "agents": agents,
         "completed": [job for a in sims for job in a.completed],
         "dup_tickets": sum(a.dropped for a in sims),
         "lost_cas": sum(a.lost_cas for a in sims),
         "statuses": dict(statuses),
+        "errors": dict(errors),
         "rss_before_mib": before,
         "peak_rss_mib": _peak_rss_mib(),
     }
@@ -137,6 +140,7 @@ class Drain:
     results: list[dict]
     elapsed_s: float = 0.0
     max_waiting: int = 0  # the class consumer's outstanding pull requests, most seen while draining
+    cap: int = 0  # the class consumer's max_waiting
     server_cpu: float = 0.0  # nats-server's CPU over the drain, % of one core
     agents_cpu: float = 0.0  # all agent processes' CPU over the drain, % of one core
     samples: int = 0
@@ -212,6 +216,7 @@ async def _backlog(env: Env, drain: Drain, procs: list[subprocess.Popen], deadli
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             raise RuntimeError("scale run: the agents did not drain the backlog")
         info = await _consumer(env)
+        drain.cap = info.config.max_waiting or 0
         drain.max_waiting = max(drain.max_waiting, info.num_waiting or 0)
         drain.samples += 1
         if not info.num_pending and not info.num_ack_pending:
@@ -260,6 +265,23 @@ async def _trickle(env: Env, drain: Drain, count: int) -> None:
         drain.trickle_server_cpu_ms = 1000 * (_cpu_s([server]) - server_cpu) / count
 
 
+def _counted(drain: Drain, key: str) -> str:
+    total: Counter = Counter()
+    for r in drain.results:
+        total.update(r[key])
+    return ", ".join(f"{n} × {s}" for s, n in sorted(total.items())) or "none"
+
+
+def _statuses(drain: Drain) -> str:
+    """Pull answers that were not tickets, summed over the agent processes."""
+    return _counted(drain, "statuses")
+
+
+def _errors(drain: Drain) -> str:
+    """The agents' requests that timed out and tickets they handed back."""
+    return _counted(drain, "errors")
+
+
 async def _verify(broker: Broker, jobs: int) -> tuple[Counter, int]:
     records = await load_records(broker)
     states = Counter(s.record.status.value for s in records.values())
@@ -283,7 +305,10 @@ async def run(
         server_after_sync = rss_mib(env.server.proc.pid)
         drain = await _drain(env, url, agents, pull, trickle, timeout_s)
         server_peak = rss_mib(env.server.proc.pid)
-        await _verify(env.broker, jobs + trickle)
+        try:
+            await _verify(env.broker, jobs + trickle)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; agents' errors: {_errors(drain)}, pulls: {_statuses(drain)}") from None
     done = Counter(job for r in drain.results for job in r["completed"])
     if len(done) != jobs + trickle or any(n > 1 for n in done.values()):
         doubled = sum(1 for n in done.values() if n > 1)
@@ -292,10 +317,7 @@ async def run(
     procs = len(drain.results)
     peak = max(r["peak_rss_mib"] for r in drain.results)
     per_agent = sum(r["peak_rss_mib"] - r["rss_before_mib"] for r in drain.results) / agents
-    statuses: Counter = Counter()
-    for r in drain.results:
-        statuses.update(r["statuses"])
-    refused = ", ".join(f"{n} × {s}" for s, n in sorted(statuses.items())) or "none"
+    refused, timeouts = _statuses(drain), _errors(drain)
     rows = [
         Row(
             "scale",
@@ -332,7 +354,7 @@ async def run(
             f"scale: waiting pulls on the jobs consumer, {agents} agents ({pull} pulls)",
             drain.max_waiting,
             "pulls",
-            baseline=MAX_WAITING_PULLS,
+            baseline=drain.cap,
             baseline_label="max_waiting",
             note=f"most seen draining ({drain.samples} samples); pull answers not a ticket: {refused}",
         ),
@@ -341,7 +363,7 @@ async def run(
             f"scale: waiting pulls after one ticket to {agents} idle agents",
             drain.trickle_waiting,
             "pulls",
-            baseline=MAX_WAITING_PULLS,
+            baseline=drain.cap,
             baseline_label="max_waiting",
             note=f"most seen over {trickle} tickets, one at a time"
             + (": each rings every agent's doorbell" if pull == "agent" else f" ({pull} pulls)"),
@@ -360,7 +382,8 @@ async def run(
             0,
             "jobs",
             note=f"{jobs + trickle} completed, all attempt 1, "
-            f"{sum(r['dup_tickets'] for r in drain.results)} duplicate tickets dropped",
+            f"{sum(r['dup_tickets'] for r in drain.results)} duplicate tickets dropped; agents' requests "
+            f"that timed out: {timeouts}",
         ),
         Row(
             "scale",

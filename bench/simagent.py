@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -36,10 +37,11 @@ from trainfleet.agent.agent import PULL_RETRY_S, RUNG_WAIT_S
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ConsumerUnavailable
 from trainfleet.broker.records import cas
-from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, decode
+from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, decode, encode
 from trainfleet.broker.settings import Settings
 from trainfleet.broker.tickets import TicketPuller
 
+T = TypeVar("T")
 PULLS = ("fetch", "agent", "long")
 # "long": how long an idle agent's one waiting pull stays parked on the consumer.
 LONG_PULL_S = 5.0
@@ -59,6 +61,7 @@ class SimAgent:
     dropped: int = 0
     lost_cas: int = 0
     statuses: Counter[str] = field(default_factory=Counter)  # pull answers that were not tickets
+    errors: Counter[str] = field(default_factory=Counter)  # requests that timed out, tickets handed back
     last_done: float = 0.0  # wall clock of its last completion
     broker: Broker | None = None
 
@@ -97,7 +100,7 @@ class SimAgent:
             except nats.errors.ConnectionClosedError:
                 return
             for msg in msgs:
-                await (self._ack_only(msg) if self.bare else self.serve(msg))
+                await self._serve_guarded(msg)
 
     async def _run_as_agent(self, stop: asyncio.Event) -> None:
         assert self.broker is not None
@@ -127,7 +130,16 @@ class SimAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._bell.wait(), self.fetch_timeout_s)
                 continue
+            await self._serve_guarded(msg)
+
+    async def _serve_guarded(self, msg: Msg) -> None:
+        """Serve; a ticket it could not serve goes back (NAK with a delay), as an agent's does."""
+        try:
             await (self._ack_only(msg) if self.bare else self.serve(msg))
+        except (nats.errors.TimeoutError, nats.js.errors.Error, RuntimeError) as exc:
+            self.errors[f"ticket handed back ({type(exc).__name__})"] += 1
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=1.0)
 
     async def _ack_only(self, msg: Msg) -> None:
         await msg.ack()
@@ -135,11 +147,13 @@ class SimAgent:
         self.last_done = time.time()
 
     async def serve(self, msg: Msg) -> None:
-        """Claim, no-op, complete, ack: two compare-and-swaps on the record."""
+        """Claim, no-op, complete, ack: two compare-and-swaps on the record. A write whose
+        answer does not come (a request timeout under load) is read back: it may have landed."""
         assert self.broker is not None
+        jobs = self.broker.jobs
         ticket: Ticket = decode(msg.data, Ticket)
         seq = msg.metadata.sequence.stream
-        entry = await self.broker.jobs.get(ticket.job_id)
+        entry = await self._patiently(lambda: jobs.get(ticket.job_id))
         record: JobRecord = decode(entry.value, JobRecord)
         if record.generation != ticket.generation or record.status != JobStatus.PENDING:
             self.dropped += 1  # stale or a duplicate: the record says someone has (had) it
@@ -155,16 +169,43 @@ class SimAgent:
             started_at=now,
             ticket_seq=seq,
         )
-        revision = await cas(self.broker, claimed, entry.revision or 0)
+        revision = await self._write(claimed, entry.revision or 0)
         if revision is None:
             self.lost_cas += 1
             await msg.ack()
             return
         done = claimed.evolve(status=JobStatus.COMPLETED, finished_at=time.time())
-        if await cas(self.broker, done, revision) is not None:
+        if await self._write(done, revision) is not None:
             self.completed.append(ticket.job_id)
             self.last_done = time.time()
+        else:
+            self.lost_cas += 1
         await msg.ack()
+
+    async def _write(self, record: JobRecord, revision: int, tries: int = 10) -> int | None:
+        """CAS ``record`` on ``revision``: its new revision, or None when another write won. A
+        timed-out CAS is read back (counted in ``errors``): landed, lost, or tried again."""
+        assert self.broker is not None
+        jobs = self.broker.jobs
+        for _ in range(tries):
+            try:
+                return await cas(self.broker, record, revision)
+            except nats.errors.TimeoutError:
+                self.errors["CAS timed out"] += 1
+            entry = await self._patiently(lambda: jobs.get(record.job_id))
+            if entry.value == encode(record):
+                return entry.revision
+            if (entry.revision or 0) != revision:
+                return None
+        raise RuntimeError(f"{self.host_id}: {record.job_id[:12]} could not be written in {tries} tries")
+
+    async def _patiently(self, read: Callable[[], Awaitable[T]], tries: int = 10) -> T:
+        for _ in range(tries - 1):
+            try:
+                return await read()
+            except nats.errors.TimeoutError:
+                self.errors["read timed out"] += 1
+        return await read()
 
 
 async def connect_agents(
@@ -201,7 +242,9 @@ async def drive(agents: list[SimAgent], done: Callable[[], Awaitable[bool]], pol
         elapsed = time.perf_counter() - started
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for agent, result in zip(agents, await asyncio.gather(*tasks, return_exceptions=True), strict=True):
+            if isinstance(result, BaseException):
+                agent.errors[f"agent stopped ({type(result).__name__}: {result})"[:120]] += 1
         for agent in agents:
             with contextlib.suppress(Exception):
                 await agent.close()

@@ -21,6 +21,7 @@ from trainfleet.broker import jsapi
 from trainfleet.broker.errors import StorageLimit, StoreFull, StoreTooSmall
 from trainfleet.broker.names import Names
 from trainfleet.broker.settings import Settings
+from trainfleet.broker.tickets import is_host_class
 
 log = logging.getLogger("trainfleet.provision")
 
@@ -28,8 +29,17 @@ JOBS_KV_HISTORY = 10
 # Earlier versions of a spec stay readable (a command change is audited in the bucket itself).
 SPECS_KV_HISTORY = 5
 DUPLICATE_WINDOW_S = 120.0
-# Pull requests a class consumer keeps waiting (one per fetching agent at most).
-MAX_WAITING_PULLS = 4096
+# Pull requests a class consumer keeps waiting: one per agent pulling the class at that moment
+# (a ticket's doorbell sends every idle agent's pull at once; a parked pull is one per idle
+# agent). A pull past it is refused with "409 Exceeded MaxWaiting". The server preallocates
+# 8 bytes per slot, so a class every host shares (cpu, gpu.N) has room for a large fleet and a
+# host's own class (host.<id>: its agents only) little. The server cannot change it on an
+# existing consumer: ensure_consumer keeps the value a consumer was created with (4096 before
+# issue 17); deleting the consumer and provisioning again applies these.
+MAX_WAITING_PULLS = 65_536
+HOST_CLASS_MAX_WAITING = 64
+# nats-server's answer to a consumer update that changes max_waiting.
+ERR_MAX_WAITING_NOT_UPDATABLE = 10012
 # Where an operator reads what to do when a storage limit is hit.
 STORE_FULL_DOCS = 'docs/operations.md, "When the store is full"'
 # The account-info request of the storage check: best effort, so it must not hold provisioning up.
@@ -76,7 +86,7 @@ def jobs_consumer_config(names: Names, settings: Settings, klass: str) -> api.Co
         ack_wait=settings.lease_s,
         max_deliver=settings.max_deliver,
         max_ack_pending=-1,
-        max_waiting=MAX_WAITING_PULLS,
+        max_waiting=HOST_CLASS_MAX_WAITING if is_host_class(klass) else MAX_WAITING_PULLS,
         num_replicas=settings.replicas if settings.replicas > 1 else None,
     )
 
@@ -316,5 +326,14 @@ async def _storage_error(
 async def ensure_consumer(js: JetStreamContext, settings: Settings, klass: str) -> str:
     """Create (or update to the current lease settings) the durable consumer of ``klass``; its name."""
     config = jobs_consumer_config(settings.names, settings, klass)
-    await js.add_consumer(settings.names.jobs_stream, config=config)
+    stream = settings.names.jobs_stream
+    try:
+        await js.add_consumer(stream, config=config)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code != ERR_MAX_WAITING_NOT_UPDATABLE:
+            raise
+        # An existing consumer made with another max_waiting: keep it, update the rest.
+        info = await js.consumer_info(stream, config.durable_name or "")
+        config.max_waiting = info.config.max_waiting
+        await js.add_consumer(stream, config=config)
     return config.durable_name or ""
