@@ -160,7 +160,11 @@ class LatestWatch:
         self._delivered = self._heard
         operation = jsapi.kv_operation(headers) if headers else None
         value = b"" if operation is not None or self.headers_only else msg.data
-        self.on_entry(Delivery(msg.subject[len(self.prefix) :], seq, value, operation, pending))
+        try:
+            self.on_entry(Delivery(msg.subject[len(self.prefix) :], seq, value, operation, pending))
+        except Exception as exc:  # an entry not taken in is a gap like any other
+            self._lose(f"handling {msg.subject} failed: {exc!r}")
+            return
         if pending == 0 or seq >= self._start_seq:
             self.caught_up.set()
 
