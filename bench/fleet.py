@@ -8,7 +8,11 @@ publish → pull-fetch (the floor under any delivery); the claim floor (issue 17
 nats-py publish → fetch → KV get → KV update(last=revision), since a durable claim needs at
 least one fsynced compare-and-swap after the fetch, and its variant whose ticket already
 carries the record's revision (no get); and the same trainer spawned directly (the floor
-under any trainer start and any job).
+under any trainer start and any job). The delivery and claim baselines are sampled in turns
+with the agent's jobs (:func:`interleaved`), so the ratios compare the same minutes.
+
+``python -m bench.fleet --profile`` adds where the time goes: each step of the agent's claim
+and of the held job, timed from the ticket's publish.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -23,8 +28,10 @@ import random
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nats.js import api
 
@@ -103,7 +110,9 @@ async def _watch_job(env: Env, record: JobRecord, timeout_s: float = 60.0, steps
     return sample
 
 
-async def fleet_samples(env: Env, count: int, *, profile: bool = False) -> list[Sample]:
+async def fleet_samples(env: Env, *, profile: bool = False) -> AsyncIterator[Sample]:
+    """One job through the real agent per step: the ticket → claimed → trainer start → completed
+    timings (and with ``profile``, the steps of the claim and of the held job)."""
     agent = Agent(
         env.settings,
         AgentOptions(host_id="bench-agent", handle_signals=False, workdir=str(env.workdir / "agent")),
@@ -113,9 +122,8 @@ async def fleet_samples(env: Env, count: int, *, profile: bool = False) -> list[
     agent.claimer.on_step = steps
     task = asyncio.create_task(agent.run())
     nonce = uuid.uuid4().hex
-    samples = []
     try:
-        for i in range(count + 1):
+        for i in itertools.count():
             spec = noop_spec(i, nonce)
             await put_spec(env.broker, spec, None)
             record = JobRecord(
@@ -129,16 +137,13 @@ async def fleet_samples(env: Env, count: int, *, profile: bool = False) -> list[
             # A random gap over a whole poll cycle (one long-poll per class the agent
             # serves) so arrivals do not phase-lock with it.
             await asyncio.sleep(random.uniform(0.0, 2 * env.settings.fetch_timeout_s))
-            sample = await _watch_job(env, record, steps=steps)
-            if i:  # the first job warms up the agent's consumers
-                samples.append(sample)
+            yield await _watch_job(env, record, steps=steps)
     finally:
         agent.request_stop()
         await asyncio.wait_for(task, 60)
-    return samples
 
 
-async def bare_delivery(env: Env, count: int) -> list[float]:
+async def bare_delivery(env: Env) -> AsyncIterator[float]:
     """Publish → a waiting pull fetch returns it, on a bare work-queue stream (no KV, no agent)."""
     js = env.broker.js
     await js.add_stream(
@@ -150,20 +155,22 @@ async def bare_delivery(env: Env, count: int) -> list[float]:
         )
     )
     sub = await js.pull_subscribe("bench.bare", durable="bare", stream="BENCH_BARE")
-    out = []
-    for _ in range(count):
-        fetch = asyncio.create_task(sub.fetch(1, timeout=10))
-        await asyncio.sleep(0.02)  # let the pull request reach the server first
-        sent = time.time()
-        await js.publish("bench.bare", b"ticket")
-        msgs = await fetch
-        out.append(time.time() - sent)
-        await msgs[0].ack()
-    await js.delete_stream("BENCH_BARE")
-    return out
+    try:
+        while True:
+            fetch = asyncio.create_task(sub.fetch(1, timeout=10))
+            await asyncio.sleep(0.02)  # let the pull request reach the server first
+            sent = time.time()
+            await js.publish("bench.bare", b"ticket")
+            msgs = await fetch
+            elapsed = time.time() - sent
+            await msgs[0].ack()
+            yield elapsed
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_stream("BENCH_BARE")
 
 
-async def claim_floor(env: Env, count: int, *, with_get: bool) -> list[float]:
+async def claim_floor(env: Env, *, with_get: bool) -> AsyncIterator[float]:
     """The least a durable claim can cost, with plain nats-py on the same server: publish a
     ticket → a waiting pull fetch returns it → KV get of the record (skipped ``with_get=False``:
     the ticket carries the revision) → KV update(last=revision). Timed like ticket → claimed:
@@ -183,9 +190,8 @@ async def claim_floor(env: Env, count: int, *, with_get: bool) -> list[float]:
         api.KeyValueConfig(bucket=f"bench_floor_{tag}", history=1, storage=api.StorageType.FILE)
     )
     sub = await js.pull_subscribe(subject, durable=f"floor_{tag}", stream=stream)
-    out = []
     try:
-        for i in range(count + 1):
+        for i in itertools.count():
             key = f"job{i}"
             record = JobRecord(
                 job_id=uuid.uuid4().hex, klass="cpu", offered=("cpu",), created_at=time.time(), queued_at=time.time()
@@ -214,11 +220,34 @@ async def claim_floor(env: Env, count: int, *, with_get: bool) -> list[float]:
             finally:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
-            if i:  # the first one warms up the consumer and the bucket
-                out.append(elapsed)
+            yield elapsed
     finally:
-        await js.delete_stream(stream)
-        await js.delete_key_value(f"bench_floor_{tag}")
+        with contextlib.suppress(Exception):
+            await js.delete_stream(stream)
+            await js.delete_key_value(f"bench_floor_{tag}")
+
+
+async def interleaved(env: Env, count: int, *, profile: bool = False) -> dict[str, list[Any]]:
+    """``count`` samples of each kind (after one warm-up each), taken in turns: one bare
+    delivery, one claim floor, one revision-in-ticket floor, one job through the agent, again
+    and again, so a change in the machine's load (other work, one fsync's jitter) falls on the
+    baselines and on trainfleet alike instead of on whichever ran during it."""
+    samplers: dict[str, AsyncIterator[Any]] = {
+        "bare": bare_delivery(env),
+        "floor": claim_floor(env, with_get=True),
+        "floor_rev": claim_floor(env, with_get=False),
+        "fleet": fleet_samples(env, profile=profile),
+    }
+    out: dict[str, list[Any]] = {name: [] for name in samplers}
+    try:
+        for i in range(count + 1):
+            for name, sampler in samplers.items():
+                value = await anext(sampler)
+                if i:  # the first of each warms up its consumer, bucket or agent
+                    out[name].append(value)
+    finally:
+        for sampler in samplers.values():
+            await sampler.aclose()  # type: ignore[attr-defined]
     return out
 
 
@@ -246,10 +275,8 @@ def _ms(values: list[float], pct: float) -> float:
 
 async def run(samples: int) -> list[Row]:
     async with fleet_env() as env:
-        bare = await bare_delivery(env, samples)
-        floor = await claim_floor(env, samples, with_get=True)
-        floor_rev = await claim_floor(env, samples, with_get=False)
-        fleet = await fleet_samples(env, samples)
+        taken = await interleaved(env, samples)
+    bare, floor, floor_rev, fleet = taken["bare"], taken["floor"], taken["floor_rev"], taken["fleet"]
     direct_start, direct_total = await direct_trainer(samples)
     claimed = [s.claimed_s for s in fleet]
     started = [s.started_s for s in fleet]
@@ -355,9 +382,8 @@ def profile_table(samples: list[Sample]) -> str:
 async def profile(samples: int) -> None:
     """The rows of this bench plus the claim path's step profile (``python -m bench.fleet --profile``)."""
     async with fleet_env() as env:
-        floor = await claim_floor(env, samples, with_get=True)
-        floor_rev = await claim_floor(env, samples, with_get=False)
-        fleet = await fleet_samples(env, samples, profile=True)
+        taken = await interleaved(env, samples, profile=True)
+    floor, floor_rev, fleet = taken["floor"], taken["floor_rev"], taken["fleet"]
     claimed = [s.claimed_s for s in fleet]
     rows = [
         Row("fleet", f"ticket → claimed p{pct} vs claim floor", _ms(claimed, pct), "ms", _ms(floor, pct), "claim floor")
