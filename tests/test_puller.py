@@ -26,10 +26,17 @@ async def test_an_empty_class_answers_none_at_once_and_a_queued_ticket_comes_bac
     durable = await ensure_consumer(broker.js, broker.settings, "cpu")
     assert await puller.pull(durable) is None
     await broker.js.publish(broker.names.jobs_subject("cpu"), b"ticket-1")
+    # (the PubAck can come a moment before the consumer counts the ticket: a no_wait pull in
+    # between finds nothing, which is why the agent's pull on a rung class waits briefly)
+    await wait_for(lambda: _pending(broker, durable), 5, 0.01, what="the consumer counting the ticket")
     msg = await puller.pull(durable)
     assert msg is not None and msg.data == b"ticket-1" and msg.metadata.sequence.consumer == 1
     await msg.ack()
     assert await puller.pull(durable) is None
+
+
+async def _pending(broker, durable: str) -> int:
+    return (await broker.js.consumer_info(broker.names.jobs_stream, durable)).num_pending or 0
 
 
 async def test_a_waiting_pull_returns_a_ticket_published_while_it_waits(broker, puller):
@@ -58,3 +65,15 @@ async def test_a_ticket_answering_an_earlier_timed_out_pull_is_handed_to_the_nex
     msg = await puller.pull(durable)
     assert msg is not None and msg.data == b"delivered-late"
     assert await puller.pull(durable) is None
+
+
+async def test_sent_runs_once_the_pull_is_on_its_way_and_before_its_answer(broker, puller):
+    # (the agent starts its record and spec reads there, so they follow the pull onto the wire)
+    durable = await ensure_consumer(broker.js, broker.settings, "cpu")
+    calls: list[bool] = []
+    pull = asyncio.create_task(puller.pull(durable, wait_s=5.0, sent=lambda: calls.append(pull.done())))
+    await wait_for(lambda: calls, 5, 0.01, what="the sent callback")
+    assert calls == [False]  # the pull was still waiting for its ticket
+    await broker.js.publish(broker.names.jobs_subject("cpu"), b"after-sent")
+    msg = await asyncio.wait_for(pull, 3)
+    assert msg is not None and msg.data == b"after-sent" and calls == [False]
