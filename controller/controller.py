@@ -614,7 +614,8 @@ class Controller:
                 raise Refused(f"job {name} is already {rec.status.value}; nothing to cancel")
             return rec.evolve(status=JobStatus.CANCELLED, finished_at=time.time(), reason="cancelled by operator")
 
-        done = await update_record(self.b, job.job_id, cancelled)
+        # The record resolve just read is the CAS's first base (a lost CAS reads it again).
+        done = await update_record(self.b, job.job_id, cancelled, known=job.stored)
         assert done is not None
         return Job(job.spec, done.record, done.revision)
 
@@ -648,7 +649,7 @@ class Controller:
                 device=None,
             )
 
-        fresh = await update_record(self.b, job.job_id, requeued)
+        fresh = await update_record(self.b, job.job_id, requeued, known=job.stored)
         assert fresh is not None
         await self._ticket(fresh.record, fresh.record.klass)
         return Job(job.spec, fresh.record, fresh.revision)
