@@ -10,6 +10,8 @@ Roles: read-only (every role that may read records and specs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -177,6 +179,8 @@ class NameIndex:
         self._ids: dict[str, str | frozenset[str]] = {}
         self._seen = 0  # the specs stream's sequence the index holds everything up to
         self._sub: Any = None
+        self._starting = asyncio.Lock()
+        self._generation = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         bucket = broker.names.specs_bucket
         self._stream = jsapi.kv_stream(bucket)
@@ -184,16 +188,18 @@ class NameIndex:
 
     async def ids(self, name: str) -> set[str] | None:
         """Every id whose spec is (or was) named ``name``; None when the index could not catch
-        up with the specs stream in ``catch_up_s`` (the caller reads the specs instead)."""
-        if self._sub is None:
-            self._sub = await self.broker.js.subscribe(
-                jsapi.kv_subject(self.broker.names.specs_bucket, ">"),
-                stream=self._stream,
-                cb=self._on_msg,
-                ordered_consumer=True,
-                deliver_policy=nats.js.api.DeliverPolicy.LAST_PER_SUBJECT,
-                inactive_threshold=kv.WATCH_INACTIVE_S,
-            )
+        up with the specs stream in ``catch_up_s`` (the caller reads the specs instead; the
+        index is then dropped and built again on the next lookup)."""
+        async with self._starting:
+            if self._sub is None:
+                self._sub = await self.broker.js.subscribe(
+                    jsapi.kv_subject(self.broker.names.specs_bucket, ">"),
+                    stream=self._stream,
+                    cb=functools.partial(self._on_msg, self._generation),
+                    ordered_consumer=True,
+                    deliver_policy=nats.js.api.DeliverPolicy.LAST_PER_SUBJECT,
+                    inactive_threshold=kv.WATCH_INACTIVE_S,
+                )
         last = (await self.broker.js.stream_info(self._stream)).state.last_seq
         if self._seen < last:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -202,16 +208,28 @@ class NameIndex:
                 await asyncio.wait_for(waiter, self.catch_up_s)
             except TimeoutError:
                 log.warning("the name index is at %d of the specs stream's %d; reading every spec", self._seen, last)
+                await self._reset()
                 return None
             finally:
                 self._waiters = [w for w in self._waiters if w[1] is not waiter]
         found = self._ids.get(name)
         return set() if found is None else {found} if isinstance(found, str) else set(found)
 
+    async def _reset(self) -> None:
+        """Forget everything (a watch that stopped delivering): the next lookup starts anew."""
+        sub, self._sub = self._sub, None
+        self._ids, self._seen = {}, 0
+        self._generation += 1  # what the old watch still delivers is ignored
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     def __len__(self) -> int:
         return len(self._ids)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    async def _on_msg(self, generation: int, msg: Msg) -> None:
+        if generation != self._generation:
+            return
         key = msg.subject[self._prefix :]
         if key != FLEET_INFO_KEY and jsapi.kv_operation(msg.headers or {}) is None:
             try:
