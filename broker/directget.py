@@ -378,8 +378,10 @@ class _Stage(threading.Thread):
     also after a failure (the stage then only drains, so the reader never waits on it forever).
     """
 
-    def __init__(self, name: str, work: Any, buffers: list[memoryview], release: Any, stop: threading.Event):
-        super().__init__(name=f"trainfleet-get-{name}", daemon=True)
+    def __init__(
+        self, name: str, work: Any, buffers: list[memoryview], release: Any, stop: threading.Event, *, of: str = "get"
+    ):
+        super().__init__(name=f"trainfleet-{of}-{name}", daemon=True)
         self.step = name
         self.work = work
         self.buffers = buffers
@@ -746,16 +748,31 @@ class _Pusher:
         self.in_flight = self.max_in_flight = 0
         self.failure: BaseException | None = None  # the first bad ack, or the ack reader's failure
         self.closing = False
-        self.read_s = self.hash_s = self.send_s = self.window_wait_s = self.chunk_wait_s = 0.0
+        self.read_s = self.send_s = self.window_wait_s = self.chunk_wait_s = 0.0
+        # A chunk is hashed while it is sent (both only read its buffer): the buffer is free
+        # again once both are done with it.
+        self.holders = [0] * CHUNK_BUFFERS
+        self.holders_lock = threading.Lock()
+        self.stop = threading.Event()
+        self.hasher = _Stage("hash", self.digest.update, self.buffers, self._release, self.stop, of="put")
+
+    def _release(self, index: int) -> None:
+        with self.holders_lock:
+            self.holders[index] -= 1
+            free = self.holders[index] == 0
+        if free:
+            self.free.put(index)
 
     def run(self) -> Pushed:
         file_reader = threading.Thread(target=self._read_file, name="trainfleet-put-read", daemon=True)
         ack_reader = threading.Thread(target=self._read_acks, name="trainfleet-put-acks", daemon=True)
         file_reader.start()
         ack_reader.start()
+        self.hasher.start()
         try:
             size, chunks = self._send_all()
         except BaseException:
+            self.stop.set()  # the hasher only drains
             self._drain_acks()
             raise
         finally:
@@ -765,9 +782,13 @@ class _Pusher:
             self.conn.abort()  # wakes the ack reader
             file_reader.join()
             ack_reader.join()
+            self.hasher.inbox.put(None)
+            self.hasher.join()
+        if self.hasher.error is not None:
+            raise ArtifactError(f"object {self.push.name!r}: hashing failed: {self.hasher.error}")
         timings = {
             "read file": self.read_s,
-            "hash": self.hash_s,
+            "hash (overlaps the sends)": self.hasher.busy_s,
             "waiting for the file reader": self.chunk_wait_s,
             "send (sendmsg)": self.send_s,
             "waiting for pub-acks (window full, and the last ones)": self.window_wait_s,
@@ -791,7 +812,7 @@ class _Pusher:
             started = clock()
             self.conn.send_gathered(header, self.buffers[index][:length], b"\r\n")
             self.send_s += clock() - started
-            self.free.put(index)
+            self._release(index)
             size += length
             chunks += 1
         self._wait_for_room(1)  # every chunk acknowledged
@@ -825,7 +846,7 @@ class _Pusher:
         self.window_wait_s += time.perf_counter() - started
 
     def _read_file(self) -> None:
-        """Thread: fill free buffers with the file's next chunks, hash them, hand them to the sender."""
+        """Thread: fill free buffers with the file's next chunks, hand each to the sender and the hasher."""
         chunk_bytes, clock = self.push.chunk_bytes, time.perf_counter
         try:
             while (index := self.free.get()) is not None:
@@ -837,11 +858,10 @@ class _Pusher:
                     if not got:
                         break
                     length += got
-                hashed = clock()
-                self.read_s += hashed - started
+                self.read_s += clock() - started
                 if length:
-                    self.digest.update(view[:length])
-                    self.hash_s += clock() - hashed
+                    self.holders[index] = 2  # (a free buffer: nobody else holds it)
+                    self.hasher.inbox.put((index, length))
                     self.ready.put((index, length))
                 if length < chunk_bytes:
                     self.ready.put(None)
