@@ -13,14 +13,18 @@ nats-py's own store read what it writes and vice versa:
   the chunks of the old nuid.
 
 A put keeps up to ``window_bytes`` of chunks unacknowledged (so it is bound by
-bandwidth, not RTT) and fails fast on the first negative ack; reading and
-hashing the file run on a worker thread one chunk ahead. A get reads the info,
-then pulls the chunks through an ephemeral in-memory consumer, never more than
-``window_bytes`` requested ahead, and a worker thread writes and hashes them
-into a temp file beside the destination. Size, chunk count and digest are
-checked before the file is fsynced and renamed into place; on any failure no
-partial file is left. Memory is bounded by the window (plus a few chunks),
-whatever the object's size.
+bandwidth, not RTT) and fails fast on the first negative ack; a file of
+``direct_min_bytes`` or more is sent over a connection of the put's own
+(directget.push_object: file reads, hashing, sends and pub-acks each on a
+thread), anything else through the client (reading and hashing on a worker
+thread one chunk ahead). A get reads the info, then pulls the chunks through an
+ephemeral in-memory consumer, never more than ``window_bytes`` requested ahead:
+over a direct connection for large objects (directget.pull_object: the socket,
+the hash and the disk each on a thread), else through a subscription whose
+worker thread writes and hashes them, into a temp file beside the destination.
+Size, chunk count and digest are checked before the file is fsynced and renamed
+into place; on any failure no partial file is left. Memory is bounded by the
+window (plus a few chunks), whatever the object's size.
 """
 
 from __future__ import annotations
