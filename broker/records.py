@@ -151,6 +151,7 @@ class RecordCache:
         self.loads = 0  # full loads: the first, and every resync after it
         self._watch: kv.LatestWatch | None = None
         self._intern: dict[str, str] = {}  # one string per class name, not one per record
+        self._lock = asyncio.Lock()
 
     def _on_entry(self, d: kv.Delivery) -> None:
         if d.operation is not None:
@@ -187,7 +188,12 @@ class RecordCache:
 
     async def current(self) -> dict[str, RecordView]:
         """Every unfinished record as of now (the mapping is the cache's own: copy it before
-        awaiting anything while iterating over it)."""
+        awaiting anything while iterating over it). One caller at a time (a pass the control
+        service asks for may overlap the loop's)."""
+        async with self._lock:
+            return await self._current()
+
+    async def _current(self) -> dict[str, RecordView]:
         watch = self._watch
         if watch is None or not watch.healthy:
             if watch is not None:
