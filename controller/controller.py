@@ -58,9 +58,10 @@ log = logging.getLogger("trainfleet.controller")
 REQUEUEABLE = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.COMPLETED)
 # Record writes that need a read first (a record written meanwhile, a refresh) in flight during a sync.
 SYNC_WINDOW = 64
-# Jobs per step of a sync's pipeline (chunk i's tickets, i+1's records and i+2's specs at once).
+# Jobs per chunk of a sync's pipeline: a chunk's records go once its specs are stored, its
+# tickets once its records are settled, while later chunks' specs and records are written.
 SYNC_CHUNK = 1024
-# Specs and tickets a sync has in flight (published, pub-ack not yet in), and how long it waits
+# Writes a sync has in flight per stream (published, pub-ack not yet in), and how long it waits
 # for the next pub-ack: a server that cannot write (a full disk under its store) answers nothing.
 SYNC_PUBLISH_WINDOW = 1024
 SYNC_ACK_TIMEOUT_S = 30.0
@@ -246,13 +247,13 @@ class Controller:
 
         The stored specs and records are read once, in bulk, and compared here: only what
         changed is written (an unchanged re-sync writes nothing but the fleet's name). Writes
-        go out pipelined, SYNC_CHUNK jobs at a time, the three streams overlapping: chunk i's
-        tickets while chunk i+1's records and chunk i+2's specs are written (each write is
-        fsynced, and the server writes the three streams in parallel). A job's spec is stored
-        before its record is written and its record before its ticket: an agent that sees a
-        record or a ticket finds its spec. Records are created (or CASed on the revision
-        read) conditionally; one that someone else wrote meanwhile is read again and decided
-        again, as a single update would.
+        go out pipelined, SYNC_CHUNK jobs at a time, the three streams overlapping: a chunk's
+        tickets while later chunks' records and specs are written (each write is fsynced, and
+        the server writes the three streams in parallel). A job's spec is stored before its
+        record is written and its record before its ticket: an agent that sees a record or a
+        ticket finds its spec. A record is created on the condition that there is none; a
+        create that loses (someone wrote the record meanwhile, or a delete mark is there) is
+        decided again on a fresh read, and a refresh is a read → change → CAS, as before.
 
         A write that fails (a full store, a server that stops answering) stops the sync: no
         further write is started, and StoreFull (BrokerError when it was not about space) says
