@@ -656,8 +656,9 @@ class ObjectStoreClient:
     ) -> ObjectInfo:
         """Store everything ``reader`` yields as object ``name``: chunks pipelined, then the info.
 
-        A previous version's chunks are purged once ours are in; ``purge_previous`` False leaves
-        them to the stray-chunk sweep (for an identity that may not purge: an agent)."""
+        A previous version's chunks are purged once ours are in, and ours when the put fails;
+        ``purge_previous`` False leaves both to the stray-chunk sweep (for an identity that may
+        not purge: an agent)."""
         chunk_bytes = chunk_bytes or self.chunk_bytes
         if chunk_bytes > self.nc.max_payload:
             raise ArtifactError(f"chunk size {chunk_bytes} exceeds the server's max_payload {self.nc.max_payload}")
@@ -686,9 +687,13 @@ class ObjectStoreClient:
             sent.timings["info published (fsynced)"] = time.perf_counter() - info_started
         except BaseException as exc:
             await asyncio.wait([previous])
-            # Chunks nobody's info points at are garbage: drop them, whatever went wrong.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._purge(subject))
+            # Chunks nobody's info points at are garbage: drop them, whatever went wrong. An
+            # identity that may not purge (an agent: purge_previous False) leaves them to the
+            # controller's stray-chunk sweep: its purge request would be refused by the server
+            # and only answered by the request's timeout.
+            if purge_previous:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._purge(subject))
             lookup_error = None if previous.cancelled() else previous.exception()
             if lookup_error is not None and isinstance(exc, Exception):
                 raise lookup_error from exc  # e.g. "bucket does not exist" says more than a refused chunk

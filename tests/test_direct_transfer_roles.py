@@ -10,6 +10,7 @@ for the direct path (DIRECT_MIN_BYTES), and must go over that path, not a fallba
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -121,3 +122,53 @@ async def test_a_viewer_cannot_upload_over_the_direct_path_either(fleet, tmp_pat
     finally:
         await viewer.close()
     assert direct_calls == []
+
+
+class FailingFile(io.FileIO):
+    """A file that raises after ``fail_after`` reads (a bundle's disk going bad mid-upload)."""
+
+    def __init__(self, path: Path, fail_after: int):
+        super().__init__(path, "rb")
+        self.reads_left = fail_after
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if self.reads_left <= 0:
+            raise OSError("simulated read error")
+        self.reads_left -= 1
+        return super().readinto(buffer)
+
+
+async def test_an_agent_upload_that_fails_leaves_its_chunks_to_the_sweep_without_asking_to_purge(
+    fleet, tmp_path, monkeypatch
+):
+    # Given an agent (it may not purge the artifacts stream) uploading a file that fails mid-way
+    bundle = make_bundle(tmp_path / "bundle.tar.zst")
+    purges: list[str] = []
+    real_purge = objstore.ObjectStoreClient._purge
+
+    async def spy(self, subject: str) -> None:
+        purges.append(subject)
+        await real_purge(self, subject)
+
+    monkeypatch.setattr(objstore.ObjectStoreClient, "_purge", spy)
+    agent = await Broker.connect(fleet.settings("agent"))
+    try:
+        store = Artifacts(agent).store
+        # When the file's reads fail after two chunks, the read error is what the upload raises
+        with FailingFile(bundle.path, fail_after=2) as fh, pytest.raises(OSError, match="simulated"):
+            await store.put_stream(bundle.sha256, fh, purge_previous=False)
+    finally:
+        await agent.close()
+    # Then the agent never sent a purge the server would refuse (it waited out a timeout for it)
+    assert purges == []
+    # And the chunks it left are stray: the controller's sweep (which may purge) removes them
+    controller = await Broker.connect(fleet.settings("controller"))
+    try:
+        artifacts = Artifacts(controller)
+        assert await artifacts.info(bundle.sha256) is None
+        stray = await artifacts.stray(0)
+        assert stray and sum(stray.values()) >= 1
+        assert await artifacts.sweep(0) == stray
+        assert await artifacts.stray(0) == {}
+    finally:
+        await controller.close()
