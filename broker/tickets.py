@@ -166,7 +166,7 @@ def read_ticket(msg: Msg) -> Ticket:
 
 
 # -- scan, get, delete ----------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TicketRef:
     seq: int
     ticket: Ticket | None  # None: garbage

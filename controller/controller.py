@@ -415,36 +415,36 @@ class Controller:
             self._records = RecordCache(self.b)
         records = dict(await self._records.current())  # a copy: the watch updates the cache meanwhile
         queued = await tickets.scan_tickets(self.b)
-        live: dict[str, set[tuple[int, str]]] = {}
-        seqs = set()
-        for ref in queued:
-            seqs.add(ref.seq)
-            if ref.ticket is not None:
-                live.setdefault(ref.ticket.job_id, set()).add((ref.ticket.generation, ref.ticket.klass))
+        # What is queued, flat (100k jobs: one tuple per ticket, not a set per job).
+        live = _Queued(
+            seqs={ref.seq for ref in queued},
+            tickets={(t.job_id, t.generation, t.klass) for t in (ref.ticket for ref in queued) if t is not None},
+            generations={(t.job_id, t.generation) for t in (ref.ticket for ref in queued) if t is not None},
+        )
         stats: Counter[str] = Counter()
         stats["reordered"] = await self._reorder(records, queued)
         grace = self._grace_s()
         takeover_s = self.settings.lease_s * 2
-        none: set[tuple[int, str]] = set()
         pending, held = JobStatus.PENDING, (JobStatus.CLAIMED, JobStatus.RUNNING)
+        queued_tickets = live.tickets
         for view in records.values():
             status = view.status
             if status == pending:
-                have = live.get(view.job_id, none)
                 fallback = view.fallback_class
                 due = fallback is not None and fallback not in view.offered and now - view.queued_at >= grace
-                missing = any((view.generation, k) not in have for k in view.offered or (view.klass,))
+                job, gen = view.job_id, view.generation
+                missing = any((job, gen, k) not in queued_tickets for k in view.offered or (view.klass,))
                 if due or missing:
                     granted, fresh = await self._grace(view, now, grace) if due else (0, None)
                     stats["grace"] += granted
-                    stats["republished"] += await self._ensure_tickets(view.job_id, have, fresh)
+                    stats["republished"] += await self._ensure_tickets(view.job_id, live, fresh)
             elif (
                 status in held
                 and view.lease_expired(takeover_s, now)
-                and view.ticket_seq not in seqs
-                and not any(g == view.generation for g, _ in live.get(view.job_id, none))
+                and view.ticket_seq not in live.seqs
+                and (view.job_id, view.generation) not in live.generations
             ):
-                stats["takeover_tickets"] += await self._takeover(view, live, seqs, now)
+                stats["takeover_tickets"] += await self._takeover(view, live, now)
         if any(stats.values()):
             log.info("reconcile: %s", dict(stats))
         return dict(stats)
@@ -509,7 +509,7 @@ class Controller:
             return 0, None
         return (0, None) if done is None else (1, done.record)
 
-    async def _ensure_tickets(self, job_id: str, have: set[tuple[int, str]], fresh: JobRecord | None) -> int:
+    async def _ensure_tickets(self, job_id: str, live: _Queued, fresh: JobRecord | None) -> int:
         """Publish the tickets a pending record lacks, confirmed on ``fresh`` (the record just
         written) or a fresh read: the cache only said where to look."""
         if fresh is None:
@@ -519,14 +519,12 @@ class Controller:
                 return 0
         if fresh.status != JobStatus.PENDING:
             return 0
-        missing = tickets.missing_classes(fresh, have)
+        missing = [k for k in tickets.offered_classes(fresh) if (job_id, fresh.generation, k) not in live.tickets]
         for klass in missing:
             await self._ticket(fresh, klass, dedupe_suffix=f".r{int(time.time())}")
         return len(missing)
 
-    async def _takeover(
-        self, view: RecordView, live: dict[str, set[tuple[int, str]]], seqs: set[int], now: float
-    ) -> int:
+    async def _takeover(self, view: RecordView, live: _Queued, now: float) -> int:
         """A held record whose lease lapsed long ago and whose ticket is gone gets a ticket an
         agent can take it over with (decided again on a fresh read)."""
         try:
@@ -536,8 +534,8 @@ class Controller:
         if (
             not rec.status.held
             or not rec.lease_expired(self.settings.lease_s * 2, now)
-            or rec.ticket_seq in seqs
-            or any(g == rec.generation for g, _ in live.get(rec.job_id, set()))
+            or rec.ticket_seq in live.seqs
+            or (rec.job_id, rec.generation) in live.generations
         ):
             return 0
         await self._ticket(rec, rec.klass, dedupe_suffix=f".r{int(now)}")
@@ -662,6 +660,15 @@ class Controller:
             return {}
         keys = ("max_cores", "max_ram_gib", "max_vram_gib", "cpu_slots", "gpu_slots", "serve_cpu")
         return {k: getattr(policy, k) for k in keys if getattr(policy, k) is not None}
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """The jobs stream as one reconcile pass read it."""
+
+    seqs: set[int]  # every message still queued
+    tickets: set[tuple[str, int, str]]  # (job id, generation, class) of each readable ticket
+    generations: set[tuple[str, int]]  # (job id, generation) with any ticket queued
 
 
 class _RecordPolicy(msgspec.Struct, kw_only=True, gc=False):
