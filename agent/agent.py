@@ -32,6 +32,7 @@ import functools
 import logging
 import math
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from trainfleet.agent import health, hostos, logfmt
 from trainfleet.agent.claim import Claimer
 from trainfleet.agent.held import HeldJob, Outcome
 from trainfleet.agent.sandbox import TrainerCgroup
-from trainfleet.broker import tickets
+from trainfleet.broker import jsapi, tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.control import request
 from trainfleet.broker.errors import TRANSIENT, ConsumerUnavailable
@@ -63,6 +64,16 @@ MARKS_ON_THEIR_WAY = "its events are not in the logs stream yet (an election?); 
 
 # How long a pull on a class whose doorbell rang waits for the ticket (returns as soon as it lands).
 RUNG_WAIT_S = 0.1
+# An idle agent parks one pull per class it serves; each waits this long at most, then the
+# agent pulls again. One per class per 15 s per idle agent is the standing cost (2,000 idle
+# agents: ~133 re-pulls/s a class). Its expiry does not bound what a pull can strand: a pull
+# takes one ticket at most, and a crashed agent's connection (and its waiting pulls) is gone
+# with it; a hung but connected agent strands at most that one ticket per class until
+# ack-wait, as a rung pull would. A stopping or full agent withdraws its pulls (unpark).
+PARK_S = 15.0
+# A class whose consumer refused a pull with 409 Exceeded MaxWaiting is rung by the doorbell
+# instead of parked on for this long (times a jitter of 0.5-1.5, so refused agents spread out).
+MAX_WAITING_BACKOFF_S = 1.0
 # After a failed pull (server restarting) the loop waits this long before the next.
 PULL_RETRY_S = 0.5
 # A class whose consumer does not exist (nothing ticketed there yet) is tried again after this.
@@ -151,6 +162,10 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tasks_aside: set[asyncio.Task[None]] = set()  # not jobs: the stop-file watcher
         self._absent: dict[str, float] = {}  # class → when to look for its consumer again
+        self._no_park: dict[str, float] = {}  # class → until when its consumer refuses more waiting pulls
+        self._bells: dict[str, Any] = {}  # class → its doorbell subscription (classes not parked on)
+        self._class_of: dict[str, str] = {}  # consumer → class, for parked pulls' answers
+        self._landed: tuple[str, Msg] | None = None  # a ticket a parked pull brought, to claim next
         self._puller: TicketPuller | None = None
         self.slots = Slots(0, [], self._slot_freed)
         self.started_at = time.time()
@@ -221,14 +236,15 @@ class Agent:
             )
         self.outbox = Outbox(self.broker).start()
         await self._apply_host_policy()
-        await self._ring_on_new_tickets()
         self._puller = await TicketPuller(self.broker).start()
+        await self._ring_on_new_tickets()
         log.info("agent %s serving %s", self.host_id, ", ".join(self.classes()))
         registry = asyncio.create_task(self._registry_loop())
         try:
             while not self._stopping.is_set():
                 await self.tick()
         finally:
+            await asyncio.shield(self._stop_pulling())
             await asyncio.shield(self._shutdown(registry))
 
     async def _unless_stopped(self, coro: Any) -> Any:
@@ -280,6 +296,7 @@ class Agent:
         """Signal-safe: only sets a flag; the loops do the rest."""
         self._stopping.set()
         self._slot_freed.set()
+        self._doorbell.set()
 
     async def _watch_stop_file(self, path: Path) -> None:
         """Request a stop when ``path`` appears (how a Scheduled Task's agent is stopped gently:
@@ -298,22 +315,35 @@ class Agent:
                 await asyncio.wait_for(self._stopping.wait(), STOP_FILE_POLL_S)
 
     async def tick(self, now: float | None = None) -> bool:
-        """One round: fetch at most one ticket from the best class that has a free slot; when
-        every class is empty, sleep until a ticket is published (the doorbell) or a short idle
-        timeout passes (redeliveries of NAKed tickets ring no bell). ``now``: the clock the
+        """One round: claim the ticket a parked pull brought, or fetch at most one ticket from the
+        best class that has a free slot (no_wait pulls: best fit while tickets wait). When every
+        class is empty, park one pull per class and sleep until one brings a ticket or expires
+        (a class that cannot be parked on, its consumer missing or full of waiting pulls, is
+        rung by its doorbell and polled every ``fetch_timeout_s``). ``now``: the clock the
         claim judges leases by (default: the wall clock)."""
+        landed, self._landed = self._landed, None
         servable = [k for k in self.classes() if self._has_slot_for(k)]
+        if landed is not None and (landed[0] not in servable or self._stopping.is_set()):
+            await tickets.answer(landed[1].nak())  # no room after all: another agent's, at once
+            landed = None
         if not servable:
+            await self._unpark_full()
             self._slot_freed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._slot_freed.wait(), self.settings.fetch_timeout_s)
             return False
+        if landed is not None:
+            self.claimer.step("", f"pull (parked {landed[0]})")
+            await self._claim_and_serve(landed[1], landed[0], now)
+            return True
         # Classes whose doorbell rang go first (best fit among them): a fresh ticket is then one
         # fetch away, instead of waiting out short pulls on empty classes ahead of it.
         rung, self._rung = self._rung, set()
         ringing, self._ringing = self._ringing, None
         self._doorbell.clear()
-        servable = [k for k in servable if self._present(k, rung)]
+        assert self._puller is not None
+        # A class with a pull parked on it is empty (its next ticket comes on that pull).
+        servable = [k for k in servable if self._present(k, rung) and not self._puller.parked(self.names.consumer(k))]
         try:
             for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
                 # A rung class's ticket may reach the doorbell a moment before the consumer can
@@ -329,42 +359,124 @@ class Agent:
                     if msg is not None:
                         await tickets.answer(msg.nak())
                     continue
-                # Claim inline: the slot is taken before the next fetch, so an agent never holds
-                # tickets it has no room for (that would NAK them and upset priority order).
-                job = await self._claim_guarded(msg, klass, now)
-                if job is not None:
-                    task = asyncio.create_task(self._serve(job))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                await self._claim_and_serve(msg, klass, now)
                 return True
         finally:
             # What the doorbell had read ahead served this round's claim or none; never a later one.
             self.claimer.forget_read_ahead()
+        if self._stopping.is_set() or self._landed is not None:
+            return False
+        await self._park_idle()
         self._idle = True
         try:
             with contextlib.suppress(asyncio.TimeoutError):
+                # Parked classes wake us with their answer; a polled class every fetch_timeout_s
+                # (redeliveries of NAKed tickets ring no bell).
+                # (Every fetch_timeout_s regardless: a round over parked classes sends nothing, and
+                # one after a reconnect, which loses the server's waiting pulls, parks again.)
                 await asyncio.wait_for(self._doorbell.wait(), self.settings.fetch_timeout_s)
         finally:
             self._idle = False
         return False
 
-    async def _ring_on_new_tickets(self) -> None:
-        """A core subscription on our classes' subjects: every published ticket wakes the loop."""
-        assert self.broker is not None
+    async def _claim_and_serve(self, msg: Msg, klass: str, now: float | None) -> None:
+        # Claim inline: the slot is taken before the next fetch, so an agent never holds
+        # tickets it has no room for (that would NAK them and upset priority order).
+        job = await self._claim_guarded(msg, klass, now)
+        if job is not None:
+            task = asyncio.create_task(self._serve(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await self._unpark_full()
 
-        async def ring(msg: Msg) -> None:
-            klass = self.names.class_of_subject(msg.subject)
-            self._rung.add(klass)
-            self._doorbell.set()
-            self.claimer.step("", "doorbell")
-            if self._idle and self._has_slot_for(klass):
-                # The first ticket while idle (the doorbell carries a copy): its record and spec
-                # are read while the pull that fetches it is on its way. One per idle wait.
-                self._idle = False
-                self._ringing = msg
-
+    # -- parked pulls and the doorbell ----------------------------------------
+    async def _park_idle(self) -> bool:
+        """Every class with room is empty: park one pull on each class whose consumer takes it
+        (its doorbell goes quiet: the pull brings its ticket) and ring the others' doorbells.
+        True when some class is left to the doorbell (and polling)."""
+        assert self._puller is not None
+        polling = False
+        clock = time.monotonic()
         for klass in self.classes():
-            await self.broker.nc.subscribe(self.names.jobs_subject(klass), cb=ring)
+            if not self._has_slot_for(klass):
+                continue
+            if self._absent.get(klass, 0.0) > clock or self._no_park.get(klass, 0.0) > clock:
+                polling = True
+                await self._bell(klass, True)
+                continue
+            durable = self.names.consumer(klass)
+            self._class_of[durable] = klass
+            await self._puller.park(durable, PARK_S, self._parked_answer)
+            await self._bell(klass, False)
+        return polling
+
+    async def _parked_answer(self, durable: str, msg: Msg) -> None:
+        """A parked pull's answer (its inbox's callback). A ticket is kept for the next round
+        when it can be claimed now; otherwise (stopping, no room for its class, one kept
+        already) it is NAKed at once, so another agent's waiting pull gets it without delay."""
+        klass = self._class_of.get(durable, "")
+        status = jsapi.status_of(msg)
+        if status is None:
+            if self._stopping.is_set() or self._landed is not None or not self._has_slot_for(klass):
+                await tickets.answer(msg.nak())
+                return
+            self._landed = (klass, msg)
+        elif status == jsapi.STATUS_TIMEOUT or status == jsapi.STATUS_HEARTBEAT:
+            pass  # expired: the next idle round parks again
+        elif tickets.is_max_waiting(msg):
+            self._no_park[klass] = time.monotonic() + MAX_WAITING_BACKOFF_S * random.uniform(0.5, 1.5)
+            log.debug("class %s holds its max_waiting pulls: doorbell for a while", klass)
+        else:  # 503 no responders, 409 consumer deleted: as a no_wait pull's ConsumerUnavailable
+            log.debug("parked pull on %s: %s %s", klass, status, jsapi.description_of(msg))
+            self._absent[klass] = time.monotonic() + CONSUMER_RECHECK_S
+        self._doorbell.set()
+
+    async def _unpark_full(self) -> None:
+        """Withdraw the pulls parked on classes this agent has no room for now (a ticket they
+        brought would be NAKed, one more delivery towards max_deliver)."""
+        assert self._puller is not None
+        for durable in self._puller.parked_on():
+            klass = self._class_of.get(durable, "")
+            if self._stopping.is_set() or not self._has_slot_for(klass):
+                await self._puller.unpark(durable)
+
+    async def _stop_pulling(self) -> None:
+        """Step 1 of the shutdown: withdraw every parked pull (a ticket already on its way is
+        NAKed at once) and hand back a ticket kept for a claim that will not come."""
+        if self._puller is not None:
+            with contextlib.suppress(Exception):
+                await self._puller.stop()
+        landed, self._landed = self._landed, None
+        if landed is not None:
+            await tickets.answer(landed[1].nak())
+
+    async def _bell(self, klass: str, on: bool) -> None:
+        """Subscribe (or drop) ``klass``'s doorbell: a core subscription on its ticket subject."""
+        assert self.broker is not None
+        sub = self._bells.get(klass)
+        if on and sub is None:
+            self._bells[klass] = await self.broker.nc.subscribe(self.names.jobs_subject(klass), cb=self._ring)
+        elif not on and sub is not None:
+            del self._bells[klass]
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _ring(self, msg: Msg) -> None:
+        klass = self.names.class_of_subject(msg.subject)
+        self._rung.add(klass)
+        self._doorbell.set()
+        self.claimer.step("", "doorbell")
+        if self._idle and self._has_slot_for(klass):
+            # The first ticket while idle (the doorbell carries a copy): its record and spec
+            # are read while the pull that fetches it is on its way. One per idle wait.
+            self._idle = False
+            self._ringing = msg
+
+    async def _ring_on_new_tickets(self) -> None:
+        """Every class starts on its doorbell: a published ticket wakes the loop. A class goes
+        quiet once a pull is parked on it (the pull brings the ticket)."""
+        for klass in self.classes():
+            await self._bell(klass, True)
 
     async def _fetch_one(self, klass: str, wait_s: float = 0.0, sent: Callable[[], None] | None = None) -> Msg | None:
         """The class's next ticket if one is waiting now (a no_wait pull: an empty class costs one
@@ -375,6 +487,10 @@ class Agent:
         assert self.broker is not None and self._puller is not None
         try:
             return await self._puller.pull(self.names.consumer(klass), wait_s, sent=sent)
+        except tickets.MaxWaitingExceeded as exc:
+            log.debug("class %s holds its max_waiting pulls: %s", klass, exc)
+            self._no_park[klass] = time.monotonic() + MAX_WAITING_BACKOFF_S * random.uniform(0.5, 1.5)
+            return None
         except ConsumerUnavailable as exc:
             log.debug("class %s has no consumer yet: %s", klass, exc)
             self._absent[klass] = time.monotonic() + CONSUMER_RECHECK_S

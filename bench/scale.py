@@ -6,8 +6,9 @@ memory is its own): first ``controller`` syncs the manifest into an empty
 server, then ``agents`` processes (AGENTS_PER_PROCESS agents each: 2 for 2,000)
 open one connection per simulated agent, wait until every process is connected,
 and drain the backlog through the real claim protocol, pulling the way the real
-agent does (bench/simagent.py, ``--pull agent``: no_wait pulls, the doorbell, a
-100 ms pull when it rang). While they drain, the class consumer's waiting pulls
+agent does (bench/simagent.py, ``--pull agent``: no_wait pulls while tickets wait, one
+pull parked on the class while it is empty; ``--pull doorbell`` is the agent's path before
+parked pulls: the doorbell and a 100 ms pull when it rang). While they drain, the class consumer's waiting pulls
 (against its max_waiting) and the processes' CPU are sampled. Afterwards every
 record is read back: each job must be completed, claimed exactly once (attempt 1),
 and named exactly once in the agents' completion lists.
@@ -234,8 +235,9 @@ async def _backlog(env: Env, drain: Drain, procs: list[subprocess.Popen], deadli
 
 
 async def _trickle(env: Env, drain: Drain, count: int) -> None:
-    """``count`` jobs to the idle fleet, one at a time: each ticket rings every agent's doorbell,
-    and each rung agent sends a pull that waits up to RUNG_WAIT_S. Timed from the ticket's
+    """``count`` jobs to the idle fleet, one at a time: each ticket goes to one agent's parked
+    pull (``agent``), or rings every agent's doorbell and each rung agent sends a pull that waits
+    up to RUNG_WAIT_S (``doorbell``). Timed from the ticket's
     publish to its record's completed write (seen on the record's KV subject); the consumer's
     waiting pulls are sampled while the herd's pulls are out."""
     broker = env.broker
@@ -266,7 +268,7 @@ async def _trickle(env: Env, drain: Drain, count: int) -> None:
         finished = await asyncio.wait_for(done, 30)
         await sub.unsubscribe()
         drain.trickle.append((finished - sent) * 1000)
-        await asyncio.sleep(0.3)  # the herd's pulls expire; every agent sleeps on its doorbell again
+        await asyncio.sleep(0.3)  # the herd's pulls expire (doorbell); the winner parks again
     if count:
         drain.trickle_server_cpu_ms = 1000 * (_cpu_s([server]) - server_cpu) / count
 
@@ -372,7 +374,7 @@ async def run(
             baseline=drain.cap,
             baseline_label="max_waiting",
             note=f"most seen over {trickle} tickets, one at a time"
-            + (": each rings every agent's doorbell" if pull == "agent" else f" ({pull} pulls)"),
+            + (": each rings every agent's doorbell" if pull == "doorbell" else f" ({pull} pulls)"),
         ),
         Row(
             "scale",

@@ -6,23 +6,26 @@ it if stale or already taken, CAS it to ``claimed`` with the ticket's stream
 sequence, CAS it to ``completed``, ack. Every job it completes is listed, so a
 run can prove that no job was lost or done twice.
 
-It pulls one of two ways. ``fetch`` (the throughput bench's): nats-py's ``fetch(1,
+It pulls one of these ways. ``fetch`` (the throughput bench's): nats-py's ``fetch(1,
 timeout)``, a pull that waits. ``agent`` (the scale bench's): the real agent's pull path,
-:class:`TicketPuller` with ``no_wait`` pulls (answered at once), and when the class is empty
-a sleep on the doorbell (a core subscription on the class's ticket subject) that a new
-ticket rings, after which one pull waits up to the agent's RUNG_WAIT_S: what
-:meth:`trainfleet.agent.agent.Agent.tick` does for one class. Status answers other than
-"nothing waiting" / "expired" (a 409: max_waiting exceeded, the consumer changed) are
-counted per status, not retried in a tight loop. ``long`` (a design, measured beside
-``agent``): no doorbell; an idle agent parks one pull that waits up to LONG_PULL_S, so the
-server hands each new ticket to one waiting agent instead of every agent pulling on every
-ticket.
+what :meth:`trainfleet.agent.agent.Agent.tick` does for one class: :class:`TicketPuller`
+``no_wait`` pulls (answered at once) while tickets wait, and when the class is empty one pull
+parked on it (:meth:`TicketPuller.park`, its own inbox) that waits up to the agent's PARK_S,
+so the server hands each new ticket to one waiting agent; a ``409 Exceeded MaxWaiting``
+sends it to the doorbell for MAX_WAITING_BACKOFF_S (with jitter), as the agent does.
+``doorbell`` (the agent's path before parked pulls, kept to measure beside it): when the
+class is empty, a sleep on the doorbell (a core subscription on the class's ticket subject)
+that a new ticket rings, after which one pull waits up to RUNG_WAIT_S: every idle agent
+pulls on every ticket. ``long`` (the design as first measured): a pull that waits up to
+LONG_PULL_S, sent again as soon as it returns, never a no_wait pull. Status answers other
+than "nothing waiting" / "expired" are counted per status, not retried in a tight loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,16 +36,17 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from trainfleet.agent.agent import PULL_RETRY_S, RUNG_WAIT_S
+from trainfleet.agent.agent import MAX_WAITING_BACKOFF_S, PARK_S, PULL_RETRY_S, RUNG_WAIT_S
+from trainfleet.broker import jsapi
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import ConsumerUnavailable
 from trainfleet.broker.records import cas
 from trainfleet.broker.schema import JobRecord, JobStatus, Ticket, decode, encode
 from trainfleet.broker.settings import Settings
-from trainfleet.broker.tickets import TicketPuller
+from trainfleet.broker.tickets import PULL_TIMEOUT_S, MaxWaitingExceeded, TicketPuller, is_max_waiting
 
 T = TypeVar("T")
-PULLS = ("fetch", "agent", "long")
+PULLS = ("fetch", "agent", "doorbell", "long")
 # "long": how long an idle agent's one waiting pull stays parked on the consumer.
 LONG_PULL_S = 5.0
 
@@ -56,7 +60,7 @@ class SimAgent:
     klass: str = "cpu"
     fetch_timeout_s: float = 1.0
     bare: bool = False  # baseline mode: fetch and ack only, no record reads or CASes
-    pull: str = "fetch"  # or "agent": the real agent's no_wait pulls and doorbell
+    pull: str = "fetch"  # or "agent": the real agent's no_wait and parked pulls (PULLS)
     completed: list[str] = field(default_factory=list)
     dropped: int = 0
     lost_cas: int = 0
@@ -70,7 +74,7 @@ class SimAgent:
         names = self.broker.names
         if self.pull == "long":
             self._puller = await TicketPuller(self.broker).start()
-        elif self.pull == "agent":
+        elif self.pull in ("agent", "doorbell"):
             self._puller = await TicketPuller(self.broker).start()
             self._bell = asyncio.Event()
             self._rung = False
@@ -79,7 +83,10 @@ class SimAgent:
                 self._rung = True
                 self._bell.set()
 
-            await self.broker.nc.subscribe(names.jobs_subject(self.klass), cb=ring)
+            self._ring_cb = ring
+            self._bell_sub = None
+            if self.pull == "doorbell":
+                await self.broker.nc.subscribe(names.jobs_subject(self.klass), cb=ring)
         else:
             durable = names.consumer(self.klass)
             self._sub = await self.broker.js.pull_subscribe_bind(durable=durable, stream=names.jobs_stream)
@@ -90,7 +97,9 @@ class SimAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve tickets one at a time until ``stop`` is set."""
-        if self.pull in ("agent", "long"):
+        if self.pull == "agent":
+            return await self._run_parked(stop)
+        if self.pull in ("doorbell", "long"):
             return await self._run_as_agent(stop)
         while not stop.is_set():
             try:
@@ -131,6 +140,87 @@ class SimAgent:
                     await asyncio.wait_for(self._bell.wait(), self.fetch_timeout_s)
                 continue
             await self._serve_guarded(msg)
+
+    async def _run_parked(self, stop: asyncio.Event) -> None:
+        """The real agent's rounds for one class and one slot: a no_wait pull; when the class is
+        empty, one pull parked on it until it brings a ticket or expires; on 409 Exceeded
+        MaxWaiting, the doorbell (and a rung pull) for a jittered while."""
+        assert self.broker is not None
+        durable = self.broker.names.consumer(self.klass)
+        answers: asyncio.Queue[Msg] = asyncio.Queue()
+        no_park_until = 0.0
+
+        async def land(_durable: str, msg: Msg) -> None:
+            if stop.is_set() and jsapi.status_of(msg) is None:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()  # stopping: another agent's at once
+                return
+            answers.put_nowait(msg)
+
+        try:
+            while not stop.is_set():
+                rung, self._rung = self._rung, False
+                self._bell.clear()
+                try:
+                    msg = await self._puller.pull(durable, RUNG_WAIT_S if rung else 0.0)
+                except MaxWaitingExceeded:
+                    self.statuses["409 max waiting"] += 1
+                    no_park_until = time.monotonic() + MAX_WAITING_BACKOFF_S * random.uniform(0.5, 1.5)
+                    msg = None
+                except ConsumerUnavailable as exc:
+                    self.statuses[str(exc).split(": ", 1)[-1][:3]] += 1
+                    await asyncio.sleep(PULL_RETRY_S)
+                    continue
+                except nats.errors.TimeoutError:
+                    self.statuses["no answer"] += 1
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                if msg is not None:
+                    await self._serve_guarded(msg)
+                    continue
+                if time.monotonic() < no_park_until:  # the doorbell, as the agent's fallback
+                    await self._ring_on(True)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._bell.wait(), self.fetch_timeout_s)
+                    continue
+                await self._ring_on(False)
+                await self._puller.park(durable, PARK_S, land)
+                no_park_until = await self._parked_answer(answers, no_park_until)
+        except nats.errors.ConnectionClosedError:
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await self._puller.stop()
+
+    async def _parked_answer(self, answers: asyncio.Queue[Msg], no_park_until: float) -> float:
+        """Wait for the parked pull's answer and act on it; until when not to park again."""
+        try:
+            msg = await asyncio.wait_for(answers.get(), PARK_S + PULL_TIMEOUT_S)
+        except TimeoutError:
+            return no_park_until
+        status = jsapi.status_of(msg)
+        if status is None:
+            await self._serve_guarded(msg)
+        elif is_max_waiting(msg):
+            self.statuses["409 max waiting"] += 1
+            return time.monotonic() + MAX_WAITING_BACKOFF_S * random.uniform(0.5, 1.5)
+        elif status != jsapi.STATUS_TIMEOUT:
+            self.statuses[status] += 1
+            await asyncio.sleep(PULL_RETRY_S)
+        return no_park_until
+
+    async def _ring_on(self, on: bool) -> None:
+        """The doorbell subscription exists only while the agent falls back to it."""
+        assert self.broker is not None
+        if on and self._bell_sub is None:
+            self._bell_sub = await self.broker.nc.subscribe(
+                self.broker.names.jobs_subject(self.klass), cb=self._ring_cb
+            )
+        elif not on and self._bell_sub is not None:
+            sub, self._bell_sub = self._bell_sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _serve_guarded(self, msg: Msg) -> None:
         """Serve; a ticket it could not serve goes back (NAK with a delay), as an agent's does."""

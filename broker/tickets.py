@@ -285,6 +285,11 @@ NO_WAIT_ONE = b'{"batch":1,"no_wait":true}'
 PULL_TIMEOUT_S = 5.0
 
 
+class MaxWaitingExceeded(BrokerError):
+    """A pull refused with ``409 Exceeded MaxWaiting``: the consumer exists but already holds
+    as many waiting pulls as it allows. Back off briefly and pull again; not ConsumerUnavailable."""
+
+
 class TicketPuller:
     """Pulls one ticket at a time from the jobs stream's class consumers with ``no_wait`` requests:
     answered at once either way, so an empty class costs one round trip and never a wait.
@@ -301,6 +306,7 @@ class TicketPuller:
         self._answers: asyncio.Queue[Msg] = asyncio.Queue()
         self._sub: Any = None
         self._lock = asyncio.Lock()
+        self._parked: dict[str, _Parked] = {}
 
     async def start(self) -> TicketPuller:
         async def answer(msg: Msg) -> None:
@@ -310,7 +316,10 @@ class TicketPuller:
         return self
 
     async def stop(self) -> None:
-        """Stop listening; tickets that still arrive are never acked and come back after ack-wait."""
+        """Stop listening; tickets that still arrive are never acked and come back after ack-wait.
+        Parked pulls are withdrawn first (see :meth:`unpark`)."""
+        for durable in list(self._parked):
+            await self.unpark(durable)
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
@@ -348,4 +357,81 @@ class TicketPuller:
             return msg
         if status in (jsapi.STATUS_NOT_FOUND, jsapi.STATUS_TIMEOUT):  # nothing waiting / the request expired
             return None
+        if is_max_waiting(msg):
+            raise MaxWaitingExceeded(f"consumer {durable}: {status} {jsapi.description_of(msg)}".strip())
         raise ConsumerUnavailable(f"consumer {durable}: {status} {jsapi.description_of(msg)}".strip())
+
+    # -- parked pulls ----------------------------------------------------------
+    async def park(self, durable: str, expires_s: float, land: Callable[[str, Msg], Awaitable[None]]) -> bool:
+        """Leave one pull of one ticket waiting on consumer ``durable`` for up to ``expires_s``
+        (unless one is waiting there already); True when a pull was sent. Its answer (the
+        ticket, or a status: 408 expired, 409, 503 no consumer) goes to ``land(durable, msg)``,
+        and nowhere else: each parked class has its own inbox, so a pull parked on one class
+        never holds up pulls on the others (nor :meth:`pull`'s shared inbox).
+
+        JetStream hands a new ticket to one waiting pull, so K idle agents parked on a class
+        cost one delivery per ticket, not K. A pull cannot be cancelled on the server; it is
+        withdrawn by :meth:`unpark` (the server skips waiting pulls nobody listens for)."""
+        now = time.monotonic()
+        parked = self._parked.get(durable)
+        if parked is None:
+            parked = _Parked(self.broker.nc.new_inbox())
+
+            async def answered(msg: Msg) -> None:
+                parked.until = 0.0  # a pull for one ticket ends with its ticket or its status
+                await land(durable, msg)
+
+            parked.sub = await self.broker.nc.subscribe(parked.inbox, cb=answered)
+            self._parked[durable] = parked
+        if self._waiting(parked, now):
+            return False
+        # Past its expiry (plus a round trip) with no answer, a pull is taken as gone (a
+        # reconnect loses waiting pulls): a late answer would still reach ``land``.
+        parked.until = now + expires_s + PULL_TIMEOUT_S
+        parked.link = self._link()
+        subject = jsapi.consumer_next(self.broker.names.jobs_stream, durable)
+        body = b'{"batch":1,"expires":%d}' % seconds_to_ns(expires_s)
+        await self.broker.nc.publish(subject, body, reply=parked.inbox)
+        return True
+
+    def parked(self, durable: str) -> bool:
+        """Whether a pull is waiting on ``durable`` (sent, not answered, not past its expiry)."""
+        parked = self._parked.get(durable)
+        return parked is not None and self._waiting(parked, time.monotonic())
+
+    def _link(self) -> int:
+        return int(self.broker.nc.stats.get("reconnects", 0))
+
+    def _waiting(self, parked: _Parked, now: float) -> bool:
+        # A reconnect loses the server's waiting pulls (the inbox is subscribed again).
+        return parked.until > now and parked.link == self._link()
+
+    def parked_on(self) -> list[str]:
+        """The consumers with a parked inbox (a pull waiting there or not)."""
+        return list(self._parked)
+
+    async def unpark(self, durable: str) -> None:
+        """Withdraw the pull parked on ``durable``: its inbox is drained (unsubscribed, then what
+        the server had sent before it saw that still reaches ``land``, which answers it), so the
+        server delivers no ticket to that pull from then on."""
+        parked = self._parked.pop(durable, None)
+        if parked is None or parked.sub is None:
+            return
+        with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+            await parked.sub.drain()
+
+
+@dataclass(eq=False)
+class _Parked:
+    inbox: str
+    sub: Any = None
+    until: float = 0.0  # monotonic: when the waiting pull is taken as gone; 0.0: none waiting
+    link: int = 0  # the connection's reconnect count when it was sent
+
+
+def is_max_waiting(msg: Msg) -> bool:
+    """A pull refused because the consumer already holds its max_waiting pulls (the consumer
+    exists: back off and come back, do not treat it as missing)."""
+    return jsapi.status_of(msg) == jsapi.STATUS_CONFLICT and "maxwaiting" in jsapi.description_of(msg).lower().replace(
+        " ", ""
+    )

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
+from trainfleet.broker import jsapi
 from trainfleet.broker.errors import ConsumerUnavailable
 from trainfleet.broker.provision import ensure_consumer
-from trainfleet.broker.tickets import TicketPuller
+from trainfleet.broker.tickets import MaxWaitingExceeded, TicketPuller
 
 from .conftest import wait_for
 
@@ -77,3 +78,93 @@ async def test_sent_runs_once_the_pull_is_on_its_way_and_before_its_answer(broke
     await broker.js.publish(broker.names.jobs_subject("cpu"), b"after-sent")
     msg = await asyncio.wait_for(pull, 3)
     assert msg is not None and msg.data == b"after-sent" and calls == [False]
+
+
+class Landed:
+    """What parked pulls answered, in order (durable, data or status)."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, object]] = []
+
+    async def __call__(self, durable: str, msg) -> None:
+        status = jsapi.status_of(msg)
+        self.answers.append((durable, msg.data if status is None else status))
+        if status is None:
+            await msg.ack()
+
+
+async def test_a_parked_pull_brings_the_next_ticket_and_never_blocks_pulls_on_other_classes(broker, puller):
+    # (the agent's puller runs as the agent; the test's broker is admin: same requests)
+    cpu = await ensure_consumer(broker.js, broker.settings, "cpu")
+    gpu = await ensure_consumer(broker.js, broker.settings, "gpu.8")
+    landed = Landed()
+    # Given a pull parked on cpu for 10 s
+    assert await puller.park(cpu, 10.0, landed) is True
+    assert await puller.park(cpu, 10.0, landed) is False  # one per class
+    assert puller.parked(cpu)
+    # When another class is pulled meanwhile, it answers at once (its own inbox)
+    await broker.js.publish(broker.names.jobs_subject("gpu.8"), b"gpu-ticket")
+    await wait_for(lambda: _pending(broker, gpu), 5, 0.01, what="the gpu ticket counted")
+    msg = await asyncio.wait_for(puller.pull(gpu), 2)
+    assert msg is not None and msg.data == b"gpu-ticket"
+    # And a cpu ticket goes to the parked pull
+    await broker.js.publish(broker.names.jobs_subject("cpu"), b"cpu-ticket")
+    await wait_for(lambda: landed.answers, 5, 0.01, what="the parked pull's answer")
+    assert landed.answers == [(cpu, b"cpu-ticket")]
+    assert not puller.parked(cpu)
+
+
+async def test_a_parked_pull_that_expires_answers_408(broker, puller):
+    cpu = await ensure_consumer(broker.js, broker.settings, "cpu")
+    landed = Landed()
+    await puller.park(cpu, 0.2, landed)
+    await wait_for(lambda: landed.answers, 5, 0.01, what="the expiry")
+    assert landed.answers == [(cpu, jsapi.STATUS_TIMEOUT)] and not puller.parked(cpu)
+
+
+async def test_an_unparked_pull_takes_no_ticket(broker, puller):
+    # Given a parked pull withdrawn by its agent (a stopping or full agent)
+    cpu = await ensure_consumer(broker.js, broker.settings, "cpu")
+    landed = Landed()
+    await puller.park(cpu, 10.0, landed)
+    await puller.unpark(cpu)
+    # When a ticket comes, the server does not hand it to the withdrawn pull: it stays queued
+    await broker.js.publish(broker.names.jobs_subject("cpu"), b"not-swallowed")
+    await wait_for(lambda: _pending(broker, cpu), 5, 0.01, what="the ticket counted")
+    info = await broker.js.consumer_info(broker.names.jobs_stream, cpu)
+    assert info.num_ack_pending == 0 and landed.answers == []
+    msg = await puller.pull(cpu)
+    assert msg is not None and msg.data == b"not-swallowed"
+
+
+async def test_exceeded_max_waiting_is_its_own_answer_not_a_missing_consumer(broker, puller):
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    durable = "jobs-tiny"
+    await broker.js.add_consumer(
+        broker.names.jobs_stream,
+        ConsumerConfig(
+            durable_name=durable,
+            filter_subject=broker.names.jobs_subject("tiny"),
+            ack_policy=AckPolicy.EXPLICIT,
+            max_waiting=1,
+        ),
+    )
+    landed = Landed()
+    await puller.park(durable, 10.0, landed)
+    await wait_for(lambda: _waiting(broker, durable), 5, 0.01, what="the parked pull counted")
+    with pytest.raises(MaxWaitingExceeded):
+        await puller.pull(durable, wait_s=1.0)
+    other = await TicketPuller(broker).start()
+    try:
+        second = Landed()
+        await other.park(durable, 10.0, second)
+        await wait_for(lambda: second.answers, 5, 0.01, what="the refusal")
+        (_, status), *_ = second.answers
+        assert status == jsapi.STATUS_CONFLICT
+    finally:
+        await other.stop()
+
+
+async def _waiting(broker, durable: str) -> int:
+    return (await broker.js.consumer_info(broker.names.jobs_stream, durable)).num_waiting or 0
