@@ -437,7 +437,8 @@ class Agent:
         assert self._puller is not None
         for durable in self._puller.parked_on():
             klass = self._class_of.get(durable, "")
-            if self._stopping.is_set() or not self._has_slot_for(klass):
+            # (a pull already answered needs no withdrawal: its inbox is kept for the next one)
+            if self._puller.parked(durable) and (self._stopping.is_set() or not self._has_slot_for(klass)):
                 await self._puller.unpark(durable)
 
     async def _stop_pulling(self) -> None:
