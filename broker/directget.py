@@ -371,6 +371,27 @@ def no_responders_error(received: int, chunks: int) -> str:
     )
 
 
+class _Buffers:
+    """CHUNK_BUFFERS reused chunk buffers shared by a transfer's threads: ``free`` hands out the
+    index of one nobody holds; whoever fills it sets ``holders[index]`` to how many threads will
+    read it, and each calls :meth:`release` when done (the last one frees it)."""
+
+    def __init__(self, size: int):
+        self.buffers = [memoryview(bytearray(size)) for _ in range(CHUNK_BUFFERS)]
+        self.free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for index in range(CHUNK_BUFFERS):
+            self.free.put(index)
+        self.holders = [0] * CHUNK_BUFFERS
+        self._lock = threading.Lock()
+
+    def release(self, index: int) -> None:
+        with self._lock:
+            self.holders[index] -= 1
+            free = self.holders[index] == 0
+        if free:
+            self.free.put(index)
+
+
 class _Stage(threading.Thread):
     """One step every chunk goes through in order (hashing, or writing), on its own thread.
 
@@ -477,12 +498,8 @@ class _Puller:
         self.received = self.requested = self.size = self.max_in_flight = 0
         self.unanswered = 0
         # The chunk buffers, and which are free: each goes to both stages, free again when both are done.
-        self.buffers = [memoryview(bytearray(conn.max_payload + 2)) for _ in range(CHUNK_BUFFERS)]
-        self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for index in range(CHUNK_BUFFERS):
-            self.free.put(index)
-        self.holders = [0] * CHUNK_BUFFERS
-        self.holders_lock = threading.Lock()
+        pool = _Buffers(conn.max_payload + 2)
+        self.buffers, self.free, self.holders, self._release = pool.buffers, pool.free, pool.holders, pool.release
         self.stop = threading.Event()
         self.fh = fh
         self.syncer: WriteBack | None = None
@@ -503,13 +520,6 @@ class _Puller:
         self.fh.write(data)
         if self.syncer is not None:
             self.syncer.wrote(len(data))
-
-    def _release(self, index: int) -> None:
-        with self.holders_lock:
-            self.holders[index] -= 1
-            free = self.holders[index] == 0
-        if free:
-            self.free.put(index)
 
     def fail(self, message: str) -> ArtifactError:
         return ArtifactError(f"object {self.name!r}: {message}")
@@ -738,10 +748,8 @@ class _Pusher:
         self.inbox = conn.inbox.encode()
         self.window = max(1, push.window)
         self.digest = hashlib.sha256()
-        self.buffers = [memoryview(bytearray(push.chunk_bytes)) for _ in range(CHUNK_BUFFERS)]
-        self.free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        for index in range(CHUNK_BUFFERS):
-            self.free.put(index)
+        pool = _Buffers(push.chunk_bytes)
+        self.buffers, self.free, self.holders, self._release = pool.buffers, pool.free, pool.holders, pool.release
         # (index, length) per chunk read, None at the end of the file, or what the read raised.
         self.ready: queue.SimpleQueue[tuple[int, int] | BaseException | None] = queue.SimpleQueue()
         self.acks = threading.Condition()
@@ -750,18 +758,9 @@ class _Pusher:
         self.closing = False
         self.read_s = self.send_s = self.window_wait_s = self.chunk_wait_s = 0.0
         # A chunk is hashed while it is sent (both only read its buffer): the buffer is free
-        # again once both are done with it.
-        self.holders = [0] * CHUNK_BUFFERS
-        self.holders_lock = threading.Lock()
+        # again once both are done with it (its holders: 2).
         self.stop = threading.Event()
         self.hasher = _Stage("hash", self.digest.update, self.buffers, self._release, self.stop, of="put")
-
-    def _release(self, index: int) -> None:
-        with self.holders_lock:
-            self.holders[index] -= 1
-            free = self.holders[index] == 0
-        if free:
-            self.free.put(index)
 
     def run(self) -> Pushed:
         file_reader = threading.Thread(target=self._read_file, name="trainfleet-put-read", daemon=True)

@@ -99,6 +99,17 @@ async def broker(settings: Settings) -> AsyncIterator[Broker]:
         await b.close()
 
 
+@pytest.fixture
+async def role_controller(settings: Settings, broker: Broker) -> AsyncIterator[Controller]:
+    """A started controller under the controller role's nkey (``broker``, the admin's, provisioned)."""
+    controller = Controller(as_role(settings, "controller"), handle_signals=False)
+    await controller.start()
+    try:
+        yield controller
+    finally:
+        await controller.stop()
+
+
 def fake_capability(host_id: str, **overrides: Any) -> Capability:
     base: dict[str, Any] = dict(
         host_id=host_id,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,7 +14,6 @@ from trainfleet.broker import kv, tickets
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.records import RecordCache, get_record, job_ids, load_records, update_record
 from trainfleet.broker.schema import JobRecord, JobStatus
-from trainfleet.broker.settings import Settings
 from trainfleet.broker.specs import load_specs
 from trainfleet.broker.tickets import scan_tickets
 from trainfleet.controller.controller import Controller
@@ -24,14 +22,9 @@ from .conftest import as_role, linreg_manifest
 
 
 @pytest.fixture
-async def ctl(settings: Settings, broker: Broker) -> AsyncIterator[Controller]:
-    """A controller under the controller role's nkey (the admin's broker provisioned)."""
-    controller = Controller(as_role(settings, "controller"), handle_signals=False)
-    await controller.start()
-    try:
-        yield controller
-    finally:
-        await controller.stop()
+async def ctl(role_controller: Controller) -> Controller:
+    """The controller under the controller role's nkey (conftest.role_controller)."""
+    return role_controller
 
 
 def cache_of(ctl: Controller) -> RecordCache:

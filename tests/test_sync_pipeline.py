@@ -5,30 +5,23 @@ writes no record and no ticket."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from trainfleet.broker import jsapi
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.records import get_record
-from trainfleet.broker.settings import Settings
 from trainfleet.broker.tickets import scan_tickets
 from trainfleet.controller import controller as controller_module
 from trainfleet.controller.controller import Controller
 from trainfleet.controller.manifest import parse_manifest
 
-from .conftest import as_role, linreg_manifest, linreg_text, records
+from .conftest import linreg_manifest, linreg_text, records
 
 
 @pytest.fixture
-async def ctl(settings: Settings, broker: Broker) -> AsyncIterator[Controller]:
-    controller = Controller(as_role(settings, "controller"), handle_signals=False)
-    await controller.start()
-    try:
-        yield controller
-    finally:
-        await controller.stop()
+async def ctl(role_controller: Controller) -> Controller:
+    """The controller under the controller role's nkey (conftest.role_controller)."""
+    return role_controller
 
 
 async def last_seq(broker: Broker, stream: str) -> int:
