@@ -10,17 +10,14 @@ Roles: read-only (every role that may read records and specs).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
-import nats.js.api
-from nats.aio.msg import Msg
 
 from trainfleet.broker import jsapi, kv
 from trainfleet.broker.errors import AmbiguousJob, JobNotFound, SchemaError, UntrustedSpec
@@ -161,46 +158,41 @@ class _Sealed(msgspec.Struct):
 
 
 class NameIndex:
-    """Job names → ids over the whole specs bucket, kept by an ordered watch of it.
+    """Job names → ids over the whole specs bucket, kept by a watch of it (kv.LatestWatch).
 
     Built the first time it is asked (every spec read once), then kept current by the watch:
     a spec written later (a sync by this or any other controller, a rename) lands in it within
     a message. It only ever lists too much (a renamed or deleted job stays under its old
     name), never too little, so :func:`resolve` reads each listed job and keeps those whose
     spec is named so now. Before answering, it catches up to the specs stream's last sequence
-    (one stream-info request), so a lookup right after a sync sees the sync's specs.
+    (one stream-info request), so a lookup right after a sync sees the sync's specs. A watch
+    that was lost (a gap, a silence) is dropped and the index built again.
 
-    Role: any that may read specs (the controller uses it for cancel and requeue). The watch
-    is a subscription of the broker's connection: it ends with the connection."""
+    Role: any that may read specs (the controller uses it for cancel and requeue)."""
 
     def __init__(self, broker: Broker, *, catch_up_s: float = 30.0):
         self.broker = broker
         self.catch_up_s = catch_up_s
         self._ids: dict[str, str | frozenset[str]] = {}
         self._seen = 0  # the specs stream's sequence the index holds everything up to
-        self._sub: Any = None
+        self._watch: kv.LatestWatch | None = None
         self._starting = asyncio.Lock()
         self._generation = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        bucket = broker.names.specs_bucket
-        self._stream = jsapi.kv_stream(bucket)
-        self._prefix = len(jsapi.kv_subject(bucket, ""))
+        self._stream = jsapi.kv_stream(broker.names.specs_bucket)
 
     async def ids(self, name: str) -> set[str] | None:
         """Every id whose spec is (or was) named ``name``; None when the index could not catch
         up with the specs stream in ``catch_up_s`` (the caller reads the specs instead; the
         index is then dropped and built again on the next lookup)."""
         async with self._starting:
-            if self._sub is None:
-                self._sub = await self.broker.js.subscribe(
-                    jsapi.kv_subject(self.broker.names.specs_bucket, ">"),
-                    stream=self._stream,
-                    cb=functools.partial(self._on_msg, self._generation),
-                    ordered_consumer=True,
-                    deliver_policy=nats.js.api.DeliverPolicy.LAST_PER_SUBJECT,
-                    inactive_threshold=kv.WATCH_INACTIVE_S,
-                )
-        last = (await self.broker.js.stream_info(self._stream)).state.last_seq
+            if self._watch is not None and not self._watch.healthy:
+                await self.stop()
+            if self._watch is None:
+                on_entry = functools.partial(self._on_entry, self._generation)
+                self._watch = await kv.LatestWatch(self.broker.js, self.broker.names.specs_bucket, on_entry).start()
+        state = (await self.broker.js.stream_info(self._stream)).state
+        last = state.last_seq if state.messages else 0
         if self._seen < last:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append((last, waiter))
@@ -208,37 +200,35 @@ class NameIndex:
                 await asyncio.wait_for(waiter, self.catch_up_s)
             except TimeoutError:
                 log.warning("the name index is at %d of the specs stream's %d; reading every spec", self._seen, last)
-                await self._reset()
+                await self.stop()
                 return None
             finally:
                 self._waiters = [w for w in self._waiters if w[1] is not waiter]
         found = self._ids.get(name)
         return set() if found is None else {found} if isinstance(found, str) else set(found)
 
-    async def _reset(self) -> None:
-        """Forget everything (a watch that stopped delivering): the next lookup starts anew."""
-        sub, self._sub = self._sub, None
+    async def stop(self) -> None:
+        """Stop the watch and forget everything: the next lookup starts anew."""
+        watch, self._watch = self._watch, None
         self._ids, self._seen = {}, 0
         self._generation += 1  # what the old watch still delivers is ignored
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        if watch is not None:
+            await watch.stop()
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    async def _on_msg(self, generation: int, msg: Msg) -> None:
+    def _on_entry(self, generation: int, entry: kv.Delivery) -> None:
         if generation != self._generation:
             return
-        key = msg.subject[self._prefix :]
-        if key != FLEET_INFO_KEY and jsapi.kv_operation(msg.headers or {}) is None:
+        if entry.key != FLEET_INFO_KEY and entry.operation is None:
             try:
-                name = msgspec.json.decode(msgspec.json.decode(msg.data, type=_Sealed).spec, type=_Named).name
+                name = msgspec.json.decode(msgspec.json.decode(entry.value, type=_Sealed).spec, type=_Named).name
             except msgspec.DecodeError:
                 name = ""
             if name:
-                self._add(name, key)
-        self._seen = max(self._seen, msg.metadata.sequence.stream)
+                self._add(name, entry.key)
+        self._seen = max(self._seen, entry.revision)
         for target, waiter in self._waiters:
             if target <= self._seen and not waiter.done():
                 waiter.set_result(None)

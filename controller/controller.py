@@ -127,6 +127,7 @@ class Controller:
         self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
         self._consumers: set[str] = set()  # classes whose consumer this controller ensured
         self._records: RecordCache | None = None  # reconcile's, started by its first pass
+        self._job_names: NameIndex | None = None  # cancel's and requeue's, built by the first lookup by name
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -181,6 +182,9 @@ class Controller:
         if self._records is not None:
             await self._records.stop()
             self._records = None
+        if self._job_names is not None:
+            await self._job_names.stop()
+            self._job_names = None
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
@@ -598,10 +602,9 @@ class Controller:
         spec; a name goes through this controller's index of names (built from the specs
         bucket on the first lookup by name, then kept by a watch); an id prefix lists the
         jobs bucket's keys. Same answers and errors as resolving over every job."""
-        index: NameIndex | None = getattr(self, "_job_names", None)
-        if index is None or index.broker is not self.b:
-            index = self._job_names = NameIndex(self.b)
-        return await resolve(self.b, ref, index)
+        if self._job_names is None or self._job_names.broker is not self.b:
+            self._job_names = NameIndex(self.b)
+        return await resolve(self.b, ref, self._job_names)
 
     async def cancel(self, ref: str) -> Job:
         """Cancel a job that is not terminal; its agent sees the change and stops the trainer."""

@@ -159,7 +159,7 @@ async def test_the_name_index_sees_every_spec_write_at_once(broker, controller, 
 class _Deaf(NameIndex):
     """A name index whose watch never delivers (a stalled subscription)."""
 
-    async def _on_msg(self, generation: int, msg: Any) -> None:
+    def _on_entry(self, generation: int, entry: Any) -> None:
         return None
 
 
