@@ -53,8 +53,11 @@ def job_id_for(identity: dict[str, Any]) -> str:
     Sorted keys and fixed separators make the id independent of key order in
     the TOML file and of the Python version that computed it.
     """
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(identity).encode("utf-8")).hexdigest()
+
+
+# One encoder for every id (json.dumps with these arguments would build one per call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class SignedSpec(msgspec.Struct, frozen=True, kw_only=True):
