@@ -37,7 +37,8 @@ async def tickets_by_job(broker: Broker) -> dict[str, int]:
 
 
 async def test_chunks_keep_every_job_whole_and_tickets_in_priority_order(ctl, broker, monkeypatch):
-    monkeypatch.setattr(controller_module, "SYNC_CHUNK", 7)  # 40 jobs: six chunks in flight at once
+    monkeypatch.setattr(controller_module, "SYNC_CHUNK", 7)  # 40 jobs: chunks of 2, 4, 7, ... at once
+    monkeypatch.setattr(controller_module, "SYNC_FIRST_CHUNK", 2)
     jobs = "".join(
         f'[[jobs]]\nname = "p-{i}"\nmodel = "linreg"\nmode = "gd"\nseed = {i}\npriority = {i % 4}\n' for i in range(40)
     )
@@ -50,6 +51,16 @@ async def test_chunks_keep_every_job_whole_and_tickets_in_priority_order(ctl, br
     assert await tickets_by_job(broker) == dict.fromkeys(recs, 1)
     order = [t.ticket.priority for t in await scan_tickets(broker) if t.ticket]
     assert order == sorted(order, reverse=True)
+
+
+def test_chunks_grow_from_the_first_size_to_the_most():
+    chunked = controller_module._chunked
+    items = list(range(100))
+    chunks = chunked(items, 4, 32)
+    assert [len(c) for c in chunks] == [4, 8, 16, 32, 32, 8]
+    assert [i for c in chunks for i in c] == items
+    assert [len(c) for c in chunked(items, 64, 32)] == [32, 32, 32, 4]
+    assert chunked([], 4, 32) == []
 
 
 async def test_an_unchanged_resync_writes_no_record_and_no_ticket(ctl, broker):
