@@ -28,14 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,8 +155,7 @@ class Agent:
         self._slot_freed = asyncio.Event()
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()
-        self._idle = False  # waiting on the doorbell after every class was empty: the next ring reads ahead
-        self._ringing: Msg | None = None  # that ring's ticket (a copy): read ahead once its pull is sent
+        self._idle = False  # waiting on the doorbell (or parked pulls) after every class was empty
         self._tasks: set[asyncio.Task[None]] = set()
         self._tasks_aside: set[asyncio.Task[None]] = set()  # not jobs: the stop-file watcher
         self._absent: dict[str, float] = {}  # class → when to look for its consumer again
@@ -339,31 +336,21 @@ class Agent:
         # Classes whose doorbell rang go first (best fit among them): a fresh ticket is then one
         # fetch away, instead of waiting out short pulls on empty classes ahead of it.
         rung, self._rung = self._rung, set()
-        ringing, self._ringing = self._ringing, None
         self._doorbell.clear()
         assert self._puller is not None
         # A class with a pull parked on it is empty (its next ticket comes on that pull).
         servable = [k for k in servable if self._present(k, rung) and not self._puller.parked(self.names.consumer(k))]
-        try:
-            for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
-                # A rung class's ticket may reach the doorbell a moment before the consumer can
-                # deliver it: wait briefly for it there; empty classes answer at once.
-                self.claimer.step("", f"pull ({'rung' if klass in rung else 'idle'} {klass})")
-                read_ahead = None
-                if ringing is not None and self.names.class_of_subject(ringing.subject) == klass:
-                    # The pull goes first; the record and spec reads follow it onto the wire.
-                    read_ahead = functools.partial(self.claimer.read_ahead, ringing)
-                    ringing = None
-                msg = await self._fetch_one(klass, RUNG_WAIT_S if klass in rung else 0.0, sent=read_ahead)
-                if msg is None or self._stopping.is_set():
-                    if msg is not None:
-                        await tickets.answer(msg.nak())
-                    continue
-                await self._claim_and_serve(msg, klass, now)
-                return True
-        finally:
-            # What the doorbell had read ahead served this round's claim or none; never a later one.
-            self.claimer.forget_read_ahead()
+        for klass in [k for k in servable if k in rung] + [k for k in servable if k not in rung]:
+            # A rung class's ticket may reach the doorbell a moment before the consumer can
+            # deliver it: wait briefly for it there; empty classes answer at once.
+            self.claimer.step("", f"pull ({'rung' if klass in rung else 'idle'} {klass})")
+            msg = await self._fetch_one(klass, RUNG_WAIT_S if klass in rung else 0.0)
+            if msg is None or self._stopping.is_set():
+                if msg is not None:
+                    await tickets.answer(msg.nak())
+                continue
+            await self._claim_and_serve(msg, klass, now)
+            return True
         if self._stopping.is_set() or self._landed is not None:
             return False
         await self._park_idle()
@@ -467,11 +454,6 @@ class Agent:
         self._rung.add(klass)
         self._doorbell.set()
         self.claimer.step("", "doorbell")
-        if self._idle and self._has_slot_for(klass):
-            # The first ticket while idle (the doorbell carries a copy): its record and spec
-            # are read while the pull that fetches it is on its way. One per idle wait.
-            self._idle = False
-            self._ringing = msg
 
     async def _ring_on_new_tickets(self) -> None:
         """Every class starts on its doorbell: a published ticket wakes the loop. A class goes
@@ -479,7 +461,7 @@ class Agent:
         for klass in self.classes():
             await self._bell(klass, True)
 
-    async def _fetch_one(self, klass: str, wait_s: float = 0.0, sent: Callable[[], None] | None = None) -> Msg | None:
+    async def _fetch_one(self, klass: str, wait_s: float = 0.0) -> Msg | None:
         """The class's next ticket if one is waiting now (a no_wait pull: an empty class costs one
         round trip, so a ticket published mid-round never waits out a pull on another class).
 
@@ -487,7 +469,7 @@ class Agent:
         whose consumer does not exist yet is skipped until its doorbell rings or a while passes."""
         assert self.broker is not None and self._puller is not None
         try:
-            return await self._puller.pull(self.names.consumer(klass), wait_s, sent=sent)
+            return await self._puller.pull(self.names.consumer(klass), wait_s)
         except tickets.MaxWaitingExceeded as exc:
             log.debug("class %s holds its max_waiting pulls: %s", klass, exc)
             self._no_park[klass] = time.monotonic() + MAX_WAITING_BACKOFF_S * random.uniform(0.5, 1.5)

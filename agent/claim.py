@@ -10,10 +10,7 @@ record to ``claimed`` with ``attempt + 1``; losing the CAS means another write w
 and the record is judged again. An ineligible host declines: it records why (once)
 and NAKs with a delay, never a hot loop.
 
-Latency: the spec is read beside the record (one round trip, not two), and an idle agent
-starts both reads when the doorbell brings a ticket, while its pull is still on its way
-(:class:`ReadAhead`); what was read ahead is a hint that serves the claim that follows at
-once or nothing, and never decides anything a fresh read would not.
+Latency: the spec is read beside the record (one round trip, not two).
 
 Role: agent (reads specs, reads and CASes records, answers the tickets it fetched).
 """
@@ -48,11 +45,6 @@ CLAIM_ROUNDS = 5
 NO_SLOT_NAK_S = 1.0
 # An unreadable record (a newer schema) is left for a newer agent this many NAK delays.
 UNREADABLE_NAK_FACTOR = 6
-
-
-# What was read ahead for a ticket serves its claim for this long at most (the agent also drops
-# it at the end of the round it was read for, whether it served or not).
-READ_AHEAD_FRESH_S = 1.0
 
 
 class Verdict(enum.Enum):
@@ -101,34 +93,12 @@ def _hint(task: asyncio.Task[Any]) -> asyncio.Task[Any]:
     return task
 
 
-class ReadAhead:
-    """A job's record and opened spec, read when the doorbell brought its ticket, before the
-    pull that fetches the ticket is answered.
-
-    Hints, like the ticket: the record serves a verdict to claim only (the claim's CAS on its
-    revision fails if the record changed since, and the claim then reads it again; a decline
-    it leads to is a delayed NAK, as a record read a moment later could lead to); any other
-    verdict is reached on a fresh read. The spec is opened (signature, identity) exactly as one
-    read after the fetch, and it serves the claim that follows in the same round of the agent
-    or none: never a later one, so a spec replaced meanwhile is not served stale."""
-
-    def __init__(self, job_id: str, record: asyncio.Task[Stored], spec: asyncio.Task[JobSpec]):
-        self.job_id = job_id
-        self.at = time.monotonic()
-        self.record = record
-        self.spec = spec
-
-    def serves(self, job_id: str) -> bool:
-        return job_id == self.job_id and time.monotonic() - self.at <= READ_AHEAD_FRESH_S
-
-
 class Claimer:
     """Claims tickets for one agent (its host id, slots and capability come from the seat)."""
 
     def __init__(self, seat: Seat):
         self.seat = seat
         self.on_step: StepHook | None = None  # None in service: profiling only
-        self._ahead: ReadAhead | None = None
 
     def step(self, job_id: str, name: str) -> None:
         if self.on_step is not None:
@@ -139,40 +109,13 @@ class Claimer:
         assert self.seat.broker is not None
         return self.seat.broker
 
-    def read_ahead(self, doorbell: Msg) -> None:
-        """Start reading the record and spec of the job whose ticket rang the doorbell (a copy of
-        the ticket, on its subject): the claim of that ticket, if it is the one pulled next, finds
-        them read. Replaces an earlier read-ahead; a garbage ticket reads nothing."""
-        self._ahead = None
-        try:
-            job_id = tickets.read_ticket(doorbell).job_id
-        except SchemaError:
-            return
-        self.step(job_id, "doorbell: reads started")
-        record = _hint(asyncio.ensure_future(self._read_record(job_id, "record read (ahead)")))
-        spec = _hint(asyncio.ensure_future(self._read_spec(job_id, " (ahead)")))
-        self._ahead = ReadAhead(job_id, record, spec)
-
-    def forget_read_ahead(self) -> None:
-        """Drop what was read ahead (the agent's round it was read for is over)."""
-        self._ahead = None
-
-    def _take_read_ahead(self, job_id: str) -> ReadAhead | None:
-        ahead, self._ahead = self._ahead, None
-        return ahead if ahead is not None and ahead.serves(job_id) else None
-
-    async def _read_record(self, job_id: str, step: str) -> Stored:
-        stored = await get_record(self.broker, job_id)
-        self.step(job_id, step)
-        return stored
-
-    async def _read_spec(self, job_id: str, tag: str = "") -> JobSpec:
+    async def _read_spec(self, job_id: str) -> JobSpec:
         """The job's spec, opened (signature, identity): UntrustedSpec, SchemaError or JobNotFound
         say why not."""
         raw = await read_spec(self.broker, job_id)
-        self.step(job_id, f"spec read{tag}")
+        self.step(job_id, "spec read")
         spec = open_spec(raw, job_id, self.broker.settings.trust_keys)
-        self.step(job_id, f"spec opened{tag}")
+        self.step(job_id, "spec opened")
         return spec
 
     async def claim(self, msg: Msg, now: float | None = None) -> HeldJob | None:
@@ -185,13 +128,11 @@ class Claimer:
             return None
         self.step(ticket.job_id, "ticket in hand")
         seq = msg.metadata.sequence.stream
-        ahead = self._take_read_ahead(ticket.job_id)
         # The spec is read beside the first record read, and opened at the first verdict to claim.
-        spec_read = ahead.spec if ahead is not None else _hint(asyncio.ensure_future(self._read_spec(ticket.job_id)))
+        spec_read = _hint(asyncio.ensure_future(self._read_spec(ticket.job_id)))
         spec: JobSpec | None = None
         for _ in range(CLAIM_ROUNDS):
-            judged = await self._judge(msg, ticket, seq, now, ahead)
-            ahead = None  # (a lost CAS reads again)
+            judged = await self._judge(msg, ticket, seq, now)
             if judged is None:
                 return None  # the ticket was answered
             stored, verdict, delay, at = judged
@@ -215,29 +156,14 @@ class Claimer:
         return None
 
     async def _judge(
-        self, msg: Msg, ticket: Ticket, seq: int, now: float | None, ahead: ReadAhead | None
+        self, msg: Msg, ticket: Ticket, seq: int, now: float | None
     ) -> tuple[Stored, Verdict, float, float] | None:
         """The record, the verdict on it, its delay and the time judged by; None when the ticket
-        was answered (no such job, or a record this agent cannot read). A record read ahead
-        serves a verdict to claim only; anything else is judged again on a fresh read."""
+        was answered (no such job, or a record this agent cannot read)."""
         settings = self.broker.settings
-
-        def judged(stored: Stored) -> tuple[Stored, Verdict, float, float]:
-            at = time.time() if now is None else now
-            held_here = self.seat.holds(ticket.job_id)
-            verdict, delay = judge(stored.record, ticket, seq, lease_s=settings.lease_s, held_here=held_here, now=at)
-            return stored, verdict, delay, at
-
-        if ahead is not None:
-            try:
-                verdict = judged(await ahead.record)
-            except Exception as exc:  # a hint that failed: read again below, and act on that read
-                log.debug("job %s: reading its record ahead failed: %r", ticket.job_id[:12], exc)
-            else:
-                if verdict[1] is Verdict.CLAIM:
-                    return verdict
         try:
-            stored = await self._read_record(ticket.job_id, "record read")
+            stored = await get_record(self.broker, ticket.job_id)
+            self.step(ticket.job_id, "record read")
         except JobNotFound:
             log.warning("dropping ticket for unknown job %s", ticket.job_id)
             await tickets.answer(msg.ack())
@@ -246,7 +172,10 @@ class Claimer:
             log.warning("job %s: record unreadable (%s); leaving it for a newer agent", ticket.job_id, exc)
             await tickets.answer(msg.nak(delay=settings.nak_delay_s * UNREADABLE_NAK_FACTOR))
             return None
-        return judged(stored)
+        at = time.time() if now is None else now
+        held_here = self.seat.holds(ticket.job_id)
+        verdict, delay = judge(stored.record, ticket, seq, lease_s=settings.lease_s, held_here=held_here, now=at)
+        return stored, verdict, delay, at
 
     async def _open_spec(self, msg: Msg, stored: Stored, spec_read: asyncio.Task[JobSpec]) -> JobSpec | None:
         """The job's spec (read and opened by ``spec_read``) if this agent may run it; else record

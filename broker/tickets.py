@@ -330,14 +330,11 @@ class TicketPuller:
         durable: str,
         wait_s: float = 0.0,
         timeout_s: float = PULL_TIMEOUT_S,
-        *,
-        sent: Callable[[], None] | None = None,
     ) -> Msg | None:
         """The next ticket of consumer ``durable`` if one is waiting now (or, with ``wait_s``,
         arrives within it), else None. Raises ConsumerUnavailable when the consumer is gone or
         changed (ensure it again), and nats.errors.TimeoutError when the server does not answer
-        within ``wait_s + timeout_s``. ``sent`` is called once the request is on its way (what
-        the caller does meanwhile goes out after it)."""
+        within ``wait_s + timeout_s``."""
         async with self._lock:
             while not self._answers.empty():
                 late = self._answers.get_nowait()
@@ -346,8 +343,6 @@ class TicketPuller:
             subject = jsapi.consumer_next(self.broker.names.jobs_stream, durable)
             body = NO_WAIT_ONE if wait_s <= 0 else b'{"batch":1,"expires":%d}' % seconds_to_ns(wait_s)
             await self.broker.nc.publish(subject, body, reply=self.inbox)
-            if sent is not None:
-                sent()
             try:
                 msg = await asyncio.wait_for(self._answers.get(), wait_s + timeout_s)
             except TimeoutError:

@@ -68,18 +68,6 @@ async def test_a_ticket_answering_an_earlier_timed_out_pull_is_handed_to_the_nex
     assert await puller.pull(durable) is None
 
 
-async def test_sent_runs_once_the_pull_is_on_its_way_and_before_its_answer(broker, puller):
-    # (the agent starts its record and spec reads there, so they follow the pull onto the wire)
-    durable = await ensure_consumer(broker.js, broker.settings, "cpu")
-    calls: list[bool] = []
-    pull = asyncio.create_task(puller.pull(durable, wait_s=5.0, sent=lambda: calls.append(pull.done())))
-    await wait_for(lambda: calls, 5, 0.01, what="the sent callback")
-    assert calls == [False]  # the pull was still waiting for its ticket
-    await broker.js.publish(broker.names.jobs_subject("cpu"), b"after-sent")
-    msg = await asyncio.wait_for(pull, 3)
-    assert msg is not None and msg.data == b"after-sent" and calls == [False]
-
-
 class Landed:
     """What parked pulls answered, in order (durable, data or status)."""
 
