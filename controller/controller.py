@@ -983,25 +983,12 @@ class _SyncRun:
 
 
 def _chunked(items: list[_T], first: int, most: int) -> list[list[_T]]:
-    """``items`` in order, in chunks of ``first``, twice that, ... up to ``most`` items, and
-    (when there are enough) shrinking the same way at the end: the first chunk's records and
-    tickets go out after a few specs are stored, and the last chunk's tickets trail its records
-    by a few writes, not by ``most``."""
-    ramp, size = [], max(1, min(first, most))
-    while size < most:
-        ramp.append(size)
-        size *= 2
-    middle = len(items) - 2 * sum(ramp)
-    if middle < 0:  # too few to shrink again: grow only
-        sizes = [*ramp, *[most] * -(-len(items) // most)]
-    else:
-        sizes = [*ramp, *[most] * (middle // most), *([middle % most] if middle % most else []), *reversed(ramp)]
-    chunks, start = [], 0
-    for size in sizes:
-        if start >= len(items):
-            break
+    """``items`` in order, in chunks of ``first``, twice that, ... up to ``most`` items."""
+    chunks, start, size = [], 0, max(1, min(first, most))
+    while start < len(items):
         chunks.append(items[start : start + size])
         start += size
+        size = min(most, size * 2)
     return chunks
 
 
