@@ -42,7 +42,7 @@ from bench.report import Row, percentile
 from bench.simagent import PULLS, connect_agents, drive
 from bench.sync import manifest_text, raw_parallel
 from trainfleet.broker import jsapi
-from trainfleet.broker.connection import Broker
+from trainfleet.broker.connection import Broker, settle
 from trainfleet.broker.provision import ensure_consumer
 from trainfleet.broker.records import load_records
 from trainfleet.broker.schema import JobRecord, JobStatus, decode, encode
@@ -259,7 +259,7 @@ async def _trickle(env: Env, drain: Drain, count: int) -> None:
                 done.set_result(time.monotonic())
 
         sub = await broker.nc.subscribe(jsapi.kv_subject(broker.names.jobs_bucket, rec.job_id), cb=written)
-        await broker.nc.flush()
+        await settle(broker.nc)
         sent = time.monotonic()
         await publish_ticket(broker, rec)
         for at in (0.03, 0.06):

@@ -98,6 +98,19 @@ async def wait_reachable(servers: list[str], wait_s: float, *, read_info: bool =
     return info
 
 
+async def settle(nc: Client, timeout_s: float = 10.0) -> None:
+    """Return once everything ``nc`` has written so far (subscriptions included) reached the
+    server: a request another client sends after this finds them.
+
+    nats-py's ``flush()`` alone does not promise that. Its PING goes straight onto the socket,
+    while SUBs and PUBs wait in the client's buffer until its flusher task runs: right after
+    ``subscribe()`` the PING is sent first and its PONG proves nothing. The flusher is woken
+    before the first PING goes out, so by the time that PONG is read it has written the buffer,
+    and the second PING goes out behind it (tests/test_settle.py reads the wire)."""
+    await nc.flush(timeout=timeout_s)
+    await nc.flush(timeout=timeout_s)
+
+
 async def connect_nats(
     settings: Settings, *, name: str = "trainfleet", connect_timeout_s: float = 5.0, wait_s: float = 0.0, **options: Any
 ) -> Client:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from nats import micro
 from nats.micro.request import Request
 
-from trainfleet.broker.connection import Broker
+from trainfleet.broker.connection import Broker, settle
 from trainfleet.broker.control import ENDPOINT_DOCS, error_reply, ok_reply
 from trainfleet.broker.errors import UsageError
 from trainfleet.broker.explain import explain_json, explain_ref
@@ -203,7 +203,8 @@ async def start_service(ctl: Served) -> Any:
             handler=_wrap(name, handler),
             metadata={"description": description, "request": request_doc, "effect": effect},
         )
-    # Endpoints added after the service started are not flushed by nats-py: without this, a
-    # request sent right after start (an agent asking for its host policy) could find no one.
-    await ctl.b.nc.flush()
+    # Endpoints added after the service started are not flushed by nats-py (and its flush() can
+    # answer before they are sent): without this, a request sent right after start (an agent
+    # asking for its host policy, an operator's requeue) could find no one.
+    await settle(ctl.b.nc)
     return service

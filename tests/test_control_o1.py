@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from trainfleet.broker.connection import Broker
+from trainfleet.broker.connection import Broker, settle
 from trainfleet.broker.control import request
 from trainfleet.broker.errors import AmbiguousJob, JobNotFound, TrainfleetError
 from trainfleet.broker.jobs import NameIndex, load_jobs, resolve, resolve_job
@@ -43,6 +43,7 @@ class ApiLog:
 
     async def start(self) -> ApiLog:
         self._sub = await self.broker.nc.subscribe("$JS.API.>", cb=self._on)
+        await settle(self.broker.nc)
         return self
 
     async def _on(self, msg: Any) -> None:

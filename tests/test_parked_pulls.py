@@ -17,7 +17,7 @@ import pytest
 
 from trainfleet.agent import agent as agent_mod
 from trainfleet.broker import tickets
-from trainfleet.broker.connection import Broker
+from trainfleet.broker.connection import Broker, settle
 from trainfleet.broker.provision import ensure_consumer
 from trainfleet.broker.records import get_record
 from trainfleet.broker.schema import JobRecord, JobStatus
@@ -64,7 +64,7 @@ class PullCounter:
             self.bodies["no_wait" if b"no_wait" in msg.data else "waits"] += 1
 
         self.sub = await self.broker.nc.subscribe(self.subject, cb=seen)
-        await self.broker.nc.flush()
+        await settle(self.broker.nc)
         return self
 
     @property
