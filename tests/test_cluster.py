@@ -5,28 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 
 from trainfleet.broker.connection import Broker
 from trainfleet.broker.errors import BrokerError
 from trainfleet.broker.schema import JobStatus
-from trainfleet.broker.server import start_cluster
+from trainfleet.broker.server import EmbeddedServer, start_cluster
 from trainfleet.broker.settings import Settings
 
 from .conftest import FleetHarness, linreg_manifest, records, wait_for, wait_terminal
 
 
-async def provisioned(settings: Settings, timeout_s: float = 60) -> Broker:
-    """Provision once the cluster has elected a meta leader (that takes a few seconds)."""
+async def provisioned(settings: Settings, nodes: list[EmbeddedServer], timeout_s: float = 60) -> Broker:
+    """Provision once the cluster has elected a meta leader (that takes a few seconds). When it
+    never does, the failure carries the end of each node's log (a cluster that did not form was
+    once seen in CI with nothing left to say why)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return await Broker.connect(settings, provision=True)
-        except (BrokerError, Exception):
+        except (BrokerError, Exception) as exc:
             if time.monotonic() > deadline:
-                raise
+                logs = "\n".join(f"--- {n.log_path}\n{_tail(n.log_path)}" for n in nodes)
+                raise AssertionError(f"no JetStream cluster after {timeout_s:g}s: {exc!r}\n{logs}") from exc
             await asyncio.sleep(1.0)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(unreadable: {exc})"
 
 
 @pytest.mark.slow
@@ -44,7 +55,7 @@ async def test_losing_one_node_of_three_loses_no_job_and_trains_none_twice(tmp_p
         term_grace_s=2.0,
         worker_ttl_s=10.0,
     )
-    broker = await provisioned(settings)
+    broker = await provisioned(settings, nodes)
     harness = FleetHarness(settings, tmp_path / "agents")
     try:
         info = await broker.js.stream_info(settings.names.jobs_stream)

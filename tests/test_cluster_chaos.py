@@ -234,7 +234,7 @@ async def test_cluster_chaos_loses_nothing_trains_nothing_twice_and_drops_no_eve
         worker_ttl_s=10.0,
     )
     admin = as_role(base, "admin")
-    broker = await provisioned(admin)
+    broker = await provisioned(admin, nodes)
     # Kills cluster in time, so a job can be hit on several runs in a row: with room for ten
     # attempts, "lost" can only mean lost (a job failed on purpose after three is test_faults').
     text = linreg_text(JOBS, epochs=EPOCHS, extra="[settings]\nmax_attempts = 10\n")
