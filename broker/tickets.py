@@ -7,7 +7,8 @@ A ticket names a job and its generation; the record in the jobs KV decides
   :func:`eventual_classes`), which classes a host serves (:func:`classes_served`),
   and the VRAM tier ladder behind ``gpu.<tier>``;
 * publishing (:func:`publish_ticket`; the controller's sync pipelines its own), reading back what is
-  still queued (:func:`scan_tickets`, :func:`get_ticket`) and deleting (:func:`delete_ticket`);
+  still queued (:func:`scan_tickets`, :func:`get_ticket`; :class:`QueuedTickets` between
+  reconcile passes) and deleting (:func:`delete_ticket`);
 * pulling, one ticket at a time, from a class's durable consumer (:class:`TicketPuller`).
 
 Roles: the controller publishes, scans and deletes tickets; an agent pulls and acks them.
@@ -213,10 +214,11 @@ async def scan_tickets(broker: Broker) -> list[TicketRef]:
 
 
 async def _direct_scan(
-    broker: Broker, stream: str, subject: str, *, batch: int = SCAN_BATCH, timeout_s: float = 10.0
+    broker: Broker, stream: str, subject: str, *, start: int = 1, batch: int = SCAN_BATCH, timeout_s: float = 10.0
 ) -> AsyncIterator[tuple[int, bytes]]:
-    """(sequence, data) of every message of ``stream`` on ``subject``, oldest first, read with
-    batched direct gets (nats-server >= 2.11; the stream must allow direct gets).
+    """(sequence, data) of every message of ``stream`` on ``subject`` from sequence ``start`` on,
+    oldest first, read with batched direct gets (nats-server >= 2.11; the stream must allow
+    direct gets).
 
     A batch's answers are collected by the subscription's callback and handed on once its
     end-of-batch status is in (one wait per batch, not one per message)."""
@@ -236,7 +238,7 @@ async def _direct_scan(
         got.append((int(headers[jsapi.SEQUENCE]), msg.data))
 
     sub = await nc.subscribe(inbox, cb=answer)
-    seq = 1
+    seq = start
     try:
         while True:
             body = msgspec.json.encode({"seq": seq, "batch": batch, "next_by_subj": subject})
@@ -259,6 +261,99 @@ async def _direct_scan(
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
+
+
+# A pass of QueuedTickets asks for the jobs stream's interior deletes up to this many; beyond,
+# it reads every ticket again (a list that long would cost about what it saves).
+DELETED_DETAILS_MAX = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """Where a stream's messages are: every sequence from ``first_seq`` to ``last_seq`` is
+    there but those in ``deleted`` (None when the state was read without them)."""
+
+    first_seq: int
+    last_seq: int
+    messages: int
+    num_deleted: int
+    created: str
+    deleted: frozenset[int] | None = None
+
+
+async def stream_state(broker: Broker, stream: str, *, deleted: bool = False, timeout_s: float = 10.0) -> StreamState:
+    """One stream info request: the stream's sequences, and its interior deletes if asked."""
+    body = b'{"deleted_details":true}' if deleted else b""
+    try:
+        reply = await broker.nc.request(jsapi.stream_info(stream), body, timeout=timeout_s)
+    except nats.errors.NoRespondersError:
+        raise BrokerError(f"reading {stream}'s state: JetStream does not answer (no responders)") from None
+    resp = msgspec.json.decode(reply.data or b"{}")
+    if "error" in resp:
+        code, description = jsapi.api_error(resp)
+        raise BrokerError(f"reading {stream}'s state: {description} (err_code {code})")
+    st = resp.get("state") or {}
+    listed = st.get("deleted")
+    return StreamState(
+        first_seq=int(st.get("first_seq") or 0),
+        last_seq=int(st.get("last_seq") or 0),
+        messages=int(st.get("messages") or 0),
+        num_deleted=int(st.get("num_deleted") or 0),
+        created=str(resp.get("created") or ""),
+        deleted=frozenset(listed or ()) if deleted else None,
+    )
+
+
+class QueuedTickets:
+    """The tickets the jobs stream still holds, kept between the controller's reconcile passes.
+
+    Each pass reads the stream's state (one stream info: its first and last sequence, and its
+    interior deletes when it has some) and only the tickets published since the pass before:
+    what was acked or deleted meanwhile is dropped by its sequence. Every ticket is read again
+    (as :func:`scan_tickets` does) on the first pass, when the stream was made anew, on servers
+    without batched direct gets, and past DELETED_DETAILS_MAX interior deletes. ``reads``
+    counts how the passes read ("all", "new").
+
+    Role: controller (stream info and direct gets on the jobs stream)."""
+
+    def __init__(self, broker: Broker):
+        self.broker = broker
+        self._refs: dict[int, TicketRef] = {}
+        self._last_seq = 0
+        self._created: str | None = None
+        self.reads: dict[str, int] = {"all": 0, "new": 0}
+
+    async def current(self) -> list[TicketRef]:
+        """Every queued ticket, in stream order, as of this call."""
+        names = self.broker.names
+        stream = names.jobs_stream
+        state = await stream_state(self.broker, stream)
+        if 0 < state.num_deleted <= DELETED_DETAILS_MAX:
+            state = await stream_state(self.broker, stream, deleted=True)
+        follows = (
+            self._created == state.created
+            and state.last_seq >= self._last_seq
+            and (state.num_deleted == 0 or state.deleted is not None)
+            and _batch_get_supported(self.broker)
+        )
+        if not follows:
+            refs = await scan_tickets(self.broker)
+            self._refs = {ref.seq: ref for ref in refs}
+            self._last_seq = max(state.last_seq, refs[-1].seq if refs else 0)
+            self._created = state.created
+            self.reads["all"] += 1
+            return refs
+        gone = state.deleted or frozenset()
+        first = state.first_seq
+        # (ticket sequences only grow: dropping some keeps the rest in stream order)
+        refs = {seq: ref for seq, ref in self._refs.items() if seq >= first and seq not in gone}
+        if state.last_seq > self._last_seq:
+            async for seq, data in _direct_scan(self.broker, stream, names.jobs_wildcard, start=self._last_seq + 1):
+                refs[seq] = _ticket_ref(seq, data)
+        self._last_seq = max(state.last_seq, next(reversed(refs), 0))
+        self._refs = refs
+        self.reads["new"] += 1
+        return list(refs.values())
 
 
 async def get_ticket(broker: Broker, seq: int) -> TicketRef | None:

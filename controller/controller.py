@@ -132,6 +132,7 @@ class Controller:
         self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
         self._consumers: set[str] = set()  # classes whose consumer this controller ensured
         self._records: RecordCache | None = None  # reconcile's, started by its first pass
+        self._queued: tickets.QueuedTickets | None = None  # reconcile's, read whole by its first pass
         self._job_names: NameIndex | None = None  # cancel's and requeue's, built by the first lookup by name
 
     # -- lifecycle ----------------------------------------------------------
@@ -187,6 +188,7 @@ class Controller:
         if self._records is not None:
             await self._records.stop()
             self._records = None
+        self._queued = None
         if self._job_names is not None:
             await self._job_names.stop()
             self._job_names = None
@@ -417,13 +419,17 @@ class Controller:
     async def reconcile(self, now: float | None = None) -> dict[str, int]:
         """One pass over every unfinished record (from the record cache, kept current by a KV
         watch, so a pass reads the records once per controller, not once per pass) and every
-        queued ticket. What the cache says only decides where to look: each repair re-reads
-        the record (or CASes on its revision) before it writes."""
+        queued ticket (kept between passes too: a pass reads the tickets published since the
+        last one, and drops those acked or deleted by their sequence). What the cache says only
+        decides where to look: each repair re-reads the record (or CASes on its revision) before
+        it writes."""
         now = time.time() if now is None else now
         if self._records is None:
             self._records = RecordCache(self.b)
         records = dict(await self._records.current())  # a copy: the watch updates the cache meanwhile
-        queued = await tickets.scan_tickets(self.b)
+        if self._queued is None:
+            self._queued = tickets.QueuedTickets(self.b)
+        queued = await self._queued.current()
         # What is queued, flat (100k jobs: one tuple per ticket, not a set per job).
         live = _Queued(
             seqs={ref.seq for ref in queued},
