@@ -17,7 +17,7 @@ import pytest
 from trainfleet.broker import jsapi, logs, tickets
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.bundle import build_bundle
-from trainfleet.broker.connection import Broker
+from trainfleet.broker.connection import Broker, settle
 from trainfleet.broker.control import request
 from trainfleet.broker.errors import RemoteError, Unreachable
 from trainfleet.broker.records import cas, get_record
@@ -200,16 +200,14 @@ async def _worker_entry(b: Broker, w: World, role: str) -> None:
 
 async def _join_controllers(b: Broker, w: World, role: str) -> None:
     sub = await b.nc.subscribe(f"{b.names.ctl_group}.>", queue=b.names.ctl_queue_group)
-    await b.nc.flush(timeout=2)
-    await asyncio.sleep(0.2)  # a refusal arrives after the flush
+    await settle(b.nc, timeout_s=2)  # the server's refusal of the SUB is read before its PONG
     await sub.unsubscribe()  # (a member that never answers would take requests from the controller)
 
 
 async def _read_other_inbox(b: Broker, w: World, role: str) -> None:
     other = "viewer" if role != "viewer" else "operator"
     sub = await b.nc.subscribe(f"{inbox_prefix(other)}.>")
-    await b.nc.flush(timeout=2)
-    await asyncio.sleep(0.2)
+    await settle(b.nc, timeout_s=2)
     await sub.unsubscribe()
 
 
@@ -275,8 +273,7 @@ async def attempt(b: Broker, violations: list[str], op: Op, w: World, role: str)
             await task
     else:
         with contextlib.suppress(Exception):
-            await b.nc.flush(timeout=2)  # a refused core publish shows up as an error after the fact
-        await asyncio.sleep(0.1)
+            await settle(b.nc, timeout_s=2)  # a refused core publish: its error is read before the PONG
     if len(violations) > seen:
         return "denied"
     if task.cancelled():
