@@ -24,6 +24,7 @@ from nats.js.object_store import ObjectStore
 from bench.proxy import LatencyProxy
 from trainfleet.broker.artifacts import Artifacts
 from trainfleet.broker.bundle import Bundle
+from trainfleet.broker.connection import settle
 from trainfleet.broker.errors import ArtifactError, ObjectNotFound, StoreFull
 from trainfleet.broker.objstore import ObjectInfo, ObjectStoreClient, TransferStats, encode_name
 from trainfleet.broker.server import EmbeddedServer
@@ -150,7 +151,7 @@ async def test_a_put_never_has_more_chunks_unacked_than_its_window(nats_server, 
     try:
         await observer.subscribe(f"$O.{BUCKET}.C.>", cb=on_chunk)
         await observer.subscribe("_INBOX.>", cb=on_inbox)
-        await observer.flush()
+        await settle(observer)
         client = ObjectStoreClient(
             slow, BUCKET, chunk_bytes=CHUNK, window_bytes=4 * CHUNK, direct_min_bytes=0 if direct else None
         )
