@@ -93,13 +93,14 @@ class Slots:
         self.free_gpus = list(gpus)
         self._freed = freed
 
-    def has_room_for(self, klass: str) -> bool:
-        """Whether a ticket of ``klass`` could be run now (a pinned class: on any slot)."""
+    def has_room_for(self, klass: str, *, taken: int = 0) -> bool:
+        """Whether a ticket of ``klass`` could be run now (a pinned class: on any slot), with
+        ``taken`` of the slots it could use counted as gone already (tickets kept to claim)."""
         if tickets.is_gpu_class(klass):
-            return bool(self.free_gpus)
+            return len(self.free_gpus) > taken
         if klass == tickets.cpu_class():
-            return self.free_cpu > 0
-        return self.free_cpu > 0 or bool(self.free_gpus)
+            return self.free_cpu > taken
+        return self.free_cpu + len(self.free_gpus) > taken
 
     def take(self, record: JobRecord, spec: JobSpec) -> str | None:
         """A slot for the job (a GPU when it needs or prefers one and one is free), or None."""
@@ -162,7 +163,8 @@ class Agent:
         self._no_park: dict[str, float] = {}  # class → until when its consumer refuses more waiting pulls
         self._bells: dict[str, Any] = {}  # class → its doorbell subscription (classes not parked on)
         self._class_of: dict[str, str] = {}  # consumer → class, for parked pulls' answers
-        self._landed: tuple[str, Msg] | None = None  # a ticket a parked pull brought, to claim next
+        # Tickets parked pulls brought, to claim next: at most one per class (a pull brings one).
+        self._landed: dict[str, Msg] = {}
         self._puller: TicketPuller | None = None
         self.slots = Slots(0, [], self._slot_freed)
         self.started_at = time.time()
@@ -318,20 +320,20 @@ class Agent:
         (a class that cannot be parked on, its consumer missing or full of waiting pulls, is
         rung by its doorbell and polled every ``fetch_timeout_s``). ``now``: the clock the
         claim judges leases by (default: the wall clock)."""
-        landed, self._landed = self._landed, None
         servable = [k for k in self.classes() if self._has_slot_for(k)]
-        if landed is not None and (landed[0] not in servable or self._stopping.is_set()):
-            await tickets.answer(landed[1].nak())  # no room after all: another agent's, at once
-            landed = None
+        for klass in [k for k in self._landed if k not in servable or self._stopping.is_set()]:
+            await tickets.answer(self._landed.pop(klass).nak())  # no room after all: another agent's, at once
         if not servable:
             await self._unpark_full()
             self._slot_freed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._slot_freed.wait(), self.settings.fetch_timeout_s)
             return False
-        if landed is not None:
-            self.claimer.step("", f"pull (parked {landed[0]})")
-            await self._claim_and_serve(landed[1], landed[0], now)
+        if self._landed:
+            # Best fit first; the others stay for the next rounds (each checks its room again).
+            klass = next(k for k in servable if k in self._landed)
+            self.claimer.step("", f"pull (parked {klass})")
+            await self._claim_and_serve(self._landed.pop(klass), klass, now)
             return True
         # Classes whose doorbell rang go first (best fit among them): a fresh ticket is then one
         # fetch away, instead of waiting out short pulls on empty classes ahead of it.
@@ -351,7 +353,7 @@ class Agent:
                 continue
             await self._claim_and_serve(msg, klass, now)
             return True
-        if self._stopping.is_set() or self._landed is not None:
+        if self._stopping.is_set() or self._landed:
             return False
         await self._park_idle()
         self._idle = True
@@ -398,16 +400,17 @@ class Agent:
         return polling
 
     async def _parked_answer(self, durable: str, msg: Msg) -> None:
-        """A parked pull's answer (its inbox's callback). A ticket is kept for the next round
-        when it can be claimed now; otherwise (stopping, no room for its class, one kept
-        already) it is NAKed at once, so another agent's waiting pull gets it without delay."""
+        """A parked pull's answer (its inbox's callback). A ticket is kept for the next rounds
+        when its class has room beside the tickets kept already (several classes' pulls can
+        answer at once); otherwise (stopping, no room, one kept for its class already) it is
+        NAKed at once, so another agent's waiting pull gets it without delay."""
         klass = self._class_of.get(durable, "")
         status = jsapi.status_of(msg)
         if status is None:
-            if self._stopping.is_set() or self._landed is not None or not self._has_slot_for(klass):
+            if self._stopping.is_set() or klass in self._landed or not self._room_beside_landed(klass):
                 await tickets.answer(msg.nak())
                 return
-            self._landed = (klass, msg)
+            self._landed[klass] = msg
         elif status == jsapi.STATUS_TIMEOUT or status == jsapi.STATUS_HEARTBEAT:
             pass  # expired: the next idle round parks again
         elif tickets.is_max_waiting(msg):
@@ -434,9 +437,9 @@ class Agent:
         if self._puller is not None:
             with contextlib.suppress(Exception):
                 await self._puller.stop()
-        landed, self._landed = self._landed, None
-        if landed is not None:
-            await tickets.answer(landed[1].nak())
+        landed, self._landed = self._landed, {}
+        for msg in landed.values():
+            await tickets.answer(msg.nak())
 
     async def _bell(self, klass: str, on: bool) -> None:
         """Subscribe (or drop) ``klass``'s doorbell: a core subscription on its ticket subject."""
@@ -500,6 +503,10 @@ class Agent:
 
     def _has_slot_for(self, klass: str) -> bool:
         return self.slots.has_room_for(klass)
+
+    def _room_beside_landed(self, klass: str) -> bool:
+        """Room for one more ticket of ``klass`` once those kept already are claimed."""
+        return self.slots.has_room_for(klass, taken=len(self._landed))
 
     def take_slot(self, record: JobRecord, spec: JobSpec) -> str | None:
         return self.slots.take(record, spec)

@@ -20,8 +20,8 @@ from trainfleet.broker import tickets
 from trainfleet.broker.connection import Broker, settle
 from trainfleet.broker.provision import ensure_consumer
 from trainfleet.broker.records import get_record
-from trainfleet.broker.schema import JobRecord, JobStatus
-from trainfleet.broker.specs import Signer
+from trainfleet.broker.schema import JobRecord, JobStatus, encode
+from trainfleet.broker.specs import Signer, put_spec
 
 from .conftest import FleetHarness, wait_for
 from .test_claim_fast import make_spec, put_signed_job, signer  # noqa: F401 (signer: a fixture)
@@ -216,3 +216,30 @@ async def test_a_consumer_full_of_waiting_pulls_sends_an_agent_to_its_doorbell_n
 
 def test_the_parked_pull_expiry_is_bounded():
     assert 5.0 <= agent_mod.PARK_S <= 30.0
+
+
+async def test_tickets_landing_at_once_on_two_classes_are_both_claimed_when_there_is_room(
+    fleet,
+    broker,
+    cpu,
+    signer,  # noqa: F811
+):
+    # Given an idle agent with two slots, a pull parked on each of its classes (cpu, its host's)
+    klass = tickets.host_class("two")
+    pinned = await ensure_consumer(broker.js, broker.settings, klass)
+    fleet.start_agent("two", cpu_slots=2)
+    for durable in (cpu, pinned):
+        await wait_for(lambda d=durable: _at_least(broker, d, 1), 10, 0.02, what=f"a pull parked on {durable}")
+    # When a ticket comes to each class at the same moment
+    first = await put_signed_job(broker, make_spec(31), signer)
+    spec = make_spec(32)
+    await put_spec(broker, spec, signer)
+    second = JobRecord(job_id=spec.job_id, klass=klass, offered=(klass,))
+    await broker.jobs.create(spec.job_id, encode(second))
+    await asyncio.gather(tickets.publish_ticket(broker, first, "cpu"), tickets.publish_ticket(broker, second, klass))
+    # Then the agent claims both, and hands neither back to be delivered again
+    assert await claimed_by(broker, first.job_id, 5) == "two"
+    assert await claimed_by(broker, second.job_id, 5) == "two"
+    for durable in (cpu, pinned):
+        info = await broker.js.consumer_info(broker.names.jobs_stream, durable)
+        assert info.num_redelivered == 0, durable
