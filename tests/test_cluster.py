@@ -33,17 +33,9 @@ async def provisioned(settings: Settings, nodes: list[EmbeddedServer], timeout_s
             await asyncio.sleep(1.0)
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(unreadable: {exc})"
-
-
-@pytest.mark.slow
-async def test_losing_one_node_of_three_loses_no_job_and_trains_none_twice(tmp_path):
-    nodes = start_cluster(tmp_path)
-    settings = Settings(
+def cluster_settings(nodes: list[EmbeddedServer]) -> Settings:
+    """A fleet on every node of ``nodes`` with R3 resources, its timings short for tests."""
+    return Settings(
         url=",".join(n.url for n in nodes),
         replicas=3,
         lease_s=8.0,
@@ -55,6 +47,19 @@ async def test_losing_one_node_of_three_loses_no_job_and_trains_none_twice(tmp_p
         term_grace_s=2.0,
         worker_ttl_s=10.0,
     )
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+
+
+@pytest.mark.slow
+async def test_losing_one_node_of_three_loses_no_job_and_trains_none_twice(tmp_path):
+    nodes = start_cluster(tmp_path)
+    settings = cluster_settings(nodes)
     broker = await provisioned(settings, nodes)
     harness = FleetHarness(settings, tmp_path / "agents")
     try:

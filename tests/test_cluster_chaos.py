@@ -27,11 +27,10 @@ from trainfleet.broker.connection import Broker
 from trainfleet.broker.records import record_history
 from trainfleet.broker.schema import JobRecord, JobStatus, ProgressEvent, decode
 from trainfleet.broker.server import EmbeddedServer, start_cluster
-from trainfleet.broker.settings import Settings
 from trainfleet.controller.manifest import parse_manifest
 
 from .conftest import FleetProc, as_role, linreg_text, records, wait_for, wait_terminal
-from .test_cluster import provisioned
+from .test_cluster import cluster_settings, provisioned
 
 JOBS = int(os.environ.get("TRAINFLEET_CLUSTER_CHAOS_JOBS", "160"))
 EPOCHS = int(os.environ.get("TRAINFLEET_CLUSTER_CHAOS_EPOCHS", "3000"))
@@ -221,18 +220,7 @@ async def unexplained_bundles(
 async def test_cluster_chaos_loses_nothing_trains_nothing_twice_and_drops_no_event(tmp_path, fleet_auth):
     rng = random.Random(int(os.environ.get("TRAINFLEET_CHAOS_SEED", "20261130")))
     nodes = start_cluster(tmp_path, extra_config=fleet_auth.server_include.read_text())
-    base = Settings(
-        url=",".join(n.url for n in nodes),
-        replicas=3,
-        lease_s=8.0,
-        heartbeat_s=1.0,
-        reconcile_s=1.0,
-        nak_delay_s=0.5,
-        fetch_timeout_s=0.5,
-        drain_timeout_s=2.0,
-        term_grace_s=2.0,
-        worker_ttl_s=10.0,
-    )
+    base = cluster_settings(nodes)
     admin = as_role(base, "admin")
     broker = await provisioned(admin, nodes)
     # Kills cluster in time, so a job can be hit on several runs in a row: with room for ten
