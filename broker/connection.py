@@ -220,11 +220,22 @@ class _FirstConnect:
 
 
 async def _abandon(nc: Client, task: asyncio.Future[Any]) -> None:
-    """Stop a first connect that is still trying, and close what it opened."""
+    """Stop a first connect that is still trying, and close what it opened.
+
+    The cancel can land inside nats-py's own close of a refused attempt (it awaits between
+    marking itself closed and closing its socket), and ``close()`` then returns at once, as
+    for a client closed already: the socket stays open until the collector finds it, and its
+    ResourceWarning fails whatever runs then. So what its transport holds is aborted here."""
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     with contextlib.suppress(Exception):
         await nc.close()
+    transport = getattr(nc, "_transport", None)  # nats-py's TcpTransport: no public handle
+    for attr in ("_io_writer", "_bare_io_writer"):  # the TLS stream, and the socket under it
+        writer = getattr(transport, attr, None)
+        if isinstance(writer, asyncio.StreamWriter) and not writer.transport.is_closing():
+            writer.transport.abort()
+    await asyncio.sleep(0)  # the aborted sockets close on the loop's next turn
 
 
 @dataclass
