@@ -29,10 +29,17 @@ MAX_QUEUED_BYTES = 64 * 1024 * 1024
 class _Pipe:
     """One direction of a link: read, stamp, queue; deliver each block at its time."""
 
-    def __init__(self, proxy: LatencyProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(
+        self,
+        proxy: LatencyProxy,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: bytearray | None = None,
+    ):
         self.proxy = proxy
         self.reader = reader
         self.writer = writer
+        self.record = record  # where to keep a copy of what this direction carries
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.queued_bytes = 0
         self.has_data = asyncio.Event()
@@ -44,6 +51,8 @@ class _Pipe:
         while data := await self.reader.read(READ_BYTES):
             if self.proxy.blackholed:
                 continue  # a partition: bytes vanish, nobody is told
+            if self.record is not None:
+                self.record += data
             self.queue.append((loop.time() + self.proxy.delay_s, data))
             self.queued_bytes += len(data)
             self.has_data.set()
@@ -102,6 +111,9 @@ class LatencyProxy:
         self.blackholed = False
         # Each direction of each connection carries at most this many bytes a second (None: any).
         self.rate_bytes_s: float | None = None
+        # What clients sent towards the target, in the order it was read (set it to a bytearray
+        # to keep a copy: tests read the protocol on the wire).
+        self.sent: bytearray | None = None
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._held: set[asyncio.StreamWriter] = set()
@@ -182,7 +194,7 @@ class LatencyProxy:
             return
         link = _Link((writer, up_writer))
         self._links.add(link)
-        pipes = (_Pipe(self, reader, up_writer), _Pipe(self, up_reader, writer))
+        pipes = (_Pipe(self, reader, up_writer, self.sent), _Pipe(self, up_reader, writer))
         link.tasks = [asyncio.create_task(coro) for pipe in pipes for coro in (pipe.pump_in(), pipe.pump_out())]
         try:
             # Either side resetting ends the link; collect every pump's outcome so none is left unread.

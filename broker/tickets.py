@@ -275,7 +275,6 @@ class StreamState:
 
     first_seq: int
     last_seq: int
-    messages: int
     num_deleted: int
     created: str
     deleted: frozenset[int] | None = None
@@ -297,7 +296,6 @@ async def stream_state(broker: Broker, stream: str, *, deleted: bool = False, ti
     return StreamState(
         first_seq=int(st.get("first_seq") or 0),
         last_seq=int(st.get("last_seq") or 0),
-        messages=int(st.get("messages") or 0),
         num_deleted=int(st.get("num_deleted") or 0),
         created=str(resp.get("created") or ""),
         deleted=frozenset(listed or ()) if deleted else None,
